@@ -1,0 +1,175 @@
+"""`moedist train | eval | generate | data prepare`.
+
+Bad input exits with status 2 and one line `moedist: error: ...` naming what is wrong;
+no run folder is created until the configuration and the data have been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moedist.config import ROUTERS, ConfigError, build_config, preset_names
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (default: tiny ET MoE on the embedded stdlib corpus)")
+    p.add_argument("--config", help="TOML config file (fields as in a run's config.toml)")
+    p.add_argument("--preset", help=f"base preset (default tiny; available: {', '.join(preset_names())})")
+    p.add_argument("--router", choices=ROUTERS, help="router kind (overrides router.kind)")
+    p.add_argument("--data", help="prepared dataset dir (moedist data prepare); default: embedded corpus")
+    p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    p.add_argument("--seed", type=int, help="seed for init and data order (train.seed)")
+    p.add_argument("--out", help="run folder (default runs/<router>-<time>)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, e.g. train.lr=1e-3"
+    )
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moedist.training.trainer import Trainer, load_dataset
+
+    overrides: dict[str, Any] = {}
+    if args.router:
+        overrides.setdefault("router", {})["kind"] = args.router
+    if args.steps is not None:
+        overrides.setdefault("train", {})["steps"] = args.steps
+    if args.seed is not None:
+        overrides.setdefault("train", {})["seed"] = args.seed
+    if args.data is not None:
+        if not Path(args.data).exists():
+            raise ConfigError(f"--data: path '{args.data}' does not exist")
+        overrides.setdefault("data", {})["path"] = str(Path(args.data).resolve())
+    if args.no_progress:
+        overrides.setdefault("train", {})["progress"] = False
+
+    if args.resume:
+        from moedist.config import deep_update, parse_override
+
+        for item in args.set:
+            deep_update(overrides, parse_override(item))
+        trainer = Trainer.resume(Path(args.resume), overrides)
+        print(f"Resuming {args.resume} at step {trainer.step} of {trainer.cfg.train.steps}")
+    else:
+        cfg = build_config(args.preset, args.config, overrides, args.set)
+        dataset = load_dataset(cfg)  # checked before anything is written
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.router.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
+        trainer = Trainer(cfg, out, dataset)
+        trainer.init_run_dir()
+        counts = trainer.model.param_counts()
+        print(
+            f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts, "
+            f"{counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), "
+            f"data: {dataset.source}, {cfg.train.steps} steps -> {out}"
+        )
+    summary = trainer.run()
+    run = trainer.run_dir
+    print(json.dumps({k: summary[k] for k in ("final_train_loss", "final_val_loss", "tokens_per_s", "mean_fanout")}))
+    print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
+    print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moedist.data import TokenDataset
+    from moedist.training.evaluate import evaluate
+    from moedist.training.trainer import load_trained
+
+    cfg, model, tokenizer, step = load_trained(Path(args.run))
+    if args.data:
+        dataset = TokenDataset.open(args.data)
+        if dataset.tokenizer.to_spec() != tokenizer.to_spec():
+            raise ConfigError(f"--data: '{args.data}' uses a different tokenizer than run '{args.run}'")
+    else:
+        dataset = TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
+    tokens = args.tokens or cfg.train.eval_tokens
+    res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens)
+    print(json.dumps({"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moedist.model.generate import generate
+    from moedist.training.trainer import load_trained
+
+    _, model, tokenizer, _ = load_trained(Path(args.run))
+    ids = [int(i) for i in tokenizer.encode(args.prompt)]
+    gen = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    sys.stdout.write(tokenizer.decode(gen.ids) + "\n")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from moedist.data import prepare_dataset
+
+    info = prepare_dataset(
+        args.input or None,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        text_column=args.text_column,
+    )
+    print(json.dumps(info if isinstance(info, dict) else getattr(info, "__dict__", str(info)), default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("eval", help="validation loss of a trained run (JSON)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", help="prepared dataset dir (default: the run's data)")
+    p.add_argument("--tokens", type=int, help="validation tokens (default: the run's train.eval_tokens)")
+
+    p = sub.add_parser("generate", help="sample text from a trained run (KV cache)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("prepare", help="tokenize text/folders/Parquet into Arrow shards")
+    p.add_argument("--input", nargs="+", help="text files, folders or .parquet files (default: stdlib corpus)")
+    p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-column", default="text", help="Parquet column holding the text")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `moedist` console script."""
+    args = build_parser().parse_args(argv)
+    from moedist.data import DataError
+    from moedist.training.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+        print(f"moedist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moedist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dispatch kernels: numba on CPU, torch fallbacks (GPU, bfloat16)."""

@@ -1,0 +1,1 @@
+"""Single-device model math (no torch.distributed, no ray)."""

@@ -1,0 +1,99 @@
+"""The MoE FFN block: Router -> Dispatcher -> GroupedExperts, plus an optional shared expert.
+
+Legend: T tokens in the pool, A (token, expert) assignments, D model width, E experts,
+F expert width.
+
+The dispatcher is the seam between the math and the parallel runtime: `LocalDispatcher`
+runs every expert in this process (the oracle); moedist.parallel's all-to-all dispatcher
+has the same call signature and runs the experts where they live.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from moedist.config import RouterConfig
+from moedist.kernels.dispatch import combine, gather_rows, sort_by_expert
+from moedist.model.experts import DenseMLP, GroupedExperts
+from moedist.routing import Router, RoutingPlan, make_router
+
+
+class Dispatcher(Protocol):
+    """Moves routed tokens to their experts and the results back, weighted."""
+
+    def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor: ...
+
+
+class LocalDispatcher:
+    """All experts in this process: sort by expert, gather, grouped GEMMs, weighted combine."""
+
+    def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
+        order_A, counts_E = sort_by_expert(plan.expert_idx_A, plan.n_experts)
+        token_A = plan.token_idx_A[order_A]
+        weight_A = plan.weight_A[order_A]
+        x_AD = gather_rows(x_TD, token_A)
+        out_AD = experts(x_AD, counts_E)
+        return combine(out_AD, weight_A.to(out_AD.dtype), token_A, x_TD.shape[0])
+
+
+class MoEBlock(nn.Module):
+    """y_t = shared(x_t) + sum_i w_ti * expert_i(x_t) over the experts routed to token t."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        expert_width: int,
+        n_shared: int,
+        activation: str,
+        router_cfg: RouterConfig,
+        init_std: float,
+        out_std: float,
+    ):
+        super().__init__()
+        self.n_experts = n_experts
+        self.router: Router = make_router(router_cfg, d_model, n_experts, init_std)
+        self.experts = GroupedExperts(
+            n_experts, d_model, expert_width, activation=activation, init_std=init_std, out_std=out_std
+        )
+        # n_shared always-on experts are one MLP of n_shared x the expert width.
+        self.shared = (
+            DenseMLP(d_model, n_shared * expert_width, activation=activation, init_std=init_std, out_std=out_std)
+            if n_shared > 0
+            else None
+        )
+        self.dispatcher: Dispatcher = LocalDispatcher()
+
+    def forward(self, x_TD: Tensor) -> tuple[Tensor, RoutingPlan]:
+        plan = self.router(x_TD)
+        y_TD = self.dispatcher(x_TD, plan, self.experts)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD, plan
+
+
+
+def expert_mlp(x_TD: Tensor, w1_DF: Tensor, w2_FD: Tensor, w3_DF: Tensor | None, activation: str) -> Tensor:
+    """One expert's MLP, written plainly (used by the reference implementations)."""
+    h_TF = x_TD @ w1_DF
+    h_TF = torch.relu(h_TF).square() if activation == "relu2" else torch.nn.functional.silu(h_TF) * (x_TD @ w3_DF)
+    return h_TF @ w2_FD
+
+
+def masked_loop_reference(x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
+    """The common per-expert masked loop (reference implementation for tests/benchmarks)."""
+    y_TD = torch.zeros_like(x_TD)
+    mask_TE = plan.mask_TE()
+    weights_TE = torch.zeros(x_TD.shape[0], plan.n_experts, dtype=x_TD.dtype, device=x_TD.device)
+    weights_TE = weights_TE.index_put((plan.token_idx_A, plan.expert_idx_A), plan.weight_A.to(x_TD.dtype))
+    for e in range(plan.n_experts):
+        rows = mask_TE[:, e].nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        w3 = experts.w3_EDF[e] if experts.activation == "swiglu" else None
+        out = expert_mlp(x_TD[rows], experts.w1_EDF[e], experts.w2_EFD[e], w3, experts.activation)
+        y_TD = y_TD.index_add(0, rows, out * weights_TE[rows, e].unsqueeze(1))
+    return y_TD

@@ -1,0 +1,155 @@
+"""The Router interface, the RoutingPlan it returns, and pool statistics.
+
+Legend: T tokens in this process's routing pool, N tokens in the GLOBAL pool (all workers),
+E routed experts, A assignments ((token, expert) pairs), D model width.
+
+A router sees the tokens of one forward pass (this process's share of the pool). Where a
+router needs statistics over the whole pool (EC's top-k, ET's cutoffs and capacity guard,
+aux-loss means) it asks its `PoolOps`; `LocalPoolOps` answers from local tokens only, and
+the expert-parallel runtime swaps in a collective implementation (moedist.parallel) so an
+N-worker run routes exactly like a 1-process run on the same global batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moedist.config import RouterConfig
+
+
+@dataclass
+class RoutingPlan:
+    """Which tokens go to which experts, with what gate weight.
+
+    Assignments are ordered token-major (as `mask_TE.nonzero()` gives them).
+    """
+
+    token_idx_A: Tensor  # int64 [A]
+    expert_idx_A: Tensor  # int64 [A]
+    weight_A: Tensor  # float32 [A], differentiable w.r.t. the router
+    n_tokens: int
+    n_experts: int
+    aux_loss: Tensor | None = None  # scalar added to the LM loss
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+
+    @property
+    def load_E(self) -> Tensor:
+        """Tokens routed to each expert (local pool)."""
+        return torch.bincount(self.expert_idx_A, minlength=self.n_experts)
+
+    @property
+    def fanout_T(self) -> Tensor:
+        """Routed experts per token."""
+        return torch.bincount(self.token_idx_A, minlength=self.n_tokens)
+
+    def mask_TE(self) -> Tensor:
+        """Boolean routing decisions [T, E]."""
+        m = torch.zeros(self.n_tokens, self.n_experts, dtype=torch.bool, device=self.token_idx_A.device)
+        m[self.token_idx_A, self.expert_idx_A] = True
+        return m
+
+
+class PoolOps:
+    """Reductions over the routing pool. This base class is the single-process pool."""
+
+    def total(self, n_local: int) -> int:
+        """Number of tokens in the global pool."""
+        return n_local
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Elementwise sum over all workers (differentiable)."""
+        return x
+
+    def exclusive_prefix(self, counts_E: Tensor) -> Tensor:
+        """Per-expert counts contributed by workers of lower rank (token order priority)."""
+        return torch.zeros_like(counts_E)
+
+    def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
+        """Per column e, the k_E[e]-th largest value over the global pool.
+
+        k = 0 gives +inf (selects nothing with >=); k >= N gives the smallest value.
+        """
+        if torch.isnan(values_TE).any():
+            raise ValueError("router logits contain NaN; cannot select the k-th largest")
+        T, E = values_TE.shape
+        out_E = torch.full((E,), float("inf"), dtype=values_TE.dtype, device=values_TE.device)
+        if T == 0:
+            return out_E
+        k_E = k_E.to(torch.int64).clamp(0, T)
+        kmax = int(k_E.max())
+        if kmax == 0:
+            return out_E
+        top_KE = torch.topk(values_TE, kmax, dim=0, largest=True, sorted=True).values
+        picked_E = top_KE.gather(0, (k_E - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
+        return torch.where(k_E > 0, picked_E, out_E)
+
+
+LocalPoolOps = PoolOps
+
+
+def gate_probs(logits_TE: Tensor, gate: str) -> Tensor:
+    """Gate probabilities from router logits."""
+    if gate == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if gate == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"unknown gate '{gate}' (softmax, sigmoid)")
+
+
+def plan_from_mask(mask_TE: Tensor, probs_TE: Tensor, **kw) -> RoutingPlan:
+    """Token-major assignments for every True entry, weights = the gate probabilities."""
+    token_idx_A, expert_idx_A = mask_TE.nonzero(as_tuple=True)
+    return RoutingPlan(
+        token_idx_A=token_idx_A,
+        expert_idx_A=expert_idx_A,
+        weight_A=probs_TE[token_idx_A, expert_idx_A],
+        n_tokens=mask_TE.shape[0],
+        n_experts=mask_TE.shape[1],
+        **kw,
+    )
+
+
+class Router(nn.Module, abc.ABC):
+    """A router maps tokens x_TD to a RoutingPlan.
+
+    Stateful routers (LF's bias, ET's thresholds) keep their state in buffers, so it is
+    saved in checkpoints, and update it in `step_end`, called once per optimiser step
+    after every micro-batch of the step has been routed.
+    """
+
+    default_gate = "softmax"
+    causal = True  # routing of a token depends only on that token (in eval mode)
+
+    def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig, init_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts = n_experts
+        self.top_k = cfg.top_k
+        self.gate = self.default_gate if cfg.gate == "auto" else cfg.gate
+        self.proj = nn.Linear(d_model, n_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+        self.pool: PoolOps = PoolOps()
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits in float32 (also under autocast: routing decisions need precision)."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return nn.functional.linear(x_TD.float(), self.proj.weight.float())
+
+    @abc.abstractmethod
+    def forward(self, x_TD: Tensor) -> RoutingPlan:
+        """Route the tokens x_TD."""
+
+    def step_end(self) -> None:
+        """Update routing state after an optimiser step (default: stateless)."""
+
+    def state_stats(self) -> dict[str, Tensor]:
+        """Per-expert state worth logging (thresholds, biases)."""
+        return {}
+
+    def capacity(self, n_pool: int) -> float:
+        """Tokens per expert at perfect balance: N * top_k / E."""
+        return n_pool * self.top_k / self.n_experts

@@ -1,0 +1,47 @@
+"""Expert choice (Zhou et al. 2022): each expert takes its top-k tokens of the pool,
+k = N * top_k / E. Perfectly balanced, variable experts per token, NOT causal: whether a
+token is chosen depends on the other tokens of the pool (later ones included).
+
+Legend: T local tokens, N global pool tokens, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moedist.routing.base import PoolOps, Router, RoutingPlan, gate_probs, plan_from_mask
+
+
+def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
+    """Mask of the tokens whose logit is among the top-k_E of expert e's global pool.
+
+    Selection is by value (logit >= the k-th largest), so every worker decides its own
+    tokens from one shared cutoff; exact ties at the cutoff may add tokens.
+    """
+    cutoff_E = pool.kth_largest(logits_TE, k_E)
+    return logits_TE >= cutoff_E.unsqueeze(0)
+
+
+def ec_k(n_pool: int, top_k: int, n_experts: int) -> int:
+    """Tokens per expert for expert choice: round(N * top_k / E), at least 1 if N > 0."""
+    if n_pool == 0:
+        return 0
+    return max(1, min(n_pool, round(n_pool * top_k / n_experts)))
+
+
+class ExpertChoiceRouter(Router):
+    """Each expert picks its top-k tokens of the pool."""
+
+    default_gate = "softmax"
+    causal = False
+
+    def forward(self, x_TD: Tensor) -> RoutingPlan:
+        logits_TE = self.logits(x_TD)
+        probs_TE = gate_probs(logits_TE, self.gate)
+        T, E = logits_TE.shape
+        N = self.pool.total(T)
+        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=x_TD.device)
+        with torch.no_grad():
+            mask_TE = pool_topk_mask(logits_TE.detach(), k_E, self.pool)
+        return plan_from_mask(mask_TE, probs_TE)

@@ -1,0 +1,119 @@
+"""Expert Threshold routing (arXiv 2603.11535).
+
+Each expert keeps an EMA of the k-th largest logit it saw over the global pool of every
+optimiser step (k = N * top_k / E). A token goes to every expert whose threshold its logit
+exceeds: causal at inference, balanced without aux losses, and a variable number of
+experts per token. Gate p = sigmoid(r), no renormalisation.
+
+Training details (ROUTING.md): raw EMA from 0 with bias correction c = ema / (1 - beta^n);
+the first `et_warmup_steps` optimiser steps route with expert choice while the EMA already
+accumulates; a capacity guard keeps each expert between (1-C) and (1+C) times k tokens
+of the pool (training only). Eval mode: frozen thresholds, no guard.
+
+Legend: T local tokens, N global pool tokens, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moedist.config import RouterConfig
+from moedist.routing.base import Router, RoutingPlan, gate_probs, plan_from_mask
+from moedist.routing.ec import ec_k, pool_topk_mask
+
+
+def guard_bounds(k: float, capacity: float, n_pool: int) -> tuple[int, int]:
+    """Token bounds per expert of the training-time capacity guard: floor((1-C)k), ceil((1+C)k)."""
+    lo = max(0, math.floor((1.0 - capacity) * k))
+    hi = min(n_pool, math.ceil((1.0 + capacity) * k))
+    return lo, hi
+
+
+class ExpertThresholdRouter(Router):
+    """Route each token to every expert whose EMA threshold its logit exceeds."""
+
+    default_gate = "sigmoid"
+
+    def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig, init_std: float = 0.02):
+        super().__init__(d_model, n_experts, cfg, init_std)
+        self.beta = cfg.et_beta
+        self.register_buffer("ema_E", torch.zeros(n_experts, dtype=torch.float32))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
+        # Logits of the current optimiser step's micro-batches (this worker's share).
+        self._pending: list[Tensor] = []
+
+    # ------------------------------------------------------------------ state
+    def threshold_E(self) -> Tensor:
+        """Bias-corrected threshold c_E (zeros before the first update)."""
+        n = int(self.n_updates)
+        if n == 0:
+            return torch.zeros_like(self.ema_E)
+        return self.ema_E / (1.0 - self.beta**n)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while training routes with expert choice."""
+        return int(self.n_updates) < self.cfg.et_warmup_steps
+
+    def state_stats(self) -> dict[str, Tensor]:
+        return {"threshold": self.threshold_E().detach().clone()}
+
+    # ---------------------------------------------------------------- routing
+    def above_threshold(self, logits_TE: Tensor) -> Tensor:
+        """z_TE = r > c (paper) or r >= c (official code)."""
+        c_1E = self.threshold_E().unsqueeze(0)
+        return logits_TE >= c_1E if self.cfg.et_inclusive else logits_TE > c_1E
+
+    def guarded_mask(self, logits_TE: Tensor, k: float, N: int) -> Tensor:
+        """Threshold routing, with each expert's global count clamped to the guard bounds."""
+        above_TE = self.above_threshold(logits_TE)
+        n_above_E = self.pool.sum(above_TE.sum(0))
+        lo, hi = guard_bounds(k, self.cfg.et_capacity, N)
+        n_take_E = n_above_E.clamp(lo, hi)
+        clamped_E = n_take_E != n_above_E
+        if not bool(clamped_E.any()):
+            return above_TE
+        # Too few above threshold -> add the best tokens below it; too many -> keep the
+        # best: either way the expert takes its global top-n_take by logit.
+        topn_TE = pool_topk_mask(logits_TE, n_take_E, self.pool)
+        return torch.where(clamped_E.unsqueeze(0), topn_TE, above_TE)
+
+    def forward(self, x_TD: Tensor) -> RoutingPlan:
+        logits_TE = self.logits(x_TD)
+        probs_TE = gate_probs(logits_TE, self.gate)
+        T, E = logits_TE.shape
+        with torch.no_grad():
+            r_TE = logits_TE.detach()
+            if self.training:
+                N = self.pool.total(T)
+                self._pending.append(r_TE)
+                if self.in_warmup:
+                    k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_TE.device)
+                    mask_TE = pool_topk_mask(r_TE, k_E, self.pool)
+                else:
+                    mask_TE = self.guarded_mask(r_TE, self.capacity(N), N)
+            else:
+                mask_TE = self.above_threshold(r_TE)
+        return plan_from_mask(mask_TE, probs_TE)
+
+    @torch.no_grad()
+    def step_end(self) -> None:
+        """EMA update from the k-th largest logit of the step's global pool."""
+        if not self._pending:
+            return
+        r_NE = torch.cat(self._pending)
+        self._pending.clear()
+        E = r_NE.shape[1]
+        N = self.pool.total(r_NE.shape[0])
+        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_NE.device)
+        cutoff_E = self.pool.kth_largest(r_NE, k_E).to(self.ema_E.dtype)
+        self.ema_E.mul_(self.beta).add_((1.0 - self.beta) * cutoff_E)
+        self.n_updates += 1
+
+    def train(self, mode: bool = True):
+        # Logits of an unfinished step must not leak into the next one.
+        self._pending.clear()
+        return super().train(mode)

@@ -1,0 +1,92 @@
+"""Token choice top-k (GShard / Switch / Mixtral), with Switch aux loss, z-loss and an
+optional capacity factor (dropless by default).
+
+Legend: T local tokens, N global pool tokens, E experts, K = top_k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moedist.routing.base import Router, RoutingPlan, gate_probs
+
+
+def switch_aux_loss(probs_TE: Tensor, mask_TE: Tensor, pool_n: int, k: int, pool_sum) -> Tensor:
+    """alpha-free Switch loss E * sum_i f_i * P_i over the global pool.
+
+    f_i = share of the N*k assignments that went to expert i (no gradient),
+    P_i = mean gate probability of expert i (carries the gradient).
+    """
+    E = probs_TE.shape[1]
+    f_E = pool_sum(mask_TE.sum(0).to(probs_TE.dtype)) / max(pool_n * k, 1)
+    P_E = pool_sum(probs_TE.sum(0)) / max(pool_n, 1)
+    return E * (f_E.detach() * P_E).sum()
+
+
+def topk_mask(scores_TE: Tensor, k: int) -> Tensor:
+    """Boolean [T, E] mask of each row's top-k entries."""
+    idx_TK = torch.topk(scores_TE, k, dim=-1).indices
+    mask_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+    return mask_TE.scatter_(1, idx_TK, True)
+
+
+def apply_capacity(mask_TE: Tensor, capacity: int, prefix_E: Tensor) -> Tensor:
+    """Keep, per expert, its first `capacity` tokens in token order (Switch priority).
+
+    prefix_E counts tokens already taken by workers earlier in the global order.
+    """
+    rank_TE = torch.cumsum(mask_TE.to(torch.int64), dim=0) + prefix_E.unsqueeze(0)
+    return mask_TE & (rank_TE <= capacity)
+
+
+class TokenChoiceRouter(Router):
+    """Each token picks its top-k experts by gate probability."""
+
+    default_gate = "softmax"
+
+    def select_scores(self, probs_TE: Tensor) -> Tensor:
+        """Scores used for the top-k selection (LF adds its bias here)."""
+        return probs_TE
+
+    def forward(self, x_TD: Tensor) -> RoutingPlan:
+        logits_TE = self.logits(x_TD)
+        probs_TE = gate_probs(logits_TE, self.gate)
+        T, E = probs_TE.shape
+        N = self.pool.total(T)
+        with torch.no_grad():
+            mask_TE = topk_mask(self.select_scores(probs_TE), self.top_k)
+            if self.cfg.capacity_factor > 0:
+                cap = math.ceil(self.cfg.capacity_factor * self.capacity(N))
+                mask_TE = apply_capacity(mask_TE, cap, self.pool.exclusive_prefix(mask_TE.sum(0)))
+        weights_TE = probs_TE
+        if self.cfg.normalize_weights and self.top_k > 1:
+            # Renormalise over the SELECTED experts (before capacity drops, as Mixtral does).
+            sel_TE = topk_mask(self.select_scores(probs_TE).detach(), self.top_k)
+            denom_T1 = (probs_TE * sel_TE).sum(-1, keepdim=True).clamp_min(1e-20)
+            weights_TE = probs_TE / denom_T1
+        aux = self.aux_losses(logits_TE, probs_TE, mask_TE, N)
+        token_idx_A, expert_idx_A = mask_TE.nonzero(as_tuple=True)
+        return RoutingPlan(
+            token_idx_A=token_idx_A,
+            expert_idx_A=expert_idx_A,
+            weight_A=weights_TE[token_idx_A, expert_idx_A],
+            n_tokens=T,
+            n_experts=E,
+            aux_loss=aux,
+        )
+
+    def aux_losses(self, logits_TE: Tensor, probs_TE: Tensor, mask_TE: Tensor, N: int) -> Tensor | None:
+        """Switch balance loss and router z-loss, as configured."""
+        total = None
+        if self.cfg.aux_loss_coef > 0:
+            # The Switch loss is defined on softmax probabilities; with a sigmoid gate we
+            # normalise the sigmoid scores per token so P_i still sums to 1 over experts.
+            p_TE = probs_TE if self.gate == "softmax" else probs_TE / probs_TE.sum(-1, keepdim=True)
+            total = self.cfg.aux_loss_coef * switch_aux_loss(p_TE, mask_TE, N, self.top_k, self.pool.sum)
+        if self.cfg.z_loss_coef > 0:
+            z = self.pool.sum(torch.logsumexp(logits_TE, dim=-1).square().sum()) / max(N, 1)
+            total = self.cfg.z_loss_coef * z if total is None else total + self.cfg.z_loss_coef * z
+        return total
