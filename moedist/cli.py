@@ -7,6 +7,7 @@ no run folder is created until the configuration and the data have been checked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -118,7 +119,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         text_column=args.text_column,
     )
-    print(json.dumps(info if isinstance(info, dict) else getattr(info, "__dict__", str(info)), default=str))
+    print(json.dumps(dataclasses.asdict(info), default=str))
     return 0
 
 

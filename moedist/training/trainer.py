@@ -285,7 +285,7 @@ class Trainer:
         for k in load_keys:
             load = np.sum([r[k] for r in tail], axis=0)
             ratios.append(float(load.max() / max(load.mean(), 1e-9)))
-        tokens_run = sum(r["step_s"] * r["tokens_per_s"] for r in rows[-steps_this_run:]) if steps_this_run else 0
+        tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
         ev = self.last_eval
         counts = self.model.param_counts()
         return {
@@ -294,7 +294,8 @@ class Trainer:
             "steps": self.step,
             "tokens": rows[-1]["tokens"] if rows else 0,
             "wall_s": wall_s,
-            "tokens_per_s": tokens_run / wall_s if wall_s > 0 else 0.0,
+            # wall clock of this invocation (evaluation and checkpoints included)
+            "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
             "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
             "final_val_loss": ev.val_loss if ev else None,
             "val_tokens": ev.tokens if ev else 0,

@@ -1,0 +1,178 @@
+"""The `moedist` CLI as a user runs it: train, resume, eval, generate, data prepare, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from moedist.cli import main
+
+# A small but real model: the tiny preset shrunk so a run takes seconds on 2 cores.
+SMALL = [
+    "--set", "model.d_model=64", "--set", "model.n_heads=2", "--set", "model.n_layers=3",
+    "--set", "model.seq_len=64", "--set", "model.n_experts=8", "--set", "train.batch_size=8",
+    "--set", "train.eval_tokens=4096", "--set", "train.warmup_steps=5", "--set", "router.et_warmup_steps=10",
+    "--no-progress",
+]  # fmt: skip
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One ET run on the embedded corpus, shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("runs") / "et"
+    assert run_cli("train", "--steps", "60", "--out", str(out), "--set", "train.eval_every=30", *SMALL) == 0
+    return out
+
+
+def test_training_lowers_val_loss_and_writes_run_folder(trained: Path):
+    summary = json.loads((trained / "summary.json").read_text())
+    for key in ("router", "steps", "tokens", "wall_s", "tokens_per_s", "final_train_loss", "final_val_loss",
+                "n_experts", "mean_fanout", "max_load_ratio", "workers"):  # fmt: skip
+        assert key in summary, key
+    assert summary["router"] == "et" and summary["steps"] == 60 and summary["workers"] == 1
+    # well below a uniform byte model (ln 256 = 5.55 nats)
+    assert summary["final_val_loss"] < 3.6 < math.log(256)
+    rows = pq.read_table(trained / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == list(range(60))
+    assert rows[29]["val_loss"] is not None and rows[59]["val_loss"] == pytest.approx(summary["final_val_loss"])
+    assert len(rows[0]["L1_load"]) == 8 and len(rows[-1]["L2_threshold"]) == 8
+    # EC warm-up: exactly balanced; afterwards the capacity guard bounds every expert
+    assert len(set(rows[0]["L1_load"])) == 1
+    k = 8 * 64 / 8
+    assert all(math.floor(0.5 * k) <= x <= math.ceil(1.5 * k) for x in rows[-1]["L1_load"])
+    for name in ("loss.png", "expert_load.png", "fanout.png"):
+        assert (trained / "plots" / name).stat().st_size > 1000
+    assert (trained / "config.toml").is_file()
+    ckpt = trained / "checkpoints" / "step_000060"
+    assert (ckpt / "manifest.json").is_file()
+
+
+def test_eval_prints_json(trained: Path, capsys):
+    assert run_cli("eval", "--run", str(trained), "--tokens", "2048") == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["tokens"] >= 2048 and 0 < res["val_loss"] < 4.0
+
+
+def test_generate_prints_continuation(trained: Path, capsys):
+    assert run_cli("generate", "--run", str(trained), "--prompt", "def main(", "--max-new-tokens", "40") == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def main(") and len(text) > len("def main(") + 10
+
+
+def test_resume_continues_exactly(tmp_path: Path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--steps", "14", "--set", "train.checkpoint_every=7", "--set", "train.eval_every=0", *SMALL]
+    assert run_cli("train", "--out", str(full), *args) == 0
+    assert run_cli("train", "--out", str(cut), *args) == 0
+    # Simulate a crash after step 7: drop the final checkpoint and the outputs.
+    shutil.rmtree(cut / "checkpoints" / "step_000014")
+    (cut / "summary.json").unlink()
+    assert run_cli("train", "--resume", str(cut), "--no-progress") == 0
+    a = pq.read_table(full / "metrics.parquet").to_pylist()
+    b = pq.read_table(cut / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in b] == list(range(14))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == rb["loss"], ra["step"]
+        assert ra["L1_threshold"] == rb["L1_threshold"]
+
+
+@pytest.mark.parametrize("router", ["dense", "tc", "lf", "ec"])
+def test_every_router_trains(router: str, tmp_path: Path):
+    out = tmp_path / router
+    assert run_cli("train", "--router", router, "--steps", "6", "--out", str(out), "--set", "train.eval_every=0",
+                   *SMALL) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["router"] == router and summary["final_val_loss"] < math.log(256)
+
+
+def test_data_prepare_then_train_on_it(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 60)
+    ds = tmp_path / "ds"
+    assert run_cli("data", "prepare", "--input", str(corpus), "--out", str(ds), "--val-fraction", "0.3") == 0
+    assert (ds / "meta.json").is_file()
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", str(ds), "--steps", "8", "--out", str(out), "--set", "train.eval_every=0",
+                   "--set", "train.eval_tokens=256", *SMALL) == 0  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["final_val_loss"] < math.log(256)
+
+
+# ------------------------------------------------------------------ bad input
+def _fails(capsys, *argv: str, match: str) -> None:
+    """The command exits with status 2 and an error line containing `match`."""
+    code = run_cli(*argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert match in err, err
+
+
+def test_unknown_router_is_rejected(capsys, tmp_path: Path):
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", "--router", "magic", "--out", str(tmp_path / "r"))
+    assert e.value.code == 2
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+    # the same through a config key names the field and the allowed values
+    _fails(capsys, "train", "--set", "router.kind=magic", "--out", str(tmp_path / "r"), match="router.kind")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_values_name_the_field(capsys, tmp_path: Path):
+    out = tmp_path / "r"
+    _fails(capsys, "train", "--steps", "-3", "--out", str(out), match="train.steps: must be >= 0")
+    _fails(capsys, "train", "--set", "train.lr=fast", "--out", str(out), match="train.lr: expected a number")
+    _fails(capsys, "train", "--set", "model.d_modle=64", "--out", str(out), match="unknown config key 'model.d_modle'")
+    _fails(capsys, "train", "--preset", "huge", "--out", str(out), match="unknown preset 'huge'")
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[train\nsteps = 3")
+    _fails(capsys, "train", "--config", str(bad_toml), "--out", str(out), match="not valid TOML")
+    assert not out.exists()
+
+
+def test_missing_and_empty_data(capsys, tmp_path: Path):
+    out = tmp_path / "r"
+    _fails(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(out), match="does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, "data", "prepare", "--input", str(empty), "--out", str(tmp_path / "ds"), match="empty")
+    assert not (tmp_path / "ds").exists()
+    _fails(capsys, "train", "--data", str(empty), "--out", str(out), match=str(empty))
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_is_refused(trained: Path, tmp_path: Path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    model_pt = run / "checkpoints" / "step_000060" / "model.pt"
+    data = bytearray(model_pt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_pt.write_bytes(bytes(data))
+    _fails(capsys, "eval", "--run", str(run), match="sha256 of model.pt does not match")
+    model_pt.write_bytes(bytes(data[:100]))
+    _fails(capsys, "generate", "--run", str(run), "--prompt", "x", match="truncated")
+    _fails(capsys, "train", "--resume", str(run), match="truncated")
+    _fails(capsys, "eval", "--run", str(tmp_path), match="not a run folder")
+
+
+def test_existing_run_folder_is_not_overwritten(trained: Path, capsys):
+    before = (trained / "summary.json").read_text()
+    _fails(capsys, "train", "--out", str(trained), "--steps", "1", match="exists and is not empty")
+    assert (trained / "summary.json").read_text() == before
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).with_name("moedist")
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "train" in res.stdout and "generate" in res.stdout
