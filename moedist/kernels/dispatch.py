@@ -12,6 +12,11 @@ Numba kernels take C-contiguous int64 indices and float32/float64 rows, so each 
 most two signatures; compiled code is cached on disk (``cache=True``). On 2 cores
 ``parallel=True`` only pays off for the row kernels (combine forward/backward, scatter-add):
 about 1.5-2x over their serial versions. The sorts are O(A + bins) and stay serial.
+
+combine's forward (and gather's backward) is a scatter-add with conflicts on t. Rather than
+atomics, a stable counting sort by token builds a CSR "token -> its assignments" (tens of
+microseconds) and each thread owns whole output rows; measured 2-4x faster than
+``index_add_`` on CPU, which also needs an extra [A, D] product first.
 """
 
 from __future__ import annotations
@@ -147,15 +152,11 @@ def _token_csr(token_A: Tensor, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR "token -> its assignments" (ptr_T1, perm_A) via a stable counting sort by token."""
     perm_A, ptr_T1, bad = _counting_sort_nb(_np(token_A.to(torch.int64)), n_tokens)
     if bad >= 0:
-        raise IndexError(
-            f"token_idx_A[{bad}] = {int(token_A[bad])} is out of range for n_tokens={n_tokens}"
-        )
+        raise IndexError(f"token_idx_A[{bad}] = {int(token_A[bad])} is out of range for n_tokens={n_tokens}")
     return ptr_T1, perm_A
 
 
-def _scatter_add_rows_numba(
-    src_AD: Tensor, weight_A: Tensor, token_A: Tensor, n_tokens: int
-) -> Tensor:
+def _scatter_add_rows_numba(src_AD: Tensor, weight_A: Tensor, token_A: Tensor, n_tokens: int) -> Tensor:
     ptr_T1, perm_A = _token_csr(token_A, n_tokens)
     y_TD = torch.empty(n_tokens, src_AD.shape[1], dtype=src_AD.dtype)
     _scatter_rows_csr_nb(_np(src_AD), _np(weight_A), ptr_T1, perm_A, y_TD.numpy())
@@ -165,9 +166,7 @@ def _scatter_add_rows_numba(
 # ----------------------------------------------------------------------------- sort
 
 
-def sort_by_expert(
-    expert_idx_A: Tensor, n_experts: int, backend: Backend = "auto"
-) -> tuple[Tensor, Tensor]:
+def sort_by_expert(expert_idx_A: Tensor, n_experts: int, backend: Backend = "auto") -> tuple[Tensor, Tensor]:
     """Stable counting sort of assignments by expert.
 
     Returns ``(order_A, counts_E)`` (int64, on the input's device): ``expert_idx_A[order_A]`` is
@@ -183,8 +182,7 @@ def sort_by_expert(
         order, offsets, bad = _counting_sort_nb(_np(expert_idx_A.to(torch.int64)), n_experts)
         if bad >= 0:
             raise IndexError(
-                f"expert_idx_A[{bad}] = {int(expert_idx_A[bad])} is out of range for "
-                f"n_experts={n_experts}"
+                f"expert_idx_A[{bad}] = {int(expert_idx_A[bad])} is out of range for n_experts={n_experts}"
             )
         return torch.from_numpy(order), torch.from_numpy(np.diff(offsets))
     idx = expert_idx_A.to(torch.int64)
@@ -193,9 +191,7 @@ def sort_by_expert(
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= n_experts:
             bad = int(((idx < 0) | (idx >= n_experts)).nonzero()[0, 0])
-            raise IndexError(
-                f"expert_idx_A[{bad}] = {int(idx[bad])} is out of range for n_experts={n_experts}"
-            )
+            raise IndexError(f"expert_idx_A[{bad}] = {int(idx[bad])} is out of range for n_experts={n_experts}")
     counts_E = torch.bincount(idx, minlength=n_experts)
     order_A = torch.sort(idx, stable=True).indices
     return order_A, counts_E
@@ -216,9 +212,7 @@ class _Combine(torch.autograd.Function):
     """y[t] = sum_{a: token[a] == t} weight[a] * out[a], with a hand-written backward."""
 
     @staticmethod
-    def forward(
-        ctx, out_AD: Tensor, weight_A: Tensor, token_A: Tensor, n_tokens: int, use_numba: bool
-    ) -> Tensor:
+    def forward(ctx, out_AD: Tensor, weight_A: Tensor, token_A: Tensor, n_tokens: int, use_numba: bool) -> Tensor:
         ctx.save_for_backward(out_AD, weight_A, token_A)
         ctx.use_numba = use_numba
         if use_numba:
@@ -256,9 +250,7 @@ class _Combine(torch.autograd.Function):
         )
 
 
-def combine(
-    out_AD: Tensor, weight_A: Tensor, token_idx_A: Tensor, n_tokens: int, backend: Backend = "auto"
-) -> Tensor:
+def combine(out_AD: Tensor, weight_A: Tensor, token_idx_A: Tensor, n_tokens: int, backend: Backend = "auto") -> Tensor:
     """Weighted scatter-add of expert outputs back to tokens: y[t] = sum_a weight[a] * out[a].
 
     The sum runs over the assignments a with ``token_idx_A[a] == t``; tokens with no assignment
@@ -276,9 +268,7 @@ def combine(
     dtype = torch.promote_types(out_AD.dtype, weight_A.dtype)
     use_numba = _use_numba(backend, dtype, out_AD, weight_A, token_idx_A)
     # .to() is a no-op when the dtypes already agree, and autograd casts the grads back.
-    return _Combine.apply(
-        out_AD.to(dtype), weight_A.to(dtype), token_idx_A.to(torch.int64), n_tokens, use_numba
-    )
+    return _Combine.apply(out_AD.to(dtype), weight_A.to(dtype), token_idx_A.to(torch.int64), n_tokens, use_numba)
 
 
 # ----------------------------------------------------------------------------- gather

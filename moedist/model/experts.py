@@ -9,10 +9,9 @@ Each expert is an MLP D -> F -> D with activation
 
 `GroupedExperts.forward` takes rows already sorted by expert (contiguous segments of
 ``counts_E`` rows) and runs one GEMM per non-empty expert on each segment, written with
-``out=`` straight into preallocated [A, F] / [A, D] buffers, inside an autograd Function
-with a hand-written backward. Elementwise work runs once over the whole [A, F] buffer
-rather than per expert (fewer, larger ops). Only torch ops are used, so it runs on CPU and
-CUDA alike.
+``out=`` straight into preallocated buffers, inside an autograd Function with a
+hand-written backward (no per-token Python, no masks). Only torch ops are used, so it runs
+on CPU and CUDA alike.
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
-def _mlp(
-    x_AD: Tensor, w1_DF: Tensor, w2_FD: Tensor, w3_DF: Tensor | None, activation: str
-) -> Tensor:
+def _mlp(x_AD: Tensor, w1_DF: Tensor, w2_FD: Tensor, w3_DF: Tensor | None, activation: str) -> Tensor:
     """One expert's MLP written plainly for autograd (the reference math)."""
     z_AF = x_AD @ w1_DF
     h_AF = torch.relu(z_AF).square() if activation == "relu2" else silu(z_AF) * (x_AD @ w3_DF)
@@ -57,7 +54,17 @@ def _segment_sizes(counts_E: Tensor | Sequence[int], n_rows: int, n_experts: int
 
 
 class _GroupedMLP(torch.autograd.Function):
-    """All experts' MLPs over expert-sorted rows; grads for x and every weight by hand."""
+    """All experts' MLPs over expert-sorted rows; grads for x and every weight by hand.
+
+    Work runs expert by expert: a segment's GEMM output is still in cache when its
+    elementwise step runs, and everything that is not saved for backward (h, the grads
+    w.r.t. h and z) lives in per-call scratch of [max rows of one expert, F] instead of
+    [A, F]. Saved activations: relu(z) for relu2 (autograd would keep relu(z) and h);
+    z1 and z3 for swiglu (autograd: z1, silu(z1), z3, h); the rest is recomputed.
+    On 2 CPU cores this was 4-16% faster than whole-[A, F] elementwise passes (fewer fresh
+    large buffers, warm caches). On GPU it costs ~10 small kernels per expert; a grouped
+    GEMM kernel would be the next step there.
+    """
 
     @staticmethod
     def forward(
@@ -71,40 +78,38 @@ class _GroupedMLP(torch.autograd.Function):
     ) -> Tensor:
         A, D = x_AD.shape
         F = w1_EDF.shape[2]
-        x_AD = x_AD.contiguous()  # row slices of a contiguous tensor are valid out=/inputs
+        x_AD = x_AD.contiguous()  # row slices of a contiguous tensor are valid out= targets
         segs = _segments(sizes)
         ctx.sizes, ctx.segs, ctx.activation = sizes, segs, activation
+        swiglu = activation == "swiglu"
         # Autocast is resolved by the caller (inputs arrive in the compute dtype); inside,
-        # it must not re-cast, and out= ops are not autocast-eligible anyway.
+        # nothing must be re-cast, and out= ops are not autocast-eligible anyway.
         with torch.autocast(x_AD.device.type, enabled=False):
-            z_AF = x_AD.new_empty(A, F)
-            for e, s, n in segs:
-                torch.mm(x_AD[s : s + n], w1_EDF[e], out=z_AF[s : s + n])
-            if activation == "relu2":
-                r_AF = z_AF.relu_()
-                h_AF = r_AF * r_AF
-                saved: tuple[Tensor, ...] = (r_AF, h_AF)
-            else:
-                z3_AF = x_AD.new_empty(A, F)
-                for e, s, n in segs:
-                    torch.mm(x_AD[s : s + n], w3_EDF[e], out=z3_AF[s : s + n])
-                h_AF = silu(z_AF).mul_(z3_AF)
-                # silu(z1) is recomputed in backward instead of saved: one pass vs A*F memory.
-                saved = (z_AF, z3_AF, h_AF)
+            z_AF = x_AD.new_empty(A, F)  # relu2: becomes relu(z) in place
+            z3_AF = x_AD.new_empty(A, F) if swiglu else None
             out_AD = x_AD.new_empty(A, D)
+            scratch = x_AD.new_empty(max(sizes, default=0), F)
             for e, s, n in segs:
-                torch.mm(h_AF[s : s + n], w2_EFD[e], out=out_AD[s : s + n])
-        ctx.save_for_backward(x_AD, w1_EDF, w2_EFD, w3_EDF, *saved)
+                x, z, h = x_AD[s : s + n], z_AF[s : s + n], scratch[:n]
+                torch.mm(x, w1_EDF[e], out=z)
+                if swiglu:
+                    z3 = z3_AF[s : s + n]
+                    torch.mm(x, w3_EDF[e], out=z3)
+                    torch.ops.aten.silu.out(z, out=h)
+                    h.mul_(z3)
+                else:
+                    torch.mul(z.relu_(), z, out=h)
+                torch.mm(h, w2_EFD[e], out=out_AD[s : s + n])
+        ctx.save_for_backward(x_AD, w1_EDF, w2_EFD, w3_EDF, z_AF, z3_AF)
         return out_AD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out_AD: Tensor):
-        x_AD, w1_EDF, w2_EFD, w3_EDF, *saved = ctx.saved_tensors
-        segs, activation = ctx.segs, ctx.activation
+        x_AD, w1_EDF, w2_EFD, w3_EDF, z_AF, z3_AF = ctx.saved_tensors
+        segs = ctx.segs
         need_x, _, _, need_w1, need_w2, need_w3 = ctx.needs_input_grad
         gy_AD = grad_out_AD.contiguous()
-        A = x_AD.shape[0]
         F = w1_EDF.shape[2]
         # Weight grads start empty: every non-empty expert's slice is fully written by a GEMM,
         # only the empty experts' slices need zeros.
@@ -113,41 +118,45 @@ class _GroupedMLP(torch.autograd.Function):
         gw2 = _empty_grad(w2_EFD, empty) if need_w2 else None
         gw3 = _empty_grad(w3_EDF, empty) if need_w3 else None
         gx_AD = x_AD.new_empty(x_AD.shape) if need_x else None
+        rows = max(ctx.sizes, default=0)
 
         with torch.autocast(x_AD.device.type, enabled=False):
-            h_AF = saved[-1]
-            gh_AF = gy_AD.new_empty(A, F)
-            for e, s, n in segs:
-                gy = gy_AD[s : s + n]
-                if gw2 is not None:
-                    torch.mm(h_AF[s : s + n].t(), gy, out=gw2[e])
-                torch.mm(gy, w2_EFD[e].t(), out=gh_AF[s : s + n])
-
-            if activation == "relu2":
-                # d relu(z)^2 / dz = 2 relu(z): multiply by relu(z) here and fold the 2 into
-                # the GEMMs' alpha (saves a pass over [A, F]).
-                r_AF = saved[0]
-                gz_AF = gh_AF.mul_(r_AF)
+            if ctx.activation == "relu2":
+                buf = x_AD.new_empty(rows, F)
                 for e, s, n in segs:
-                    gz = gz_AF[s : s + n]
+                    x, gy, r, b = x_AD[s : s + n], gy_AD[s : s + n], z_AF[s : s + n], buf[:n]
+                    if gw2 is not None:
+                        torch.mul(r, r, out=b)  # h = relu(z)^2, recomputed
+                        torch.mm(b.t(), gy, out=gw2[e])
+                    torch.mm(gy, w2_EFD[e].t(), out=b)  # grad h (h is no longer needed)
+                    # d relu(z)^2/dz = 2 relu(z): multiply by relu(z) here and fold the 2
+                    # into the GEMMs' alpha (one pass less).
+                    b.mul_(r)
                     if gw1 is not None:
-                        gw1[e].addmm_(x_AD[s : s + n].t(), gz, beta=0, alpha=2)
+                        gw1[e].addmm_(x.t(), b, beta=0, alpha=2)
                     if gx_AD is not None:
-                        gx_AD[s : s + n].addmm_(gz, w1_EDF[e].t(), beta=0, alpha=2)
+                        gx_AD[s : s + n].addmm_(b, w1_EDF[e].t(), beta=0, alpha=2)
             else:
-                z1_AF, z3_AF = saved[0], saved[1]
-                gz3_AF = silu(z1_AF).mul_(gh_AF)  # d/dz3 = grad_h * silu(z1)
-                gz1_AF = torch.ops.aten.silu_backward(gh_AF.mul_(z3_AF), z1_AF)
+                buf_a, buf_b = x_AD.new_empty(rows, F), x_AD.new_empty(rows, F)
                 for e, s, n in segs:
-                    x, gz1, gz3 = x_AD[s : s + n], gz1_AF[s : s + n], gz3_AF[s : s + n]
+                    x, gy = x_AD[s : s + n], gy_AD[s : s + n]
+                    z1, z3, a, b = z_AF[s : s + n], z3_AF[s : s + n], buf_a[:n], buf_b[:n]
+                    torch.ops.aten.silu.out(z1, out=a)  # a = silu(z1)
+                    if gw2 is not None:
+                        torch.mul(a, z3, out=b)  # h
+                        torch.mm(b.t(), gy, out=gw2[e])
+                    torch.mm(gy, w2_EFD[e].t(), out=b)  # b = grad h
+                    a.mul_(b)  # a = grad z3 = grad h * silu(z1)
+                    b.mul_(z3)  # b = grad silu(z1)
+                    torch.ops.aten.silu_backward.grad_input(b, z1, grad_input=b)  # b = grad z1
                     if gw1 is not None:
-                        torch.mm(x.t(), gz1, out=gw1[e])
+                        torch.mm(x.t(), b, out=gw1[e])
                     if gw3 is not None:
-                        torch.mm(x.t(), gz3, out=gw3[e])
+                        torch.mm(x.t(), a, out=gw3[e])
                     if gx_AD is not None:
                         gx = gx_AD[s : s + n]
-                        torch.mm(gz1, w1_EDF[e].t(), out=gx)
-                        gx.addmm_(gz3, w3_EDF[e].t())
+                        torch.mm(b, w1_EDF[e].t(), out=gx)
+                        gx.addmm_(a, w3_EDF[e].t())
         return gx_AD, None, None, gw1, gw2, gw3
 
 
@@ -195,9 +204,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         _check_activation(activation)
         if min(n_experts, d_model, d_ff) < 1:
-            raise ValueError(
-                f"n_experts, d_model and d_ff must be >= 1, got {n_experts}, {d_model}, {d_ff}"
-            )
+            raise ValueError(f"n_experts, d_model and d_ff must be >= 1, got {n_experts}, {d_model}, {d_ff}")
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.activation = activation
         self.init_std, self.out_std = init_std, out_std
@@ -252,10 +259,7 @@ class GroupedExperts(nn.Module):
             self.w3_EDF[expert].copy_(mlp.fc3.weight.t())
 
     def extra_repr(self) -> str:
-        return (
-            f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-            f"activation={self.activation}"
-        )
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"
 
 
 def expert_mlp_reference(

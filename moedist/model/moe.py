@@ -36,7 +36,8 @@ class LocalDispatcher:
         weight_A = plan.weight_A[order_A]
         x_AD = gather_rows(x_TD, token_A)
         out_AD = experts(x_AD, counts_E)
-        return combine(out_AD, weight_A.to(out_AD.dtype), token_A, x_TD.shape[0])
+        # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
+        return combine(out_AD, weight_A, token_A, x_TD.shape[0])
 
 
 class MoEBlock(nn.Module):
@@ -95,5 +96,5 @@ def masked_loop_reference(x_TD: Tensor, plan: RoutingPlan, experts: GroupedExper
             continue
         w3 = experts.w3_EDF[e] if experts.activation == "swiglu" else None
         out = expert_mlp(x_TD[rows], experts.w1_EDF[e], experts.w2_EFD[e], w3, experts.activation)
-        y_TD = y_TD.index_add(0, rows, out * weights_TE[rows, e].unsqueeze(1))
+        y_TD = y_TD.index_add(0, rows, (out * weights_TE[rows, e].unsqueeze(1)).to(y_TD.dtype))
     return y_TD
