@@ -60,8 +60,8 @@ class Limit:
         self.sizes = [int(c) for c in counts_E]
         self.w1 = ex.w1_EDF.detach().to(dtype).contiguous()
         self.w2 = ex.w2_EFD.detach().to(dtype).contiguous()
-        self.sw1 = block.shared.fc1.weight.detach().T.to(dtype).contiguous()
-        self.sw2 = block.shared.fc2.weight.detach().T.to(dtype).contiguous()
+        self.sw1 = block.shared.w1_EDF[0].detach().to(dtype).contiguous()
+        self.sw2 = block.shared.w2_EFD[0].detach().to(dtype).contiguous()
         g = torch.Generator().manual_seed(1)
         self.x_AD = torch.randn(A, D, generator=g).to(dtype)
         self.gy_AD = torch.randn(A, D, generator=g).to(dtype)
@@ -128,7 +128,7 @@ def bench_one(shape_name: str, router: str, dtype: torch.dtype, tokens: int, rep
         x = x0.detach().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             p = block.router(x)
-            y = masked_loop_reference(x, p, block.experts) + block.shared(x)
+            y = masked_loop_reference(x, p, block.experts) + block.shared(x, [x.shape[0]])
         y.backward(gy)
         block.zero_grad(set_to_none=True)
         block.router.train()

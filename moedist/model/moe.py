@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from moedist.config import RouterConfig
 from moedist.kernels.dispatch import combine, gather_rows, sort_by_expert
-from moedist.model.experts import DenseMLP, GroupedExperts
+from moedist.model.experts import GroupedExperts
 from moedist.routing import Router, RoutingPlan, make_router
 
 
@@ -60,9 +60,12 @@ class MoEBlock(nn.Module):
         self.experts = GroupedExperts(
             n_experts, d_model, expert_width, activation=activation, init_std=init_std, out_std=out_std
         )
-        # n_shared always-on experts are one MLP of n_shared x the expert width.
+        # n_shared always-on experts are one MLP of n_shared x the expert width, run through
+        # the same fused grouped-MLP autograd function as the routed experts (one segment of
+        # all T rows), which saves less for backward than nn.Linear + autograd.
         self.shared = (
-            DenseMLP(d_model, n_shared * expert_width, activation=activation, init_std=init_std, out_std=out_std)
+            GroupedExperts(1, d_model, n_shared * expert_width, activation=activation, init_std=init_std,
+                           out_std=out_std)
             if n_shared > 0
             else None
         )
@@ -72,7 +75,7 @@ class MoEBlock(nn.Module):
         plan = self.router(x_TD)
         y_TD = self.dispatcher(x_TD, plan, self.experts)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + self.shared(x_TD, [x_TD.shape[0]])
         return y_TD, plan
 
 

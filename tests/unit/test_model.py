@@ -128,6 +128,8 @@ def test_generate_is_seeded_and_greedy_is_deterministic():
     b = generate(model, [1, 2, 3], 10, temperature=1.0, seed=7).ids
     assert a == b
     g1 = generate(model, [1, 2, 3], 10, temperature=0).ids
+    assert model.training  # generate restores the caller's mode
+    model.eval()
     with torch.no_grad():  # greedy continuation equals argmax of a full forward
         logits = model(torch.tensor([g1[:-1]])).logits_BSV[0]
     assert g1[3:] == logits[2:].argmax(-1).tolist()
