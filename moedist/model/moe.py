@@ -28,16 +28,24 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """All experts in this process: sort by expert, gather, grouped GEMMs, weighted combine."""
+    """All experts in this process: counting sort by expert, then one fused pass per expert
+    (gather its token rows, MLP, gated scatter-add into y_TD)."""
+
+    def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
+        order_A, counts_E = sort_by_expert(plan.expert_idx_A, plan.n_experts)
+        return experts.forward_gathered(x_TD, plan.token_idx_A[order_A], plan.weight_A[order_A], counts_E)
+
+
+class SplitLocalDispatcher:
+    """The same as LocalDispatcher in separate stages (gather -> experts -> combine), the
+    shape the all-to-all dispatcher has; kept as a second implementation for tests."""
 
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
         order_A, counts_E = sort_by_expert(plan.expert_idx_A, plan.n_experts)
         token_A = plan.token_idx_A[order_A]
-        weight_A = plan.weight_A[order_A]
-        x_AD = gather_rows(x_TD, token_A)
-        out_AD = experts(x_AD, counts_E)
+        out_AD = experts(gather_rows(x_TD, token_A), counts_E)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
-        return combine(out_AD, weight_A, token_A, x_TD.shape[0])
+        return combine(out_AD, plan.weight_A[order_A], token_A, x_TD.shape[0])
 
 
 class MoEBlock(nn.Module):

@@ -238,3 +238,47 @@ def test_grouped_cuda_matches_cpu(activation):
         results.append([t.cpu() for t in (out.detach(), *grads)])
     for cpu, cuda in zip(*results, strict=True):
         assert_close(cuda, cpu, **TIGHT)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_gathered_equals_split_pipeline(activation):
+    """The fused gather -> MLP -> gated scatter pass equals gather / experts / combine,
+    forward and every gradient (x, gates, weights); empty expert, unrouted tokens, 2 per token."""
+    torch.manual_seed(7)
+    T, E = 12, 5
+    m = _experts(E, activation)
+    x_TD = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    token_idx_A = torch.tensor([0, 0, 1, 2, 2, 3, 5, 5, 6, 8, 8, 9, 11])
+    expert_idx_A = torch.tensor([1, 4, 0, 4, 1, 1, 0, 4, 1, 0, 1, 4, 0])  # experts 2 and 3 unused
+    gate_A = torch.rand(13, dtype=torch.float64, requires_grad=True)
+    order_A, counts_E = sort_by_expert(expert_idx_A, E)
+    token_A, g_A = token_idx_A[order_A], gate_A[order_A]
+    y_fused = m.forward_gathered(x_TD, token_A, g_A, counts_E)
+    y_split = combine(m(gather_rows(x_TD, token_A), counts_E), g_A, token_A, T)
+    assert_close(y_fused, y_split, **TIGHT)
+    assert bool((y_fused[[4, 7, 10]] == 0).all())
+    g = torch.randn(T, D, dtype=torch.float64)
+    inputs = [x_TD, gate_A, *_weights(m)]
+    got = torch.autograd.grad(y_fused, inputs, g, retain_graph=True)
+    want = torch.autograd.grad(y_split, inputs, g)
+    for name, a, b in zip(["x", "gate", "w1", "w2", "w3"], got, want, strict=False):
+        assert_close(a, b, **TIGHT, msg=name)
+    assert bool((got[2][[2, 3]] == 0).all())  # unused experts get zero weight grads
+
+
+def test_forward_gathered_autocast_accumulates_in_float32():
+    torch.manual_seed(8)
+    m = GroupedExperts(3, 16, 32, "relu2", init_std=0.2, out_std=0.2)
+    x = torch.randn(9, 16, requires_grad=True)
+    rows = torch.tensor([0, 3, 4, 1, 2, 3, 8])
+    gate = torch.rand(7, requires_grad=True)
+    counts = [3, 0, 4]
+    ref = m.forward_gathered(x, rows, gate, counts)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, gate])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.forward_gathered(x, rows, gate, counts)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, rtol=5e-2, atol=5e-2)
+    for got, want in zip(torch.autograd.grad(out.sum(), [x, gate]), ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
