@@ -157,6 +157,7 @@ class _GroupedMLP(torch.autograd.Function):
             a_buf = x.new_empty(rows, F) if swiglu else None
             if fused:
                 xs_buf, gy_buf, gx_buf = x.new_empty(rows, D), x.new_empty(rows, D), x.new_empty(rows, D)
+                dot_buf = x.new_empty(rows, F)
             for e, s, n in segs:
                 if fused:
                     idx = rows_A[s : s + n]
@@ -179,8 +180,8 @@ class _GroupedMLP(torch.autograd.Function):
                 torch.mm(gy, w2_EFD[e].t(), out=gh)  # grad h (ungated in fused mode)
                 if fused:
                     g_col = gate_A[s : s + n].unsqueeze(1)
-                    if ggate is not None:
-                        ggate[s : s + n] = (h * gh).sum(-1)
+                    if ggate is not None:  # <h, grad h> row by row, through scratch
+                        torch.sum(torch.mul(h, gh, out=dot_buf[:n]), dim=-1, dtype=ggate.dtype, out=ggate[s : s + n])
                     gy.mul_(g_col)
                     gh.mul_(g_col)
                 if gw2 is not None:
