@@ -31,6 +31,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("expert parallelism on Ray (used when workers > 1 or --address is given)")
+    g.add_argument("--workers", type=int, help="worker actors; the global batch is split among them (workers)")
+    g.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: a new local instance")
+    g.add_argument("--node-address", help="this driver's node address (default 127.0.0.2 for a local instance, "
+                   "else the host of --address)")  # fmt: skip
+    g.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="placement-group strategy for the workers' bundles")  # fmt: skip
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--start-timeout", type=float, default=120.0, help="seconds to place and start the workers")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.setdefault("data", {})["path"] = str(Path(args.data).resolve())
     if args.no_progress:
         overrides.setdefault("train", {})["progress"] = False
+    if args.workers is not None:
+        overrides["workers"] = args.workers
 
     if args.resume:
         from moedist.config import deep_update, parse_override
@@ -63,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.router.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
+        if cfg.workers > 1 or args.address:
+            return _train_distributed(cfg, out, args)
         trainer = Trainer(cfg, out, dataset)
         trainer.init_run_dir()
         counts = trainer.model.param_counts()
@@ -72,10 +85,54 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"data: {dataset.source}, {cfg.train.steps} steps -> {out}"
         )
     summary = trainer.run()
-    run = trainer.run_dir
-    print(json.dumps({k: summary[k] for k in ("final_train_loss", "final_val_loss", "tokens_per_s", "mean_fanout")}))
+    _print_done(trainer.run_dir, summary)
+    return 0
+
+
+def _print_done(run: Path, summary: dict[str, Any]) -> None:
+    keys = ("final_train_loss", "final_val_loss", "tokens_per_s", "mean_fanout", "workers")
+    print(json.dumps({k: summary.get(k) for k in keys}))
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
     print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
+
+
+def _train_distributed(cfg, out: Path, args: argparse.Namespace) -> int:
+    """Expert-parallel training: a Ray coordinator and cfg.workers worker actors."""
+    import math
+
+    import ray
+    from tqdm import tqdm
+
+    from moedist.runtime.cluster import connect
+    from moedist.runtime.coordinator import Coordinator
+
+    if args.resume:
+        raise ConfigError("--resume of a multi-worker run is not supported yet")
+    started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
+    coord = Coordinator(cfg, out, strategy=args.placement, cpus_per_worker=args.cpus_per_worker,
+                        timeout_s=args.start_timeout)  # fmt: skip
+    bar = None
+    try:
+        infos = coord.start()
+        nodes = sorted({i["node"] for i in infos})
+        print(
+            f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts on {cfg.workers} workers "
+            f"({infos[0]['backend']}, {len(nodes)} node(s): {', '.join(nodes)}), {cfg.train.steps} steps -> {out}"
+        )
+        bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
+
+        def on_step(row: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.set_postfix({"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+
+        summary = coord.run(on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+        coord.shutdown()
+        if started:
+            ray.shutdown()
+    _print_done(out, summary)
     return 0
 
 
@@ -160,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moedist` console script."""
     args = build_parser().parse_args(argv)
     from moedist.data import DataError
+    from moedist.runtime.coordinator import JobError
     from moedist.training.checkpoint import CheckpointError
 
     try:
@@ -167,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         print(f"moedist: error: {e}", file=sys.stderr)
         return 2
+    except JobError as e:
+        print(f"moedist: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moedist: interrupted", file=sys.stderr)
         return 130

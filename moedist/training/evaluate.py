@@ -5,10 +5,12 @@ Legend: B batch, S positions, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moedist.data import TokenDataset, val_batches
 from moedist.model.transformer import MoETransformer
@@ -49,8 +51,15 @@ def evaluate(
     batch_size: int,
     max_tokens: int,
     autocast_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] = (0, 1),
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
-    """Loss over the fixed validation windows, with the model in eval mode."""
+    """Loss over the fixed validation windows, with the model in eval mode.
+
+    With shard=(rank, world), this process takes rows rank::world of every window batch
+    (possibly none: it still runs the forward, since MoE layers exchange tokens with the
+    other workers) and `all_reduce` sums the totals over workers.
+    """
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
@@ -61,17 +70,23 @@ def evaluate(
     total_loss, total_tokens = 0.0, 0
     try:
         for batch in val_batches(dataset, seq_len, batch_size, max_tokens):
-            b = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            rank, world = shard
+            b = torch.from_numpy(np.ascontiguousarray(batch[rank::world])).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out = model(b[:, :-1], b[:, 1:])
-            n = b[:, 1:].numel()
-            total_loss += float(out.loss) * n
-            total_tokens += n
+                out = model(b[:, :-1])
+            logits = out.logits_BSV.reshape(-1, out.logits_BSV.shape[-1])
+            total_loss += float(F.cross_entropy(logits, b[:, 1:].reshape(-1), reduction="sum"))
+            total_tokens += b[:, 1:].numel()
             for i, plan in enumerate(out.plans):
                 hist[i] += np.bincount(plan.fanout_T.cpu().numpy(), minlength=E + 1)[: E + 1]
                 load[i] += plan.load_E.cpu().numpy()
     finally:
         model.train(was_training)
+    if all_reduce is not None:
+        totals = all_reduce(torch.tensor([total_loss, float(total_tokens)], dtype=torch.float64))
+        total_loss, total_tokens = float(totals[0]), int(totals[1])
+        hist = all_reduce(torch.from_numpy(hist)).numpy()
+        load = all_reduce(torch.from_numpy(load)).numpy()
     if total_tokens == 0:
         raise ValueError("validation set is empty: no window of seq_len+1 tokens fits in the val split")
     return EvalResult(total_loss / total_tokens, total_tokens, hist.tolist(), load.tolist())

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,23 @@ def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-class Trainer:
-    """Owns a model, its optimiser, the data sampler and the run folder."""
+@dataclass
+class DistContext:
+    """This process's place in an expert-parallel job (see moedist.runtime)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, dataset: TokenDataset):
-        if cfg.workers != 1:
+    rank: int
+    world: int
+    placement: Any  # moedist.parallel.placement.ExpertPlacement
+    group: Any = None  # torch.distributed process group; None = the default group
+
+
+class Trainer:
+    """Owns a model, its optimiser and the data sampler; single-process, or one worker of an
+    expert-parallel job when given a DistContext (then the Ray coordinator owns the run folder)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path | None, dataset: TokenDataset,
+                 dist_ctx: DistContext | None = None):  # fmt: skip
+        if dist_ctx is None and cfg.workers != 1:
             raise ConfigError(
                 f"workers: {cfg.workers} requested, but this trainer is single-process (workers = 1); "
                 "the expert-parallel Ray runtime drives multi-worker runs"
@@ -97,12 +110,19 @@ class Trainer:
         if dataset.vocab_size != cfg.model.vocab_size:
             cfg.model.vocab_size = dataset.vocab_size  # the tokenizer decides the vocabulary
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset = dataset
+        self.dist = dist_ctx
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        # The full model is built (and seeded) the same way on every worker, so a worker's
+        # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
+        if dist_ctx is not None:
+            from moedist.parallel import shard_model
+
+            shard_model(self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
@@ -169,7 +189,11 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         t0 = time.perf_counter()
-        batch_BS1 = self.sampler.global_batch(self.step)
+        d = self.dist
+        if d is None:
+            batch_BS1 = self.sampler.global_batch(self.step)
+        else:
+            batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world)
         n_micro = cfg.train.micro_batches
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
@@ -191,16 +215,26 @@ class Trainer:
             for i, plan in enumerate(out.plans):
                 load_LE[i] += plan.load_E.cpu()
                 assigned_L[i] += plan.token_idx_A.numel()
+        t_comm = 0.0
+        if d is not None:
+            from moedist.parallel import all_reduce_sum, sync_gradients
+
+            tc = time.perf_counter()
+            sync_gradients(model, d.group)
+            t_comm += time.perf_counter() - tc
+            # Every worker reports the global numbers: losses averaged, loads summed.
+            stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
+            ce_sum, aux_sum = float(stats[0]), float(stats[1])
+            load_LE = all_reduce_sum(load_LE, d.group)
+            assigned_L = all_reduce_sum(assigned_L, d.group)
         if not math.isfinite(ce_sum):
             raise FloatingPointError(f"loss became {ce_sum} at step {self.step}; lower train.lr")
-        params = [p for p in model.parameters() if p.grad is not None]
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.clip_gradients()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         model.routing_step_end()
         dt = time.perf_counter() - t0
-        n_tokens = batch_BS1.shape[0] * (batch_BS1.shape[1] - 1)
+        n_tokens = cfg.train.batch_size * cfg.model.seq_len  # the global batch
         row: dict[str, Any] = {
             "step": self.step,
             "loss": ce_sum / n_micro,
@@ -212,6 +246,8 @@ class Trainer:
             "tokens_per_s": n_tokens / dt,
             "val_loss": None,
         }
+        if d is not None:
+            row["grad_sync_s"] = t_comm
         for i, (layer, router) in enumerate(zip(model.moe_layer_ids(), model.routers(), strict=True)):
             row[f"L{layer}_load"] = load_LE[i].tolist()
             row[f"L{layer}_fanout"] = float(assigned_L[i]) / n_tokens
@@ -220,11 +256,42 @@ class Trainer:
         self.step += 1
         return row
 
+    def clip_gradients(self) -> float:
+        """Clip to train.grad_clip by the global gradient norm; return the norm.
+
+        With expert parallelism, replicated gradients are identical on every worker (count
+        them once) while each expert's gradient lives on its owner (sum over workers).
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        if self.dist is None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        from moedist.parallel import all_reduce_sum, expert_parameters
+
+        sharded = {id(p) for p in expert_parameters(self.model)}
+        sq_rep = sum(float(p.grad.double().square().sum()) for p in params if id(p) not in sharded)
+        sq_exp = torch.tensor([sum(float(p.grad.double().square().sum()) for p in params if id(p) in sharded)],
+                              dtype=torch.float64)  # fmt: skip
+        total = math.sqrt(sq_rep + float(all_reduce_sum(sq_exp, self.dist.group)[0]))
+        if math.isfinite(max_norm) and total > max_norm:
+            scale = max_norm / (total + 1e-6)
+            for p in params:
+                p.grad.mul_(scale)
+        return total
+
     def evaluate(self) -> EvalResult:
         t = self.cfg.train
+        d = self.dist
+        if d is None:
+            shard, reduce = (0, 1), None
+        else:
+            from moedist.parallel import all_reduce_sum
+
+            shard, reduce = (d.rank, d.world), (lambda x: all_reduce_sum(x, d.group))
         self.last_eval = evaluate(
-            self.model, self.dataset, self.cfg.model.seq_len, t.batch_size, t.eval_tokens, self.autocast_dtype
-        )
+            self.model, self.dataset, self.cfg.model.seq_len, t.batch_size, t.eval_tokens, self.autocast_dtype,
+            shard=shard, all_reduce=reduce,
+        )  # fmt: skip
         return self.last_eval
 
     # ------------------------------------------------------------------- run

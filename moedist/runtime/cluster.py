@@ -1,0 +1,36 @@
+"""Connecting the driver to Ray: a new local instance, or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+
+# Ray rewrites 127.0.0.1 and "localhost" to the machine's outward address but leaves other
+# loopback addresses alone, so a local instance lives on 127.0.0.2.
+LOCAL_NODE_ADDR = "127.0.0.2"
+
+
+def connect(address: str | None, node_addr: str | None, num_cpus: int | None) -> bool:
+    """Initialise Ray in this process; returns True when it started a local instance.
+
+    address None: a new single-node instance on `node_addr` (default 127.0.0.2) with
+    `num_cpus` logical CPUs. Otherwise join the cluster at `address` ("auto" or host:port)
+    as `node_addr` (default: the host part of address, so a cluster started on loopback
+    addresses is driven over loopback).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(
+            _node_ip_address=node_addr or LOCAL_NODE_ADDR,
+            num_cpus=max(num_cpus or 1, os.cpu_count() or 1),
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
+        return True
+    if node_addr is None and address != "auto":
+        node_addr = address.rsplit(":", 1)[0]
+    ray.init(address=address, _node_ip_address=node_addr, log_to_driver=False, configure_logging=False)
+    return False

@@ -1,0 +1,267 @@
+"""The coordinator: owns an expert-parallel job on a Ray cluster.
+
+It reserves a placement group (one bundle per worker), starts the worker actors pinned to
+the bundles, orders ranks by node, runs the torch.distributed rendezvous on rank 0's node
+address, drives the steps, gathers metrics and writes the run folder (the same layout as a
+single-process run). Any failure to start or a dead worker becomes a typed error, and
+`shutdown` always removes the actors and the placement group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+
+from moedist.config import RunConfig, to_dict
+
+
+class JobError(RuntimeError):
+    """Base of the runtime's typed errors."""
+
+
+class PlacementTimeoutError(JobError):
+    """The cluster could not place every worker within the timeout."""
+
+
+class WorkerStartError(JobError):
+    """A worker actor failed to start or to join the process group."""
+
+
+class WorkerDiedError(JobError):
+    """A worker actor died while the job ran."""
+
+
+def _resources_text(res: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "memory"))
+
+
+class Coordinator:
+    """Drives W workers through cfg.train.steps optimiser steps."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        strategy: str = "PACK",
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float | None = None,
+        timeout_s: float = 120.0,
+    ):
+        if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement strategy '{strategy}' is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.strategy = strategy
+        self.cpus = cpus_per_worker
+        self.gpus = gpus_per_worker
+        self.timeout_s = timeout_s
+        self.pg = None
+        self.workers: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+        self.last_eval: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> list[dict[str, Any]]:
+        """Placement group, worker actors, rendezvous. Cleans up everything on failure."""
+        try:
+            return self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> list[dict[str, Any]]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from moedist.parallel.placement import ExpertPlacement
+        from moedist.runtime.worker import Worker
+
+        W = self.cfg.workers
+        gpus = self.gpus if self.gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= W else 0.0)
+        bundle = {"CPU": self.cpus, **({"GPU": gpus} if gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(W)], strategy=self.strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PlacementTimeoutError(
+                f"could not place {W} workers x {{{_resources_text(bundle)}}} ({self.strategy}) within "
+                f"{self.timeout_s:g} s; the cluster has {_resources_text(ray.cluster_resources())} in all, "
+                f"{_resources_text(ray.available_resources())} free"
+            ) from None
+
+        actor_cls = ray.remote(Worker)
+        cfg_dict = to_dict(self.cfg)
+        for i in range(W):
+            opts = {
+                "num_cpus": self.cpus,
+                "num_gpus": gpus,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                "name": f"moedist-worker-{i}-{id(self):x}",
+                "max_restarts": 0,
+            }
+            self.workers.append(actor_cls.options(**opts).remote(cfg_dict, i, W))
+        # Ranks ordered by node so neighbouring ranks share a node (cheaper exchanges).
+        addrs = self._get([w.address.remote() for w in self.workers], "start", WorkerStartError)
+        order = sorted(range(W), key=lambda i: (addrs[i], i))
+        self.workers = [self.workers[i] for i in order]
+        addrs = [addrs[i] for i in order]
+        port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError)
+        placement = ExpertPlacement(self.cfg.model.n_experts, W).to_dict()
+        self.infos = self._get(
+            [w.setup.remote(r, addrs[0], port, placement) for r, w in enumerate(self.workers)],
+            "join the process group",
+            WorkerStartError,
+        )
+        return self.infos
+
+    def _get(self, refs, what: str, err: type[JobError] = WorkerDiedError):
+        """ray.get with the timeout, turning actor failures into typed errors."""
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise err(f"workers did not {what} within {self.timeout_s:g} s") from None
+        except ray.exceptions.RayActorError as e:
+            raise err(f"a worker died while trying to {what}: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            raise err(f"a worker failed to {what}: {e}") from e
+
+    # ------------------------------------------------------------------- run
+    def train_step(self) -> dict[str, Any]:
+        """One step on every worker; rank 0's row (already global) plus cluster facts."""
+        t0 = time.perf_counter()
+        rows = self._get([w.train_step.remote() for w in self.workers], f"finish step {self.step}")
+        row = dict(rows[0])
+        row["step_s"] = time.perf_counter() - t0  # wall clock seen by the coordinator
+        row["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.model.seq_len / row["step_s"]
+        row["grad_sync_s"] = max(r.get("grad_sync_s", 0.0) for r in rows)
+        self.step += 1
+        return row
+
+    def evaluate(self) -> dict[str, Any]:
+        self.last_eval = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]
+        return self.last_eval
+
+    def save(self) -> Path:
+        """Checkpoint: every rank's shard, written by the coordinator (atomic folder)."""
+        from moedist.training.checkpoint import save_checkpoint
+        from moedist.training.trainer import load_dataset, parquet_bytes
+
+        states = self._get([w.shard_state.remote() for w in self.workers], "save a checkpoint")
+        tensors = {}
+        for r, st in enumerate(states):
+            tensors[f"model-rank{r:05d}"] = st["model"]
+            tensors[f"optim-rank{r:05d}"] = st["optim"]
+        state = {
+            "step": self.step,
+            "workers": len(self.workers),
+            "tokenizer": load_dataset(self.cfg).tokenizer.to_spec(),
+            "config": to_dict(self.cfg),
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        return save_checkpoint(self.run_dir, self.step, tensors, state,
+                               blobs={"metrics.parquet": parquet_bytes(self.rows)},
+                               keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+
+    def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train to cfg.train.steps; write metrics, summary, checkpoint and plots."""
+        from moedist.training.evaluate import EvalResult
+        from moedist.training.plots import write_plots
+        from moedist.training.trainer import parquet_bytes, write_atomic
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(to_dict(cfg)).encode())
+        t_start = time.perf_counter()
+        first = self.step
+        while self.step < cfg.train.steps:
+            row = self.train_step()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                row["val_loss"] = self.evaluate()["val_loss"]
+            self.rows.append(row)
+            if on_step:
+                on_step(row)
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self.save()
+        ev = self.evaluate()
+        if self.rows:
+            self.rows[-1]["val_loss"] = ev["val_loss"]
+        self.save()
+        wall = time.perf_counter() - t_start
+        write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
+        summary = self.summary(wall, self.step - first)
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+        eval_res = EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"])
+        write_plots(self.run_dir, self.rows, eval_res)
+        return summary
+
+    def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
+        """summary.json: the single-process keys plus workers, nodes and communication."""
+        import numpy as np
+
+        from moedist.model.transformer import MoETransformer
+
+        rows = self.rows
+        tail = rows[-max(1, len(rows) // 10) :] if rows else []
+        load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
+        fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
+        ratios = []
+        for k in load_keys:
+            load = np.sum([r[k] for r in tail], axis=0)
+            ratios.append(float(load.max() / max(load.mean(), 1e-9)))
+        with torch.device("meta"):  # parameter counts without allocating the model
+            counts = MoETransformer(self.cfg.model, self.cfg.router).param_counts()
+        ev = self.last_eval or {}
+        fan_hist = ev.get("fanout_hist") or []
+        means = [float(np.average(np.arange(len(h)), weights=h)) if sum(h) else 0.0 for h in fan_hist]
+        tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
+        return {
+            "router": self.cfg.router.kind,
+            "preset": self.cfg.preset,
+            "steps": self.step,
+            "tokens": self.step * tokens_per_step,
+            "wall_s": wall_s,
+            "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
+            "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
+            "final_val_loss": ev.get("val_loss"),
+            "val_tokens": ev.get("tokens", 0),
+            "n_experts": self.cfg.model.n_experts if self.cfg.router.kind != "dense" else 0,
+            "mean_fanout": float(np.mean(means)) if means else None,
+            "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
+            "max_load_ratio": max(ratios) if ratios else None,
+            "params_total": counts["total"],
+            "params_active": counts["active"],
+            "workers": len(self.workers),
+            "nodes": len({i["node"] for i in self.infos}),
+            "backend": self.infos[0]["backend"] if self.infos else None,
+            "grad_sync_s_per_step": float(np.mean([r.get("grad_sync_s", 0.0) for r in rows])) if rows else 0.0,
+        }
+
+    # -------------------------------------------------------------- shutdown
+    def shutdown(self) -> None:
+        """Stop every worker and remove the placement group (safe to call twice)."""
+        import ray
+
+        for w in self.workers:
+            with contextlib.suppress(Exception):  # a dead worker cannot say goodbye
+                ray.get(w.shutdown.remote(), timeout=10)
+            with contextlib.suppress(Exception):
+                ray.kill(w)
+        self.workers = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+            self.pg = None

@@ -1,0 +1,104 @@
+"""The worker: one Ray actor per rank, holding the dense replica, its expert shard and its
+share of every batch. The coordinator drives it step by step.
+
+This module is plain Python; the coordinator turns `Worker` into a Ray actor class with
+resource options, so the same class also runs in-process in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from moedist.config import RunConfig, from_dict
+
+
+def node_address() -> str:
+    """The address Ray knows this node by (127.0.0.x on a local multi-raylet cluster)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def cpu_share() -> int:
+    """CPUs Ray assigned to this actor (at least 1)."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # outside Ray
+        cpus = float(os.cpu_count() or 1)
+    return max(1, round(cpus))
+
+
+class Worker:
+    """One rank of an expert-parallel job."""
+
+    def __init__(self, cfg_dict: dict[str, Any], rank: int, world: int):
+        self.cfg: RunConfig = from_dict(cfg_dict)
+        self.rank, self.world = rank, world
+        self.trainer = None
+        # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
+        # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
+        torch.set_num_threads(self.cfg.train.threads or cpu_share())
+
+    # ------------------------------------------------------------ rendezvous
+    def address(self) -> str:
+        return node_address()
+
+    def rendezvous_port(self) -> int:
+        """A free port on this node for the torch.distributed store (asked of rank 0)."""
+        from moedist.parallel.group import free_port
+
+        return free_port(node_address())
+
+    def setup(self, rank: int, master_addr: str, master_port: int, placement: dict[str, Any]) -> dict[str, Any]:
+        """Join the process group, build the model shard and the data sampler."""
+        from moedist.parallel.group import init_group
+        from moedist.parallel.placement import ExpertPlacement
+        from moedist.training.trainer import DistContext, Trainer, load_dataset
+
+        self.rank = rank
+        t0 = time.perf_counter()
+        backend = init_group(rank, self.world, master_addr, master_port, node_address())
+        dataset = load_dataset(self.cfg)
+        ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement))
+        self.trainer = Trainer(self.cfg, None, dataset, ctx)
+        return {
+            "rank": rank,
+            "node": node_address(),
+            "pid": os.getpid(),
+            "backend": backend,
+            "threads": torch.get_num_threads(),
+            "setup_s": time.perf_counter() - t0,
+        }
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self) -> dict[str, Any]:
+        return self.trainer.train_step()
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.trainer.evaluate().to_json()
+
+    def param_counts(self) -> dict[str, int]:
+        return self.trainer.model.param_counts()
+
+    # ------------------------------------------------------------ state
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's model shard and optimiser state (for checkpoints)."""
+        tr = self.trainer
+        return {"model": tr.model.state_dict(), "optim": tr.opt.state_dict(), "step": tr.step}
+
+    def load_shard_state(self, state: dict[str, Any]) -> None:
+        tr = self.trainer
+        tr.model.load_state_dict(state["model"])
+        tr.opt.load_state_dict(state["optim"])
+        tr.step = int(state["step"])
+
+    def shutdown(self) -> None:
+        from moedist.parallel.group import destroy_group
+
+        destroy_group()
