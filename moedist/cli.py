@@ -104,32 +104,28 @@ def _train_distributed(cfg, out: Path, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moedist.runtime.cluster import connect
-    from moedist.runtime.coordinator import Coordinator
+    from moedist.runtime.coordinator import run_job
 
     if args.resume:
         raise ConfigError("--resume of a multi-worker run is not supported yet")
     started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
-    coord = Coordinator(cfg, out, strategy=args.placement, cpus_per_worker=args.cpus_per_worker,
-                        timeout_s=args.start_timeout)  # fmt: skip
-    bar = None
-    try:
-        infos = coord.start()
+    bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True, delay=1)
+
+    def on_start(infos: list[dict[str, Any]]) -> None:
         nodes = sorted({i["node"] for i in infos})
-        print(
+        tqdm.write(
             f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts on {cfg.workers} workers "
             f"({infos[0]['backend']}, {len(nodes)} node(s): {', '.join(nodes)}), {cfg.train.steps} steps -> {out}"
         )
-        bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
 
-        def on_step(row: dict[str, Any]) -> None:
-            bar.update(1)
-            bar.set_postfix({"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+    def on_step(row: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix({"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
 
-        summary = coord.run(on_step)
+    try:
+        summary = run_job(cfg, out, args.placement, args.cpus_per_worker, args.start_timeout, on_start, on_step)
     finally:
-        if bar is not None:
-            bar.close()
-        coord.shutdown()
+        bar.close()
         if started:
             ray.shutdown()
     _print_done(out, summary)

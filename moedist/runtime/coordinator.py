@@ -68,6 +68,8 @@ class Coordinator:
         self.rows: list[dict[str, Any]] = []
         self.step = 0
         self.last_eval: dict[str, Any] | None = None
+        self._t_start = time.perf_counter()
+        self._first_step = 0
 
     # ------------------------------------------------------------------ start
     def start(self) -> list[dict[str, Any]]:
@@ -174,37 +176,56 @@ class Coordinator:
                                blobs={"metrics.parquet": parquet_bytes(self.rows)},
                                keep=self.cfg.train.keep_checkpoints)  # fmt: skip
 
-    def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Train to cfg.train.steps; write metrics, summary, checkpoint and plots."""
-        from moedist.training.evaluate import EvalResult
-        from moedist.training.plots import write_plots
-        from moedist.training.trainer import parquet_bytes, write_atomic
+    def begin(self) -> None:
+        """Write the resolved config into the run folder and start the clock."""
+        from moedist.training.trainer import write_atomic
 
-        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(to_dict(cfg)).encode())
-        t_start = time.perf_counter()
-        first = self.step
-        while self.step < cfg.train.steps:
+        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(to_dict(self.cfg)).encode())
+        self._t_start = time.perf_counter()
+        self._first_step = self.step
+
+    def run_steps(self, n: int) -> list[dict[str, Any]]:
+        """Up to n more steps (evaluating and checkpointing on schedule); their metric rows."""
+        cfg = self.cfg
+        out = []
+        for _ in range(n):
+            if self.step >= cfg.train.steps:
+                break
             row = self.train_step()
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 row["val_loss"] = self.evaluate()["val_loss"]
             self.rows.append(row)
-            if on_step:
-                on_step(row)
+            out.append(row)
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save()
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation and checkpoint; write metrics, summary and plots; the summary."""
+        from moedist.training.evaluate import EvalResult
+        from moedist.training.plots import write_plots
+        from moedist.training.trainer import parquet_bytes, write_atomic
+
         ev = self.evaluate()
         if self.rows:
             self.rows[-1]["val_loss"] = ev["val_loss"]
         self.save()
-        wall = time.perf_counter() - t_start
+        wall = time.perf_counter() - self._t_start
         write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
-        summary = self.summary(wall, self.step - first)
+        summary = self.summary(wall, self.step - self._first_step)
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
-        eval_res = EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"])
-        write_plots(self.run_dir, self.rows, eval_res)
+        write_plots(self.run_dir, self.rows, EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"]))
         return summary
+
+    def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """begin, every step, finish (in-process use)."""
+        self.begin()
+        while self.step < self.cfg.train.steps:
+            for row in self.run_steps(1):
+                if on_step:
+                    on_step(row)
+        return self.finish()
 
     def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
         """summary.json: the single-process keys plus workers, nodes and communication."""
@@ -265,3 +286,51 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 remove_placement_group(self.pg)
             self.pg = None
+
+
+def run_job(
+    cfg: RunConfig,
+    run_dir: Path,
+    strategy: str = "PACK",
+    cpus_per_worker: float = 1.0,
+    timeout_s: float = 120.0,
+    on_start: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    chunk: int = 1,
+) -> dict[str, Any]:
+    """Run a job with the Coordinator as a Ray actor on the driver's node (so the run folder
+    is written where the driver can read it); the driver only relays progress. The
+    coordinator's shutdown (actors, placement group) runs whatever happens."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor_cls = ray.remote(Coordinator).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), max_restarts=0
+    )
+    coord = actor_cls.remote(cfg, run_dir, strategy, cpus_per_worker, None, timeout_s)
+    try:
+        infos = ray.get(coord.start.remote())
+        if on_start:
+            on_start(infos)
+        ray.get(coord.begin.remote())
+        done = 0
+        while done < cfg.train.steps:
+            rows = ray.get(coord.run_steps.remote(chunk))
+            if not rows:
+                break
+            done += len(rows)
+            for row in rows:
+                if on_step:
+                    on_step(row)
+        return ray.get(coord.finish.remote())
+    except ray.exceptions.RayTaskError as e:
+        # Re-raise the coordinator's own typed error (PlacementTimeoutError, ...) as itself.
+        if isinstance(e.cause, JobError):
+            raise e.cause from None
+        raise
+    finally:
+        try:
+            ray.get(coord.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(coord)
