@@ -14,13 +14,22 @@ from moedist.routing.base import PoolOps, Router, RoutingPlan, gate_probs, plan_
 
 
 def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
-    """Mask of the tokens whose logit is among the top-k_E of expert e's global pool.
+    """Mask of exactly min(k_E, N) tokens per expert e: its top-k_E of the global pool.
 
-    Selection is by value (logit >= the k-th largest), so every worker decides its own
-    tokens from one shared cutoff; exact ties at the cutoff may add tokens.
+    Every worker decides its own tokens from one shared cutoff (the k-th largest value).
+    Tokens tied at the cutoff are taken in global token order (lower rank first, then
+    local position) until k is reached, so the choice never depends on how the pool is
+    split over workers and an expert never takes more than k tokens.
     """
-    cutoff_E = pool.kth_largest(logits_TE, k_E)
-    return logits_TE >= cutoff_E.unsqueeze(0)
+    cutoff_1E = pool.kth_largest(logits_TE, k_E).unsqueeze(0)
+    above_TE = logits_TE > cutoff_1E
+    tied_TE = logits_TE == cutoff_1E
+    # Ties to take globally = k minus the tokens strictly above the cutoff anywhere.
+    need_E = k_E.to(torch.int64) - pool.sum(above_TE.sum(0))
+    # Global order of each tied token among the ties: lower ranks' ties come first.
+    before_E = pool.exclusive_prefix(tied_TE.sum(0))
+    tie_order_TE = before_E.unsqueeze(0) + tied_TE.cumsum(0) - 1
+    return above_TE | (tied_TE & (tie_order_TE < need_E.unsqueeze(0)))
 
 
 def ec_k(n_pool: int, top_k: int, n_experts: int) -> int:

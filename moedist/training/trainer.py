@@ -120,9 +120,12 @@ class Trainer:
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
         if dist_ctx is not None:
-            from moedist.parallel import shard_model
+            from moedist.parallel import DistributedPoolOps, shard_model
 
             shard_model(self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group)
+            # Routers now ask the whole cluster for pool statistics (exact radix select).
+            for router in self.model.routers():
+                router.pool = DistributedPoolOps(dist_ctx.group)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0

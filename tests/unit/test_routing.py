@@ -106,6 +106,21 @@ def test_ec_each_expert_takes_its_top_k_tokens():
         assert set(m[:, e].nonzero().flatten().tolist()) == set(logits[:, e].topk(k).indices.tolist())
 
 
+def test_pool_topk_takes_exactly_k_breaking_ties_by_token_order():
+    from moedist.routing.ec import pool_topk_mask
+
+    # expert 0: five tokens tied at the cutoff; expert 1: all equal; expert 2: k = 0 with +inf logits
+    logits = torch.tensor(
+        [[1.0, 0.0, float("inf")], [3.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 0.0, 2.0], [1.0, 0.0, 3.0], [1.0, 0.0, 4.0]]
+    )
+    mask = pool_topk_mask(logits, torch.tensor([3, 4, 0]), PoolOps())
+    assert mask[:, 0].nonzero().flatten().tolist() == [0, 1, 2]  # the 3.0, then the earliest ties
+    assert mask[:, 1].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert not mask[:, 2].any()
+    full = pool_topk_mask(logits, torch.tensor([6, 9, 6]), PoolOps())  # k >= N takes everything
+    assert bool(full.all())
+
+
 # ----------------------------------------------------------------------- ET
 def test_et_ema_bias_correction_and_warmup_switch():
     beta = 0.9

@@ -1,0 +1,180 @@
+"""Expert sharding of a model and gradient synchronisation for expert-parallel training.
+
+Legend: E experts (global), L experts local to one worker, W workers, D model width,
+F expert width.
+
+Every worker builds the full single-process model from the same seed, then
+`shard_model_experts` keeps only its own experts' weights (copied, so the shard starts
+from exactly the weights the 1-process model has) and gives each MoE block an
+AllToAllDispatcher. After backward, `sync_gradients` averages the replicated gradients
+and scales the expert gradients, so each parameter's gradient equals the 1-process
+gradient on the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moedist.model.experts import GroupedExperts
+from moedist.model.moe import MoEBlock
+from moedist.parallel.dispatch import AllToAllDispatcher
+from moedist.parallel.placement import ExpertPlacement
+
+__all__ = [
+    "all_reduce_sum",
+    "expert_parameters",
+    "replicated_parameters",
+    "shard_model",
+    "shard_model_experts",
+    "sync_gradients",
+]
+
+DEFAULT_BUCKET_BYTES = 32 << 20
+
+
+def shard_model_experts(
+    model: nn.Module, placement: ExpertPlacement, rank: int, group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """Turn a full model into `rank`'s shard, in place, and return it.
+
+    Each MoEBlock's routed experts become a GroupedExperts of this rank's experts
+    (``placement.local_experts(rank)`` order) holding copies of their weights, and the block
+    dispatches with ``AllToAllDispatcher(placement, group)``. Everything else (attention,
+    norms, embeddings, routers, shared experts) stays a replica. The shard is built on the
+    meta device first, so sharding draws no random numbers: the process's RNG stream stays
+    that of the 1-process model. The process group need not exist yet; it must by the first
+    forward pass.
+    """
+    local = placement.local_experts(rank)
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    for i, block in enumerate(blocks):
+        full = block.experts
+        if isinstance(block.dispatcher, AllToAllDispatcher):
+            raise ValueError(f"MoE block {i} is already sharded")
+        if full.n_experts != placement.n_experts:
+            raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
+        w = full.w1_EDF
+        shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
+                               init_std=full.init_std, out_std=full.out_std, device="meta",
+                               dtype=w.dtype).to_empty(device=w.device)  # fmt: skip
+        idx = torch.tensor(local, dtype=torch.int64, device=w.device)
+        with torch.no_grad():
+            for name, p in shard.named_parameters():
+                p.copy_(getattr(full, name).index_select(0, idx))
+        shard.train(full.training)
+        block.experts = shard  # same attribute: the module (and parameter) order is unchanged
+        block.dispatcher = AllToAllDispatcher(placement, group)
+    return model
+
+
+# The name moedist.training.trainer imports (via moedist.parallel).
+shard_model = shard_model_experts
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the routed experts of MoE blocks that dispatch all-to-all (sharded:
+    each worker holds different experts)."""
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, MoEBlock) and isinstance(m.dispatcher, AllToAllDispatcher)
+        for p in m.experts.parameters()
+    ]
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter that is not a sharded expert weight, in model order."""
+    sharded = {id(p) for p in expert_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in sharded]
+
+
+@torch.no_grad()
+def sync_gradients(
+    model: nn.Module, group: dist.ProcessGroup | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
+    """Make every gradient the gradient of the global loss (the mean of the ranks' losses).
+
+    Call after backward, on every rank, before clipping and the optimiser step.
+
+    - Replicated parameters (embeddings, attention, norms, routers, shared experts, dense
+      FFNs): rank r holds d loss_r / dp, and d (1/W sum_r loss_r) / dp is their average,
+      so they are all-reduced and divided by W. The all-reduce runs over a few flat
+      buffers of at most ``bucket_bytes`` each (per device and dtype), not one collective
+      per tensor.
+    - Expert parameters (sharded by an AllToAllDispatcher) stay on their owner and are only
+      scaled by 1/W: the all-to-all backward already brought each owner the gradient of
+      every rank's loss, summed (sum_r d loss_r / dp), because every rank's tokens ran
+      through the owner's copy. With loss_r the mean over rank r's tokens and the global
+      loss the mean over ranks, the global gradient is that sum / W.
+
+    This assumes every rank's loss is a mean over the same number of tokens (the global
+    batch split evenly), which is what makes the mean of the ranks' losses the global mean.
+    A replicated parameter without a gradient on some ranks gets a zero gradient there (it
+    was used on other ranks); one without a gradient anywhere keeps ``grad = None``.
+    """
+    W = dist.get_world_size(group)
+    rep = replicated_parameters(model)
+    for p in rep:
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError("sync_gradients does not handle sparse gradients")
+    # Which parameters have a gradient somewhere: decided together, so every rank builds
+    # the same buckets (a rank-dependent layout would mismatch or deadlock the all-reduce).
+    has_P = torch.tensor([p.grad is not None for p in rep], dtype=torch.int32)
+    has_P = all_reduce_sum(has_P, group)
+    grads: list[Tensor] = []
+    for p, n in zip(rep, has_P.tolist(), strict=True):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    for bucket in _buckets(grads, bucket_bytes):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        flat = all_reduce_sum(flat, group, inplace=True).div_(W)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+            g.copy_(part.view_as(g))
+    for p in expert_parameters(model):
+        if p.grad is not None:
+            p.grad.div_(W)
+
+
+def _buckets(grads: Iterable[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+    """Consecutive grads grouped by (device, dtype), each group cut into buckets of at most
+    bucket_bytes (a tensor larger than that is a bucket of its own). The order only depends
+    on the model, so it is the same on every rank."""
+    open_: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    size: dict[tuple[torch.device, torch.dtype], int] = {}
+    done: list[list[Tensor]] = []
+    for g in grads:
+        key = (g.device, g.dtype)
+        nbytes = g.numel() * g.element_size()
+        if key in open_ and size[key] + nbytes > bucket_bytes:
+            done.append(open_.pop(key))
+        if key not in open_:
+            open_[key], size[key] = [], 0
+        open_[key].append(g)
+        size[key] += nbytes
+    done.extend(open_.values())
+    return done
+
+
+def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: bool = False) -> Tensor:
+    """Elementwise sum of x over the ranks of `group`.
+
+    Returns a new tensor on x's device (x untouched) unless ``inplace``. CPU tensors also
+    work on an NCCL group: they travel through the current CUDA device.
+    """
+    device = x.device
+    if device.type == "cpu" and dist.get_backend(group) == "nccl":
+        buf = x.detach().to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, group=group)
+        if inplace:
+            return x.copy_(buf)
+        return buf.to(device)
+    buf = x if inplace else x.detach().clone()
+    dist.all_reduce(buf, group=group)
+    return buf

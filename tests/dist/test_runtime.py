@@ -1,0 +1,134 @@
+"""The Ray runtime end to end on loopback: N workers == 1 worker, multi-node placement,
+clean failure when workers cannot be placed."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from moedist.config import build_config  # noqa: E402
+from moedist.data.dataset import prepare_dataset  # noqa: E402
+from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError  # noqa: E402
+from moedist.training.trainer import Trainer, load_dataset  # noqa: E402
+
+# Tiny on purpose: what is tested is the exchange of tokens and statistics, not learning.
+SMALL = {
+    "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": 32, "n_experts": 8, "first_layer_dense": False},
+    "train": {"batch_size": 8, "eval_every": 0, "eval_tokens": 1024, "progress": False, "warmup_steps": 2,
+              "grad_clip": 1.0},
+    "router": {"top_k": 1, "et_warmup_steps": 4, "et_beta": 0.9, "aux_loss_coef": 0.01},
+}  # fmt: skip
+STEPS = 10
+
+
+def cfg_for(router: str, workers: int, steps: int = STEPS, data: str = ""):
+    over = json.loads(json.dumps(SMALL))
+    over["data"] = {"path": data}
+    over["router"]["kind"] = router
+    over["train"]["steps"] = steps
+    over["workers"] = workers
+    return build_config("tiny", None, over)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One single-node Ray instance on 127.0.0.2 for the module (4 logical CPUs)."""
+    ray.init(_node_ip_address="127.0.0.2", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def random_text(tmp_path_factory) -> str:
+    """A dataset of random printable characters.
+
+    Real text repeats itself (runs of spaces, common openings), and windows that share a
+    prefix give near-equal logits whose order at the k-th cutoff can flip when weights
+    differ in the last bits (after step 0, EP and one process sum gradients in different
+    orders). Random text has no such near-ties, so routing must match decision for
+    decision; exact ties (equal tokens at position 0) are broken by global token order.
+    """
+    rng = np.random.default_rng(0)
+    src = tmp_path_factory.mktemp("random-text")
+    alphabet = np.array(list(string.ascii_letters + string.digits + string.punctuation + " "))
+    for i in range(20):
+        (src / f"doc{i:02d}.txt").write_text("".join(rng.choice(alphabet, 20_000)))
+    out = src.parent / "random-text-ds"
+    prepare_dataset([src], out, tokenizer="byte", val_fraction=0.1)
+    return str(out)
+
+
+_single: dict[str, list[dict]] = {}
+
+
+def single_process_rows(router: str, tmp_path_factory, data: str) -> list[dict]:
+    if router not in _single:
+        cfg = cfg_for(router, 1, data=data)
+        tr = Trainer(cfg, tmp_path_factory.mktemp(f"one-{router}"), load_dataset(cfg))
+        _single[router] = [tr.train_step() for _ in range(STEPS)]
+    return _single[router]
+
+
+def assert_no_leftovers():
+    from ray.util.placement_group import placement_group_table
+
+    live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert live == [], live
+    # list_named_actors reads the GCS directly (the state API would need the dashboard).
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("moedist-")]
+    assert alive == [], alive
+
+
+@pytest.mark.parametrize(("router", "workers"), [("et", 2), ("et", 4), ("tc", 2), ("ec", 4)])
+def test_n_workers_equal_one_worker(local_ray, random_text, tmp_path, tmp_path_factory, router, workers):
+    ref = single_process_rows(router, tmp_path_factory, random_text)
+    coord = Coordinator(cfg_for(router, workers, data=random_text), tmp_path / "run", strategy="SPREAD", timeout_s=120)
+    try:
+        infos = coord.start()
+        assert sorted(i["rank"] for i in infos) == list(range(workers))
+        rows = [coord.train_step() for _ in range(STEPS)]
+    finally:
+        coord.shutdown()
+    # Step 0 runs on identical weights and EP's forward pass is bitwise that of one
+    # process, so its EMA cutoffs must match exactly; later weights differ in the last
+    # bits (gradients are summed in another order), so thresholds match to 1e-4.
+    for a, b in zip(ref, rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        for k in a:
+            if k.endswith("_load"):  # identical routing decisions give identical loads
+                assert a[k] == b[k], (a["step"], k)
+            if k.endswith("_threshold"):
+                tol = {"rel": 0.0, "abs": 0.0} if a["step"] == 0 else {"rel": 1e-4, "abs": 1e-6}
+                assert b[k] == pytest.approx(a[k], **tol), (a["step"], k)
+    assert_no_leftovers()
+
+
+def test_job_writes_the_run_folder(local_ray, tmp_path):
+    cfg = cfg_for("et", 2, steps=6)
+    coord = Coordinator(cfg, tmp_path / "run", timeout_s=120)
+    try:
+        coord.start()
+        summary = coord.run()
+    finally:
+        coord.shutdown()
+    assert summary["workers"] == 2 and summary["steps"] == 6 and summary["final_val_loss"] > 0
+    rows = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+    assert len(rows) == 6 and all(r["grad_sync_s"] >= 0 for r in rows)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000006"
+    assert (ckpt / "model-rank00000.pt").is_file() and (ckpt / "model-rank00001.pt").is_file()
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    assert_no_leftovers()
+
+
+def test_unplaceable_workers_fail_fast_and_clean(local_ray, tmp_path):
+    coord = Coordinator(cfg_for("et", 2), tmp_path / "run", gpus_per_worker=1.0, timeout_s=5)
+    with pytest.raises(PlacementTimeoutError, match="could not place 2 workers"):
+        coord.start()
+    assert_no_leftovers()
