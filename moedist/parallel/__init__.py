@@ -4,6 +4,7 @@ Everything here works under any initialised torch.distributed process group, so 
 torchrun or Ray Train user can use the MoE layer without moedist's runtime.
 """
 
+from moedist.parallel.clock import CommClock
 from moedist.parallel.dispatch import AllToAllDispatcher, all_to_all_rows
 from moedist.parallel.grads import (
     all_reduce_sum,
@@ -19,6 +20,7 @@ from moedist.parallel.threshold import AllGatherPoolOps, DistributedPoolOps, rad
 __all__ = [
     "AllGatherPoolOps",
     "AllToAllDispatcher",
+    "CommClock",
     "DistributedPoolOps",
     "ExpertPlacement",
     "all_reduce_sum",

@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert
 from moedist.model.experts import GroupedExperts
+from moedist.parallel.clock import CommClock, measure
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -46,26 +47,31 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group) -> Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        return _exchange(x_ND, send_splits, recv_splits, group)
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock) -> Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
+        return _exchange(x_ND, send_splits, recv_splits, group, clock)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        return _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+        return _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock), None, None, None, None
 
 
-def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group) -> Tensor:
+def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None) -> Tensor:
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
-    dist.all_to_all_single(out_RD, x_ND.contiguous(), recv_splits, send_splits, group=group)
+    x_ND = x_ND.contiguous()
+    with measure(clock, "a2a"):
+        dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
     return out_RD
 
 
-def all_to_all_rows(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> Tensor:
+def all_to_all_rows(
+    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None
+) -> Tensor:
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
-    to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order)."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group)
+    to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
+    the seconds of both the forward and the backward exchange under "a2a"."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -89,12 +95,16 @@ class AllToAllDispatcher:
     ``experts`` passed to a call holds only this rank's experts, in
     ``placement.local_experts(rank)`` order; ``plan`` uses global expert ids. ``group`` is a
     torch.distributed process group (None: the default group) whose size is
-    ``placement.world_size``; ranks are group ranks.
+    ``placement.world_size``; ranks are group ranks. ``clock``, when set, accumulates the
+    seconds of every exchange (counts and rows, forward and backward) under "a2a".
     """
 
-    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None, clock: CommClock | None = None
+    ):
         self.placement = placement
         self.group = group
+        self.clock = clock
         self._slot_E: dict[torch.device, Tensor] = {}
 
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
@@ -112,7 +122,8 @@ class AllToAllDispatcher:
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
         recv_counts_WL = counts_S.new_empty(W * L)
-        dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)], group=group)
+        with measure(self.clock, "a2a"):
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)], group=group)
         # One host transfer for both (one sync on CUDA): split sizes must be host ints.
         host = torch.cat([counts_S, recv_counts_WL]).tolist()
         send_S, recv_WL = host[:E], host[E:]
@@ -127,7 +138,7 @@ class AllToAllDispatcher:
         rows_AD = gather_rows(x_TD, token_A)
         if torch.is_autocast_enabled(device.type):
             rows_AD = rows_AD.to(torch.get_autocast_dtype(device.type))
-        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group)
+        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock)
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
         # With one source or one local expert the two orders coincide.
@@ -144,7 +155,7 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group)
+        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from moedist.kernels.dispatch import Backend
 from moedist.kernels.radix import N_BUCKETS, N_ROUNDS, RadixCounter, key_to_float
+from moedist.parallel.clock import CommClock, measure
 from moedist.routing.base import PoolOps
 
 __all__ = ["AllGatherPoolOps", "DistributedPoolOps", "radix_kth_largest", "threshold_sync_bytes"]
@@ -196,10 +197,13 @@ class DistributedPoolOps(PoolOps):
     """Pool statistics over every rank of a torch.distributed group (None = default group).
 
     Every method is a collective: all ranks of the group must call it, in the same order.
+    ``clock``, when set, accumulates the seconds of every call under "pool" (the radix
+    select's local histogram counting included: it is the price of the exchange).
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, clock: CommClock | None = None):
         self.group = group
+        self.clock = clock
 
     @property
     def world_rank(self) -> tuple[int, int]:
@@ -209,29 +213,42 @@ class DistributedPoolOps(PoolOps):
     def total(self, n_local: int) -> int:
         """Tokens in the global pool (all-reduce of the local count)."""
         n = torch.tensor([n_local], dtype=torch.int64, device=_comm_device(self.group, torch.device("cpu")))
-        return int(_all_reduce_(n, self.group).item())
+        with measure(self.clock, "pool"):
+            return int(_all_reduce_(n, self.group).item())
 
     def sum(self, x: Tensor) -> Tensor:
         """Elementwise sum over the ranks; gradients flow back to every rank's input."""
         if not _active(self.group):
             return x
         dev = _comm_device(self.group, x.device)
-        return _AllReduceSum.apply(x.to(dev), self.group).to(x.device)
+        with measure(self.clock, "pool"):
+            return _AllReduceSum.apply(x.to(dev), self.group).to(x.device)
 
     def exclusive_prefix(self, counts_E: Tensor) -> Tensor:
         """Per-expert sum of the counts of lower ranks (rank 0 gets zeros)."""
+        return self.sum_and_prefix(torch.zeros_like(counts_E), counts_E)[1]
+
+    def sum_and_prefix(self, sum_E: Tensor, prefix_E: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum_E summed over ranks, prefix_E summed over lower ranks): one all-gather."""
         world, rank = self.world_rank
         if world == 1:
-            return torch.zeros_like(counts_E)
-        dev = _comm_device(self.group, counts_E.device)
-        local_E = counts_E.detach().to(dev, torch.int64).contiguous()
-        parts_WE = [torch.empty_like(local_E) for _ in range(world)]
-        dist.all_gather(parts_WE, local_E, group=self.group)
-        below_E = torch.stack(parts_WE[:rank]).sum(0) if rank > 0 else torch.zeros_like(local_E)
-        return below_E.to(counts_E.device, counts_E.dtype)
+            return sum_E.detach(), torch.zeros_like(prefix_E)
+        dev = _comm_device(self.group, prefix_E.device)
+        local_2E = torch.stack([sum_E.detach(), prefix_E.detach()]).to(dev, torch.int64).contiguous()
+        parts_W2E = [torch.empty_like(local_2E) for _ in range(world)]
+        with measure(self.clock, "pool"):
+            dist.all_gather(parts_W2E, local_2E, group=self.group)
+        all_W2E = torch.stack(parts_W2E)
+        total_E = all_W2E[:, 0].sum(0).to(sum_E.device, sum_E.dtype)
+        below_E = all_W2E[:rank, 1].sum(0).to(prefix_E.device, prefix_E.dtype)
+        return total_E, below_E
 
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Exact global k-th largest per expert by distributed radix select."""
+        with measure(self.clock, "pool"):
+            return self._kth_largest(values_TE, k_E)
+
+    def _kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         return radix_kth_largest(values_TE, k_E, self.group)
 
 
@@ -239,7 +256,7 @@ class AllGatherPoolOps(DistributedPoolOps):
     """kth_largest the way the ET paper's code does it: all-gather every rank's logits, then
     a local topk over the whole pool. The reference for tests and benchmarks; moves N x E floats."""
 
-    def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
+    def _kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         world, _ = self.world_rank
         if world == 1:
             return PoolOps.kth_largest(self, values_TE, k_E)

@@ -68,6 +68,10 @@ class PoolOps:
         """Per-expert counts contributed by workers of lower rank (token order priority)."""
         return torch.zeros_like(counts_E)
 
+    def sum_and_prefix(self, sum_E: Tensor, prefix_E: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum(sum_E) over workers, exclusive_prefix(prefix_E)) in one exchange (detached)."""
+        return sum_E.detach(), torch.zeros_like(prefix_E)
+
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Per column e, the k_E[e]-th largest value over the global pool.
 

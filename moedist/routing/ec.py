@@ -24,10 +24,10 @@ def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
     cutoff_1E = pool.kth_largest(logits_TE, k_E).unsqueeze(0)
     above_TE = logits_TE > cutoff_1E
     tied_TE = logits_TE == cutoff_1E
-    # Ties to take globally = k minus the tokens strictly above the cutoff anywhere.
-    need_E = k_E.to(torch.int64) - pool.sum(above_TE.sum(0))
-    # Global order of each tied token among the ties: lower ranks' ties come first.
-    before_E = pool.exclusive_prefix(tied_TE.sum(0))
+    # Ties to take globally = k minus the tokens strictly above the cutoff anywhere; the
+    # global order of a tied token among the ties puts lower ranks' ties first.
+    n_above_E, before_E = pool.sum_and_prefix(above_TE.sum(0), tied_TE.sum(0))
+    need_E = k_E.to(torch.int64) - n_above_E
     tie_order_TE = before_E.unsqueeze(0) + tied_TE.cumsum(0) - 1
     return above_TE | (tied_TE & (tie_order_TE < need_E.unsqueeze(0)))
 

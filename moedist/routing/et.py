@@ -42,8 +42,10 @@ class ExpertThresholdRouter(Router):
         self.beta = cfg.et_beta
         self.register_buffer("ema_E", torch.zeros(n_experts, dtype=torch.float32))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
-        # Logits of the current optimiser step's micro-batches (this worker's share).
+        # Logits of the current optimiser step's micro-batches (this worker's share) and
+        # the global pool size of each (known from routing: no second count at step end).
         self._pending: list[Tensor] = []
+        self._pending_N: list[int] = []
 
     # ------------------------------------------------------------------ state
     def threshold_E(self) -> Tensor:
@@ -90,6 +92,7 @@ class ExpertThresholdRouter(Router):
             if self.training:
                 N = self.pool.total(T)
                 self._pending.append(r_TE)
+                self._pending_N.append(N)
                 if self.in_warmup:
                     k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_TE.device)
                     mask_TE = pool_topk_mask(r_TE, k_E, self.pool)
@@ -105,9 +108,10 @@ class ExpertThresholdRouter(Router):
         if not self._pending:
             return
         r_NE = torch.cat(self._pending)
+        N = sum(self._pending_N)
         self._pending.clear()
+        self._pending_N.clear()
         E = r_NE.shape[1]
-        N = self.pool.total(r_NE.shape[0])
         k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_NE.device)
         cutoff_E = self.pool.kth_largest(r_NE, k_E).to(self.ema_E.dtype)
         self.ema_E.mul_(self.beta).add_((1.0 - self.beta) * cutoff_E)
@@ -116,4 +120,5 @@ class ExpertThresholdRouter(Router):
     def train(self, mode: bool = True):
         # Logits of an unfinished step must not leak into the next one.
         self._pending.clear()
+        self._pending_N.clear()
         return super().train(mode)

@@ -147,7 +147,10 @@ class Coordinator:
         row = dict(rows[0])
         row["step_s"] = time.perf_counter() - t0  # wall clock seen by the coordinator
         row["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.model.seq_len / row["step_s"]
-        row["grad_sync_s"] = max(r.get("grad_sync_s", 0.0) for r in rows)
+        # Communication per part: the slowest rank (a collective ends when its last rank does).
+        for key in ("a2a_s", "pool_s", "grad_sync_s", "comm_s"):
+            row[key] = max(r.get(key, 0.0) for r in rows)
+        row["compute_s"] = max(r["step_s"] - r.get("comm_s", 0.0) for r in rows)
         self.step += 1
         return row
 
@@ -232,42 +235,21 @@ class Coordinator:
         import numpy as np
 
         from moedist.model.transformer import MoETransformer
+        from moedist.training.evaluate import EvalResult
+        from moedist.training.trainer import run_summary
 
-        rows = self.rows
-        tail = rows[-max(1, len(rows) // 10) :] if rows else []
-        load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
-        fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
-        ratios = []
-        for k in load_keys:
-            load = np.sum([r[k] for r in tail], axis=0)
-            ratios.append(float(load.max() / max(load.mean(), 1e-9)))
         with torch.device("meta"):  # parameter counts without allocating the model
             counts = MoETransformer(self.cfg.model, self.cfg.router).param_counts()
-        ev = self.last_eval or {}
-        fan_hist = ev.get("fanout_hist") or []
-        means = [float(np.average(np.arange(len(h)), weights=h)) if sum(h) else 0.0 for h in fan_hist]
-        tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        return {
-            "router": self.cfg.router.kind,
-            "preset": self.cfg.preset,
-            "steps": self.step,
-            "tokens": self.step * tokens_per_step,
-            "wall_s": wall_s,
-            "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
-            "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
-            "final_val_loss": ev.get("val_loss"),
-            "val_tokens": ev.get("tokens", 0),
-            "n_experts": self.cfg.model.n_experts if self.cfg.router.kind != "dense" else 0,
-            "mean_fanout": float(np.mean(means)) if means else None,
-            "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
-            "max_load_ratio": max(ratios) if ratios else None,
-            "params_total": counts["total"],
-            "params_active": counts["active"],
-            "workers": len(self.workers),
-            "nodes": len({i["node"] for i in self.infos}),
-            "backend": self.infos[0]["backend"] if self.infos else None,
-            "grad_sync_s_per_step": float(np.mean([r.get("grad_sync_s", 0.0) for r in rows])) if rows else 0.0,
-        }
+        ev = self.last_eval
+        ev_res = EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"]) if ev else None
+        out = run_summary(self.cfg, self.rows, self.step, wall_s, steps_this_run, ev_res, counts)
+        out["workers"] = len(self.workers)
+        out["nodes"] = len({i["node"] for i in self.infos})
+        out["backend"] = self.infos[0]["backend"] if self.infos else None
+        # Mean seconds per step (slowest rank of each step) for each part of the step.
+        for key in ("step_s", "compute_s", "comm_s", "a2a_s", "pool_s", "grad_sync_s"):
+            out[f"{key}_per_step"] = float(np.mean([r.get(key, 0.0) for r in self.rows])) if self.rows else 0.0
+        return out
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:

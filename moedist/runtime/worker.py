@@ -43,7 +43,13 @@ class Worker:
         self.trainer = None
         # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
         # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
-        torch.set_num_threads(self.cfg.train.threads or cpu_share())
+        threads = self.cfg.train.threads or cpu_share()
+        torch.set_num_threads(threads)
+        # numba's parallel kernels (dispatch, radix histograms) would otherwise start one
+        # thread per core of the machine in every worker.
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
     # ------------------------------------------------------------ rendezvous
     def address(self) -> str:

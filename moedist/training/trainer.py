@@ -120,12 +120,16 @@ class Trainer:
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
         if dist_ctx is not None:
-            from moedist.parallel import DistributedPoolOps, shard_model
+            from moedist.parallel import CommClock, DistributedPoolOps, shard_model
 
             shard_model(self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group)
+            # One clock for every collective of the step: metrics split compute / communication.
+            self.clock = CommClock()
+            for block in self.model.moe_blocks():
+                block.dispatcher.clock = self.clock
             # Routers now ask the whole cluster for pool statistics (exact radix select).
             for router in self.model.routers():
-                router.pool = DistributedPoolOps(dist_ctx.group)
+                router.pool = DistributedPoolOps(dist_ctx.group, self.clock)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
@@ -218,13 +222,11 @@ class Trainer:
             for i, plan in enumerate(out.plans):
                 load_LE[i] += plan.load_E.cpu()
                 assigned_L[i] += plan.token_idx_A.numel()
-        t_comm = 0.0
         if d is not None:
             from moedist.parallel import all_reduce_sum, sync_gradients
 
-            tc = time.perf_counter()
-            sync_gradients(model, d.group)
-            t_comm += time.perf_counter() - tc
+            with self.clock.measure("grad_sync"):
+                sync_gradients(model, d.group)
             # Every worker reports the global numbers: losses averaged, loads summed.
             stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
             ce_sum, aux_sum = float(stats[0]), float(stats[1])
@@ -250,7 +252,12 @@ class Trainer:
             "val_loss": None,
         }
         if d is not None:
-            row["grad_sync_s"] = t_comm
+            comm = self.clock.take()
+            # a2a: token exchanges (forward and backward); pool: global routing statistics
+            # (token counts, radix-select cutoffs); grad_sync: the dense-gradient all-reduce.
+            for kind in ("a2a", "pool", "grad_sync"):
+                row[f"{kind}_s"] = comm.get(kind, 0.0)
+            row["comm_s"] = sum(comm.values())
         for i, (layer, router) in enumerate(zip(model.moe_layer_ids(), model.routers(), strict=True)):
             row[f"L{layer}_load"] = load_LE[i].tolist()
             row[f"L{layer}_fanout"] = float(assigned_L[i]) / n_tokens
@@ -346,38 +353,53 @@ class Trainer:
         write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
 
     def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
-        """summary.json contents. Train loss and load are averaged over the last 10% of steps."""
-        rows = self.rows
-        tail = rows[-max(1, len(rows) // 10) :] if rows else []
-        fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
-        load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
-        ratios = []
-        for k in load_keys:
-            load = np.sum([r[k] for r in tail], axis=0)
-            ratios.append(float(load.max() / max(load.mean(), 1e-9)))
-        tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        ev = self.last_eval
-        counts = self.model.param_counts()
-        return {
-            "router": self.cfg.router.kind,
-            "preset": self.cfg.preset,
-            "steps": self.step,
-            "tokens": rows[-1]["tokens"] if rows else 0,
-            "wall_s": wall_s,
-            # wall clock of this invocation (evaluation and checkpoints included)
-            "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
-            "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
-            "final_val_loss": ev.val_loss if ev else None,
-            "val_tokens": ev.tokens if ev else 0,
-            "n_experts": self.cfg.model.n_experts if self.cfg.router.kind != "dense" else 0,
-            "mean_fanout": ev.mean_fanout if ev else None,
-            "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
-            "max_load_ratio": max(ratios) if ratios else None,
-            "params_total": counts["total"],
-            "params_active": counts["active"],
-            "workers": self.cfg.workers,
-            "device": str(self.device),
-        }
+        """summary.json contents (see `run_summary`)."""
+        out = run_summary(self.cfg, self.rows, self.step, wall_s, steps_this_run, self.last_eval,
+                          self.model.param_counts())  # fmt: skip
+        out["device"] = str(self.device)
+        return out
+
+
+def run_summary(
+    cfg: RunConfig,
+    rows: list[dict[str, Any]],
+    step: int,
+    wall_s: float,
+    steps_this_run: int,
+    ev: EvalResult | None,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """summary.json keys shared by single-process and distributed runs.
+
+    Train loss, fan-out and load balance are averaged over the last 10% of steps; the
+    throughput is the wall clock of this invocation (evaluation and checkpoints included).
+    """
+    tail = rows[-max(1, len(rows) // 10) :] if rows else []
+    fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
+    load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
+    ratios = []
+    for k in load_keys:
+        load = np.sum([r[k] for r in tail], axis=0)
+        ratios.append(float(load.max() / max(load.mean(), 1e-9)))
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    return {
+        "router": cfg.router.kind,
+        "preset": cfg.preset,
+        "steps": step,
+        "tokens": step * tokens_per_step,
+        "wall_s": wall_s,
+        "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
+        "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
+        "final_val_loss": ev.val_loss if ev else None,
+        "val_tokens": ev.tokens if ev else 0,
+        "n_experts": cfg.model.n_experts if cfg.router.kind != "dense" else 0,
+        "mean_fanout": ev.mean_fanout if ev else None,
+        "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
+        "max_load_ratio": max(ratios) if ratios else None,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "workers": cfg.workers,
+    }
 
 
 def load_trained(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, MoETransformer, Any, int]:

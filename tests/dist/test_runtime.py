@@ -120,7 +120,11 @@ def test_job_writes_the_run_folder(local_ray, tmp_path):
         coord.shutdown()
     assert summary["workers"] == 2 and summary["steps"] == 6 and summary["final_val_loss"] > 0
     rows = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
-    assert len(rows) == 6 and all(r["grad_sync_s"] >= 0 for r in rows)
+    assert len(rows) == 6
+    # every step exchanged tokens and pool statistics and synced gradients, and said how long
+    assert all(r["a2a_s"] > 0 and r["pool_s"] > 0 and r["grad_sync_s"] > 0 for r in rows)
+    assert all(r["comm_s"] >= r["a2a_s"] + r["pool_s"] - 1e-9 and r["compute_s"] > 0 for r in rows)
+    assert summary["nodes"] == 1 and summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_000006"
     assert (ckpt / "model-rank00000.pt").is_file() and (ckpt / "model-rank00001.pt").is_file()
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
