@@ -63,9 +63,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         from moedist.config import deep_update, parse_override
+        from moedist.training.trainer import resume_config
 
         for item in args.set:
             deep_update(overrides, parse_override(item))
+        cfg = resume_config(Path(args.resume), overrides)
+        if cfg.workers > 1 or args.address:
+            return _train_distributed(cfg, Path(args.resume), args, resume=True)
         trainer = Trainer.resume(Path(args.resume), overrides)
         print(f"Resuming {args.resume} at step {trainer.step} of {trainer.cfg.train.steps}")
     else:
@@ -96,7 +100,7 @@ def _print_done(run: Path, summary: dict[str, Any]) -> None:
     print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
 
 
-def _train_distributed(cfg, out: Path, args: argparse.Namespace) -> int:
+def _train_distributed(cfg, out: Path, args: argparse.Namespace, resume: bool = False) -> int:
     """Expert-parallel training: a Ray coordinator and cfg.workers worker actors."""
     import math
 
@@ -106,8 +110,6 @@ def _train_distributed(cfg, out: Path, args: argparse.Namespace) -> int:
     from moedist.runtime.cluster import connect
     from moedist.runtime.coordinator import run_job
 
-    if args.resume:
-        raise ConfigError("--resume of a multi-worker run is not supported yet")
     started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
     bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True, delay=1)
 
@@ -119,11 +121,12 @@ def _train_distributed(cfg, out: Path, args: argparse.Namespace) -> int:
         )
 
     def on_step(row: dict[str, Any]) -> None:
-        bar.update(1)
+        bar.update(row["step"] + 1 - bar.n)  # a resumed run starts past 0
         bar.set_postfix({"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
 
     try:
-        summary = run_job(cfg, out, args.placement, args.cpus_per_worker, args.start_timeout, on_start, on_step)
+        summary = run_job(cfg, out, args.placement, args.cpus_per_worker, args.start_timeout, on_start, on_step,
+                          resume=resume)  # fmt: skip
     finally:
         bar.close()
         if started:

@@ -30,7 +30,28 @@ def connect(address: str | None, node_addr: str | None, num_cpus: int | None) ->
             log_to_driver=False,
         )
         return True
-    if node_addr is None and address != "auto":
+    if address == "auto":
+        address = _running_cluster_address()
+    if node_addr is None:
         node_addr = address.rsplit(":", 1)[0]
     ray.init(address=address, _node_ip_address=node_addr, log_to_driver=False, configure_logging=False)
     return False
+
+
+def _running_cluster_address() -> str:
+    """host:port of the cluster this machine last started (what Ray's "auto" means).
+
+    Resolved here rather than by ray.init so the driver can join as a node on the same
+    address as the head (a cluster on loopback is then driven over loopback).
+    """
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address("auto")
+    except Exception as e:  # Ray raises ConnectionError when no cluster is running
+        raise ConnectionError(f"--address auto: no running Ray cluster found on this machine ({e}); "
+                              "start one with `cluster/local up` or `ray start --head`") from None  # fmt: skip
+    if not found:
+        raise ConnectionError("--address auto: no running Ray cluster found on this machine; "
+                              "start one with `cluster/local up` or `ray start --head`")  # fmt: skip
+    return found

@@ -63,6 +63,7 @@ class Coordinator:
         self.gpus = gpus_per_worker
         self.timeout_s = timeout_s
         self.pg = None
+        self.placement = None
         self.workers: list[Any] = []
         self.infos: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
@@ -82,7 +83,7 @@ class Coordinator:
 
     def _start(self) -> list[dict[str, Any]]:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from moedist.parallel.placement import ExpertPlacement
@@ -101,26 +102,28 @@ class Coordinator:
                 f"{_resources_text(ray.available_resources())} free"
             ) from None
 
+        # Ranks ordered by node so neighbouring ranks share a node (cheaper exchanges): rank r
+        # runs in bundle order[r], known before any actor starts, so names can carry the rank.
+        node_addr = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        bundle_node = placement_group_table(self.pg)["bundles_to_node_id"]
+        order = sorted(range(W), key=lambda b: (node_addr.get(bundle_node[b], ""), b))
         actor_cls = ray.remote(Worker)
         cfg_dict = to_dict(self.cfg)
-        for i in range(W):
+        job = ray.get_runtime_context().get_job_id()
+        for rank, b in enumerate(order):
             opts = {
                 "num_cpus": self.cpus,
                 "num_gpus": gpus,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                "name": f"moedist-worker-{i}-{id(self):x}",
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
+                "name": f"moedist-worker-rank{rank}-of{W}-job{job}-{id(self):x}",
                 "max_restarts": 0,
             }
-            self.workers.append(actor_cls.options(**opts).remote(cfg_dict, i, W))
-        # Ranks ordered by node so neighbouring ranks share a node (cheaper exchanges).
+            self.workers.append(actor_cls.options(**opts).remote(cfg_dict, rank, W))
         addrs = self._get([w.address.remote() for w in self.workers], "start", WorkerStartError)
-        order = sorted(range(W), key=lambda i: (addrs[i], i))
-        self.workers = [self.workers[i] for i in order]
-        addrs = [addrs[i] for i in order]
         port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError)
-        placement = ExpertPlacement(self.cfg.model.n_experts, W).to_dict()
+        self.placement = ExpertPlacement(self.cfg.model.n_experts, W)
         self.infos = self._get(
-            [w.setup.remote(r, addrs[0], port, placement) for r, w in enumerate(self.workers)],
+            [w.setup.remote(r, addrs[0], port, self.placement.to_dict()) for r, w in enumerate(self.workers)],
             "join the process group",
             WorkerStartError,
         )
@@ -159,15 +162,18 @@ class Coordinator:
         return self.last_eval
 
     def save(self) -> Path:
-        """Checkpoint: every rank's shard, written by the coordinator (atomic folder)."""
+        """Checkpoint with the layout of a single-process run: the expert shards of every
+        rank are merged into one whole model (and optimiser) state, so eval, generate and
+        resume work on it with any number of workers."""
+        from moedist.parallel.shards import merge_model_shards, merge_optim_shards
         from moedist.training.checkpoint import save_checkpoint
         from moedist.training.trainer import load_dataset, parquet_bytes
 
-        states = self._get([w.shard_state.remote() for w in self.workers], "save a checkpoint")
-        tensors = {}
-        for r, st in enumerate(states):
-            tensors[f"model-rank{r:05d}"] = st["model"]
-            tensors[f"optim-rank{r:05d}"] = st["optim"]
+        shards = self._get([w.shard_state.remote() for w in self.workers], "save a checkpoint")
+        tensors = {
+            "model": merge_model_shards([s["model"] for s in shards], self.placement, shards[0]["expert_keys"]),
+            "optim": merge_optim_shards([s["optim"] for s in shards], self.placement, shards[0]["expert_slots"]),
+        }
         state = {
             "step": self.step,
             "workers": len(self.workers),
@@ -178,6 +184,21 @@ class Coordinator:
         return save_checkpoint(self.run_dir, self.step, tensors, state,
                                blobs={"metrics.parquet": parquet_bytes(self.rows)},
                                keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+
+    def restore(self) -> int:
+        """Continue from the run folder's newest checkpoint (call after start): every worker
+        takes its share of the whole-model state. Returns the step reached."""
+        import ray
+
+        from moedist.training.trainer import read_resume_checkpoint
+
+        objs, state, rows, _ = read_resume_checkpoint(self.run_dir, self.cfg)
+        model_ref, optim_ref = ray.put(objs["model"]), ray.put(objs["optim"])  # one copy for all workers
+        self._get([w.load_state.remote(model_ref, optim_ref, state["step"]) for w in self.workers],
+                  "load the checkpoint")  # fmt: skip
+        self.step = int(state["step"])
+        self.rows = rows
+        return self.step
 
     def begin(self) -> None:
         """Write the resolved config into the run folder and start the clock."""
@@ -279,10 +300,12 @@ def run_job(
     on_start: Callable[[list[dict[str, Any]]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     chunk: int = 1,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run a job with the Coordinator as a Ray actor on the driver's node (so the run folder
     is written where the driver can read it); the driver only relays progress. The
-    coordinator's shutdown (actors, placement group) runs whatever happens."""
+    coordinator's shutdown (actors, placement group) runs whatever happens. `resume`
+    continues from run_dir's newest checkpoint (written with any number of workers)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -293,10 +316,10 @@ def run_job(
     coord = actor_cls.remote(cfg, run_dir, strategy, cpus_per_worker, None, timeout_s)
     try:
         infos = ray.get(coord.start.remote())
+        done = ray.get(coord.restore.remote()) if resume else 0
         if on_start:
             on_start(infos)
         ray.get(coord.begin.remote())
-        done = 0
         while done < cfg.train.steps:
             rows = ray.get(coord.run_steps.remote(chunk))
             if not rows:

@@ -94,15 +94,27 @@ class Worker:
 
     # ------------------------------------------------------------ state
     def shard_state(self) -> dict[str, Any]:
-        """This rank's model shard and optimiser state (for checkpoints)."""
-        tr = self.trainer
-        return {"model": tr.model.state_dict(), "optim": tr.opt.state_dict(), "step": tr.step}
+        """This rank's model shard and optimiser state, and which entries are expert shards
+        (the coordinator merges them into a whole-model checkpoint)."""
+        from moedist.parallel.shards import expert_keys, expert_slots
 
-    def load_shard_state(self, state: dict[str, Any]) -> None:
         tr = self.trainer
-        tr.model.load_state_dict(state["model"])
-        tr.opt.load_state_dict(state["optim"])
-        tr.step = int(state["step"])
+        return {
+            "model": tr.model.state_dict(),
+            "optim": tr.opt.state_dict(),
+            "step": tr.step,
+            "expert_keys": expert_keys(tr.model),
+            "expert_slots": expert_slots(tr.model, tr.opt),
+        }
+
+    def load_state(self, model_state: dict[str, Any], optim_state: dict[str, Any], step: int) -> None:
+        """Take this rank's share of a whole-model (checkpoint) state and continue at `step`."""
+        from moedist.parallel.shards import expert_keys, expert_slots, model_shard, optim_shard
+
+        tr, d = self.trainer, self.trainer.dist
+        tr.model.load_state_dict(model_shard(model_state, d.placement, d.rank, expert_keys(tr.model)))
+        tr.opt.load_state_dict(optim_shard(optim_state, d.placement, d.rank, expert_slots(tr.model, tr.opt)))
+        tr.step = int(step)
 
     def shutdown(self) -> None:
         from moedist.parallel.group import destroy_group

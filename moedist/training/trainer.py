@@ -146,30 +146,18 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: dict[str, Any] | None = None) -> Trainer:
-        """Rebuild a trainer from RUN/config.toml and its newest checkpoint."""
-        run_dir = Path(run_dir)
-        cfg_path = run_dir / "config.toml"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"'{run_dir}' is not a run folder (no config.toml)")
-        cfg = from_dict(tomllib.loads(cfg_path.read_text()))
-        if overrides:
-            cfg = from_dict(deep_update(to_dict(cfg), overrides))
-        ckpt = latest_checkpoint(run_dir)
-        objs, state = load_checkpoint(ckpt, ["model", "optim"])
-        dataset = load_dataset(cfg)
-        if dataset.tokenizer.to_spec() != state["tokenizer"]:
-            raise CheckpointError(
-                f"checkpoint '{ckpt}' was trained with a different tokenizer than the data at "
-                f"'{cfg.data.path or 'the embedded corpus'}'"
-            )
-        tr = cls(cfg, run_dir, dataset)
+        """Rebuild a trainer from RUN/config.toml and its newest checkpoint (written by a
+        single-process or a distributed run: the checkpoint holds the whole model)."""
+        cfg = resume_config(run_dir, overrides)
+        objs, state, rows, ckpt = read_resume_checkpoint(run_dir, cfg)
+        tr = cls(cfg, run_dir, load_dataset(cfg))
         try:
             tr.model.load_state_dict(objs["model"])
             tr.opt.load_state_dict(objs["optim"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model in config.toml: {e}") from e
         tr.step = int(state["step"])
-        tr.rows = pq.read_table(ckpt / "metrics.parquet").to_pylist()
+        tr.rows = rows
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         return tr
 
@@ -400,6 +388,31 @@ def run_summary(
         "params_active": counts["active"],
         "workers": cfg.workers,
     }
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """RUN/config.toml with `overrides` applied (e.g. more steps, another worker count)."""
+    cfg_path = Path(run_dir) / "config.toml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder (no config.toml)")
+    cfg = from_dict(tomllib.loads(cfg_path.read_text()))
+    return from_dict(deep_update(to_dict(cfg), overrides)) if overrides else cfg
+
+
+def read_resume_checkpoint(
+    run_dir: Path, cfg: RunConfig
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], Path]:
+    """(objects {model, optim}, state, metric rows, path) of the newest checkpoint, after
+    checking that it was trained on the tokenizer of cfg's data."""
+    ckpt = latest_checkpoint(Path(run_dir))
+    objs, state = load_checkpoint(ckpt, ["model", "optim"])
+    dataset = load_dataset(cfg)
+    if dataset.tokenizer.to_spec() != state["tokenizer"]:
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' was trained with a different tokenizer than the data at "
+            f"'{cfg.data.path or 'the embedded corpus'}'"
+        )
+    return objs, state, pq.read_table(ckpt / "metrics.parquet").to_pylist(), ckpt
 
 
 def load_trained(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, MoETransformer, Any, int]:

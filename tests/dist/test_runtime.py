@@ -4,6 +4,7 @@ clean failure when workers cannot be placed."""
 from __future__ import annotations
 
 import json
+import shutil
 import string
 
 import numpy as np
@@ -15,7 +16,8 @@ ray = pytest.importorskip("ray")
 from moedist.config import build_config  # noqa: E402
 from moedist.data.dataset import prepare_dataset  # noqa: E402
 from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError  # noqa: E402
-from moedist.training.trainer import Trainer, load_dataset  # noqa: E402
+from moedist.training.evaluate import evaluate  # noqa: E402
+from moedist.training.trainer import Trainer, load_dataset, load_trained, resume_config  # noqa: E402
 
 # Tiny on purpose: what is tested is the exchange of tokens and statistics, not learning.
 SMALL = {
@@ -68,12 +70,14 @@ def random_text(tmp_path_factory) -> str:
 _single: dict[str, list[dict]] = {}
 
 
-def single_process_rows(router: str, tmp_path_factory, data: str) -> list[dict]:
-    if router not in _single:
-        cfg = cfg_for(router, 1, data=data)
-        tr = Trainer(cfg, tmp_path_factory.mktemp(f"one-{router}"), load_dataset(cfg))
-        _single[router] = [tr.train_step() for _ in range(STEPS)]
-    return _single[router]
+def single_process_rows(router: str, tmp_path_factory, data: str, steps: int = STEPS) -> list[dict]:
+    """Metric rows of a single-process run (no run folder), cached per (router, steps)."""
+    key = f"{router}-{steps}"
+    if key not in _single:
+        cfg = cfg_for(router, 1, steps=steps, data=data)
+        tr = Trainer(cfg, None, load_dataset(cfg))
+        _single[key] = [tr.train_step() for _ in range(steps)]
+    return _single[key]
 
 
 def assert_no_leftovers():
@@ -110,8 +114,8 @@ def test_n_workers_equal_one_worker(local_ray, random_text, tmp_path, tmp_path_f
     assert_no_leftovers()
 
 
-def test_job_writes_the_run_folder(local_ray, tmp_path):
-    cfg = cfg_for("et", 2, steps=6)
+def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
+    cfg = cfg_for("et", 2, steps=6, data=random_text)
     coord = Coordinator(cfg, tmp_path / "run", timeout_s=120)
     try:
         coord.start()
@@ -125,9 +129,48 @@ def test_job_writes_the_run_folder(local_ray, tmp_path):
     assert all(r["a2a_s"] > 0 and r["pool_s"] > 0 and r["grad_sync_s"] > 0 for r in rows)
     assert all(r["comm_s"] >= r["a2a_s"] + r["pool_s"] - 1e-9 and r["compute_s"] > 0 for r in rows)
     assert summary["nodes"] == 1 and summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000006"
-    assert (ckpt / "model-rank00000.pt").is_file() and (ckpt / "model-rank00001.pt").is_file()
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    # The checkpoint holds the whole model, like a single-process run's: evaluating it in
+    # one process gives the loss the two workers measured on their shards of the val set.
+    _, model, _, step = load_trained(tmp_path / "run")
+    assert step == 6
+    ev = evaluate(model, load_dataset(cfg), cfg.model.seq_len, cfg.train.batch_size, cfg.train.eval_tokens)
+    assert ev.val_loss == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert_no_leftovers()
+
+
+def test_resume_on_other_worker_counts_continues_the_same_run(local_ray, random_text, tmp_path):
+    """2 workers for 3 of 6 steps, then 4 workers (or 1 process) from the checkpoint: the
+    losses are those of 6 uninterrupted steps (expert shards are re-cut from the whole
+    model and optimiser state)."""
+    straight = single_process_rows("et", None, random_text, steps=6)
+    coord = Coordinator(cfg_for("et", 2, steps=6, data=random_text), tmp_path / "run", timeout_s=120)
+    try:
+        coord.start()
+        coord.begin()
+        coord.run_steps(3)
+        coord.save()
+    finally:
+        coord.shutdown()
+    shutil.copytree(tmp_path / "run", tmp_path / "run1")
+
+    cfg4 = resume_config(tmp_path / "run", {"workers": 4})
+    coord = Coordinator(cfg4, tmp_path / "run", timeout_s=120)
+    try:
+        coord.start()
+        assert coord.restore() == 3
+        coord.run()
+    finally:
+        coord.shutdown()
+    four = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+
+    one = Trainer.resume(tmp_path / "run1", {"workers": 1})
+    assert one.step == 3
+    one.run()
+    for resumed in (four, one.rows):
+        assert [r["step"] for r in resumed] == list(range(6))
+        for a, b in zip(straight, resumed, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
     assert_no_leftovers()
 
 

@@ -1,0 +1,126 @@
+"""Whole-model state <-> per-worker expert shards, for checkpoints and moving workers.
+
+A distributed run saves the same checkpoint as a single-process run (one model.pt, one
+optim.pt, full expert tensors), so eval, generate and resume work on it whatever the
+number of workers, and a job can restart on a different number of workers. Only routed
+expert tensors are sharded: dim 0 is the expert, and rank r holds the rows
+`placement.local_experts(r)` in that order. Everything else is replicated and taken from
+rank 0.
+
+Expert entries are named by the worker that owns the model: `expert_keys` are state_dict
+keys, `expert_slots` are optimiser state indices (position in the optimiser's parameter
+list). Pure tensor bookkeeping: no torch.distributed, no ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moedist.model.moe import MoEBlock
+from moedist.parallel.placement import ExpertPlacement
+
+__all__ = [
+    "expert_keys",
+    "expert_slots",
+    "merge_model_shards",
+    "merge_optim_shards",
+    "model_shard",
+    "optim_shard",
+]
+
+
+def expert_keys(model: nn.Module) -> list[str]:
+    """state_dict keys of the routed experts' parameters (the sharded ones)."""
+    keys = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoEBlock):
+            keys += [f"{name}.experts.{p}" for p, _ in mod.experts.named_parameters()]
+    return keys
+
+
+def expert_slots(model: nn.Module, opt: torch.optim.Optimizer) -> list[int]:
+    """Optimiser state indices of the routed experts' parameters."""
+    ids = {id(p) for name, mod in model.named_modules() if isinstance(mod, MoEBlock) for p in mod.experts.parameters()}
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    return [i for i, p in enumerate(flat) if id(p) in ids]
+
+
+def _merge_rows(parts: Sequence[Tensor], placement: ExpertPlacement, what: str) -> Tensor:
+    full = parts[0].new_empty((placement.n_experts, *parts[0].shape[1:]))
+    for rank, part in enumerate(parts):
+        local = placement.local_experts(rank)
+        if part.shape[0] != len(local):
+            raise ValueError(f"{what}: rank {rank} holds {part.shape[0]} experts, the placement gives it {len(local)}")
+        full[torch.tensor(local, dtype=torch.int64)] = part
+    return full
+
+
+def _rows(full: Tensor, placement: ExpertPlacement, rank: int, what: str) -> Tensor:
+    if full.shape[0] != placement.n_experts:
+        raise ValueError(f"{what} has {full.shape[0]} experts, the placement places {placement.n_experts}")
+    return full.index_select(0, torch.tensor(placement.local_experts(rank), dtype=torch.int64)).clone()
+
+
+def merge_model_shards(
+    shards: Sequence[dict[str, Tensor]], placement: ExpertPlacement, keys: Sequence[str]
+) -> dict[str, Tensor]:
+    """One whole-model state_dict from every rank's (rank order) shard state_dict."""
+    if len(shards) != placement.world_size:
+        raise ValueError(f"{len(shards)} shards for a placement over {placement.world_size} workers")
+    full = dict(shards[0])
+    for k in keys:
+        full[k] = _merge_rows([s[k] for s in shards], placement, k)
+    return full
+
+
+def model_shard(
+    full: dict[str, Tensor], placement: ExpertPlacement, rank: int, keys: Sequence[str]
+) -> dict[str, Tensor]:
+    """Rank `rank`'s shard of a whole-model state_dict."""
+    out = dict(full)
+    for k in keys:
+        if k not in full:
+            raise KeyError(f"state has no expert tensor '{k}'")
+        out[k] = _rows(full[k], placement, rank, k)
+    return out
+
+
+def merge_optim_shards(
+    shards: Sequence[dict[str, Any]], placement: ExpertPlacement, slots: Sequence[int]
+) -> dict[str, Any]:
+    """One whole-model optimiser state_dict from every rank's (per-parameter state such as
+    Adam's moments is sliced like its parameter; scalars such as the step count are shared)."""
+    if len(shards) != placement.world_size:
+        raise ValueError(f"{len(shards)} optimiser shards for a placement over {placement.world_size} workers")
+    full = copy.copy(shards[0])
+    state = dict(full["state"])
+    for i in slots:
+        if i not in state:  # never stepped (no gradient yet): nothing to merge
+            continue
+        merged = dict(state[i])
+        for name, v in state[i].items():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                merged[name] = _merge_rows([s["state"][i][name] for s in shards], placement, f"optimiser {i}.{name}")
+        state[i] = merged
+    full["state"] = state
+    return full
+
+
+def optim_shard(full: dict[str, Any], placement: ExpertPlacement, rank: int, slots: Sequence[int]) -> dict[str, Any]:
+    """Rank `rank`'s shard of a whole-model optimiser state_dict."""
+    out = copy.copy(full)
+    state = dict(full["state"])
+    for i in slots:
+        if i not in state:
+            continue
+        state[i] = {
+            name: _rows(v, placement, rank, f"optimiser {i}.{name}") if isinstance(v, Tensor) and v.dim() > 0 else v
+            for name, v in state[i].items()
+        }
+    out["state"] = state
+    return out
