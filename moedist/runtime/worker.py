@@ -41,6 +41,7 @@ class Worker:
         self.cfg: RunConfig = from_dict(cfg_dict)
         self.rank, self.world = rank, world
         self.trainer = None
+        self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
         # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
         # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
         threads = self.cfg.train.threads or cpu_share()
@@ -56,10 +57,12 @@ class Worker:
         return node_address()
 
     def rendezvous_port(self) -> int:
-        """A free port on this node for the torch.distributed store (asked of rank 0)."""
-        from moedist.parallel.group import free_port
+        """Port of the torch.distributed store this worker (rank 0) will host: the socket is
+        bound now, on this node's address, and kept until setup."""
+        from moedist.parallel.group import listen_socket
 
-        return free_port(node_address())
+        self._listen = listen_socket(node_address())
+        return int(self._listen.getsockname()[1])
 
     def setup(self, rank: int, master_addr: str, master_port: int, placement: dict[str, Any]) -> dict[str, Any]:
         """Join the process group, build the model shard and the data sampler."""
@@ -69,7 +72,8 @@ class Worker:
 
         self.rank = rank
         t0 = time.perf_counter()
-        backend = init_group(rank, self.world, master_addr, master_port, node_address())
+        listen, self._listen = self._listen, None
+        backend = init_group(rank, self.world, master_addr, master_port, node_address(), listen=listen)
         dataset = load_dataset(self.cfg)
         ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement))
         self.trainer = Trainer(self.cfg, None, dataset, ctx)
