@@ -32,6 +32,7 @@ def connect(address: str | None, node_addr: str | None, num_cpus: int | None) ->
         return True
     if address == "auto":
         address = _running_cluster_address()
+    _use_auth_token_if_present()
     if node_addr is None:
         node_addr = address.rsplit(":", 1)[0]
     ray.init(address=address, _node_ip_address=node_addr, log_to_driver=False, configure_logging=False)
@@ -55,3 +56,19 @@ def _running_cluster_address() -> str:
         raise ConnectionError("--address auto: no running Ray cluster found on this machine; "
                               "start one with `cluster/local up` or `ray start --head`")  # fmt: skip
     return found
+
+
+def _use_auth_token_if_present() -> None:
+    """Send this machine's Ray token (~/.ray/auth_token) when joining by address.
+
+    Ray enables token authentication for clusters started with `ray start` when a token
+    exists, but a driver given an explicit address only sends it if told to; this does what
+    Ray itself does for address="auto". No token file: nothing changes.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
