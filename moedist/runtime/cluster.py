@@ -23,6 +23,7 @@ def connect(address: str | None, node_addr: str | None, num_cpus: int | None) ->
         return False
     if address is None:
         ray.init(
+            address="local",  # a new instance even if this machine ran `ray start` before
             _node_ip_address=node_addr or LOCAL_NODE_ADDR,
             num_cpus=max(num_cpus or 1, os.cpu_count() or 1),
             include_dashboard=False,

@@ -130,11 +130,25 @@ class Coordinator:
         return self.infos
 
     def _get(self, refs, what: str, err: type[JobError] = WorkerDiedError):
-        """ray.get with the timeout, turning actor failures into typed errors."""
+        """ray.get with the timeout, turning actor failures into typed errors.
+
+        Fails fast: results are checked as they arrive, so a dead worker is reported at once
+        even while the others wait for it inside a collective (until shutdown kills them).
+        """
         import ray
 
+        single = not isinstance(refs, list)
+        pending = [refs] if single else list(refs)
+        deadline = time.monotonic() + self.timeout_s
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ray.exceptions.GetTimeoutError()
+                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if ready:
+                    ray.get(ready[0])  # raises this task's error, if any
+            return ray.get(refs)
         except ray.exceptions.GetTimeoutError:
             raise err(f"workers did not {what} within {self.timeout_s:g} s") from None
         except ray.exceptions.RayActorError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import string
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 from moedist.config import build_config  # noqa: E402
 from moedist.data.dataset import prepare_dataset  # noqa: E402
-from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError  # noqa: E402
+from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError, WorkerDiedError  # noqa: E402
 from moedist.training.evaluate import evaluate  # noqa: E402
 from moedist.training.trainer import Trainer, load_dataset, load_trained, resume_config  # noqa: E402
 
@@ -41,7 +42,7 @@ def cfg_for(router: str, workers: int, steps: int = STEPS, data: str = ""):
 @pytest.fixture(scope="module")
 def local_ray():
     """One single-node Ray instance on 127.0.0.2 for the module (4 logical CPUs)."""
-    ray.init(_node_ip_address="127.0.0.2", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False)  # fmt: skip
     yield
     ray.shutdown()
@@ -178,4 +179,20 @@ def test_unplaceable_workers_fail_fast_and_clean(local_ray, tmp_path):
     coord = Coordinator(cfg_for("et", 2), tmp_path / "run", gpus_per_worker=1.0, timeout_s=5)
     with pytest.raises(PlacementTimeoutError, match="could not place 2 workers"):
         coord.start()
+    assert_no_leftovers()
+
+
+def test_a_worker_that_dies_mid_job_is_a_typed_error_and_nothing_is_left(local_ray, random_text, tmp_path):
+    coord = Coordinator(cfg_for("et", 2, data=random_text), tmp_path / "run", timeout_s=120)
+    try:
+        coord.start()
+        coord.train_step()
+        ray.kill(coord.workers[1])
+        t0 = time.monotonic()
+        # rank 0 waits for rank 1 inside a collective; the death is reported at once anyway
+        with pytest.raises(WorkerDiedError, match="a worker died while trying to finish step 1"):
+            coord.train_step()
+        assert time.monotonic() - t0 < 30
+    finally:
+        coord.shutdown()
     assert_no_leftovers()
