@@ -176,3 +176,26 @@ def test_console_script_runs():
     exe = Path(sys.executable).with_name("moedist")
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "train" in res.stdout and "generate" in res.stdout
+
+
+def test_expert_parallel_training_from_the_cli(tmp_path: Path, capsys):
+    """--workers 2 on a local Ray instance; eval and a 1-process resume use its checkpoint."""
+    out = tmp_path / "ep"
+    assert run_cli("train", "--workers", "2", "--steps", "4", "--out", str(out), *SMALL) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["nodes"] == 1 and summary["steps"] == 4
+    assert summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["pool_s"] > 0 for r in rows)
+    capsys.readouterr()
+    assert run_cli("eval", "--run", str(out)) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["step"] == 4 and ev["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert run_cli("train", "--resume", str(out), "--workers", "1", "--steps", "6", "--no-progress") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_bad_worker_count_is_refused_before_anything_starts(tmp_path: Path, capsys):
+    assert run_cli("train", "--workers", "0", "--out", str(tmp_path / "x"), *SMALL) == 2
+    assert "workers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""Multi-process helpers for tests/dist: a pool of spawned processes forming one gloo group
+"""Multi-process helpers for tests/distributed: a pool of spawned processes forming one gloo group
 on loopback, kept alive across tests so each test pays only for its own work.
 
     pool = GlooPool(world=4)

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from moedist.runtime.coordinator import Coordinator  # noqa: E402
-from tests.dist.test_runtime import assert_no_leftovers, cfg_for  # noqa: E402
+from tests.distributed.test_runtime import assert_no_leftovers, cfg_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")

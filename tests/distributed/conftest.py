@@ -1,10 +1,10 @@
-"""Shared fixtures for tests/dist (the helpers themselves live in tests/dist/_mp.py)."""
+"""Shared fixtures for tests/distributed (the helpers themselves live in tests/distributed/_mp.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.dist._mp import GlooPools
+from tests.distributed._mp import GlooPools
 
 
 @pytest.fixture(scope="module")
