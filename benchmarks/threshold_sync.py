@@ -23,7 +23,6 @@ over reps is reported.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import socket
 import sys
@@ -38,41 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, target, write_results
 
 LOOPBACK = "127.0.0.1"
-LOOPBACK_GLOO = "gloo_loopback_bench"
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
 
 
-def _loopback_gloo(opts, backend_options=None):
-    from torch._C._distributed_c10d import ProcessGroupGloo
-
-    o = ProcessGroupGloo._Options()
-    o._devices = [ProcessGroupGloo.create_device(hostname=LOOPBACK)]
-    o._timeout = opts.timeout
-    return ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, o)
-
-
 def init_loopback_group(rank: int, world: int, port: int, timeout_s: float = 600.0) -> None:
-    """Default gloo group; rank 0's store listens on 127.0.0.1 only (a tcp:// init_method
-    store would listen on every interface) and gloo's device is bound to 127.0.0.1."""
-    import torch.distributed as dist
+    """Default gloo group with the store and every gloo socket on 127.0.0.1 (moedist's own
+    group set-up, as the workers use it)."""
+    from moedist.parallel.group import init_group, listen_socket
 
-    timeout = datetime.timedelta(seconds=timeout_s)
-    listen_fd = None
-    if rank == 0:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, port))
-        sock.listen(128)
-        listen_fd = sock.detach()  # the store owns the fd from here on
-    store = dist.TCPStore(LOOPBACK, port, world, rank == 0, timeout=timeout, master_listen_fd=listen_fd)
-    if LOOPBACK_GLOO not in dist.Backend.backend_list:
-        dist.Backend.register_backend(LOOPBACK_GLOO, _loopback_gloo, extended_api=True, devices=["cpu"])
-    dist.init_process_group(LOOPBACK_GLOO, store=store, rank=rank, world_size=world, timeout=timeout)
+    listen = listen_socket(LOOPBACK, port) if rank == 0 else None
+    init_group(rank, world, LOOPBACK, port, LOOPBACK, backend="gloo", timeout_s=timeout_s, listen=listen)
 
 
 def make_logits(rank: int, tokens: int, n_experts: int) -> torch.Tensor:

@@ -22,11 +22,12 @@ from torch._C._distributed_c10d import ProcessGroupGloo
 BOUND_GLOO = "moedist_gloo"
 
 
-def listen_socket(host: str) -> socket.socket:
-    """A listening TCP socket on `host` with a free port, for rank 0's rendezvous store."""
+def listen_socket(host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket on `host` (port 0: a free one), for rank 0's rendezvous store."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind((host, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
         sock.listen(128)
     except OSError:
         sock.close()
