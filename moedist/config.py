@@ -17,7 +17,7 @@ from typing import Any
 
 import tomllib
 
-ROUTERS = ("dense", "tc", "lf", "ec", "et")
+ROUTERS = ("dense", "tc", "lf", "ec", "et", "aoe", "etr")
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,16 @@ class RouterConfig:
     """ET: training-time capacity guard C: each expert takes (1-C)..(1+C) * N*top_k/E tokens."""
     et_inclusive: bool = False
     """ET: route when r >= c (the official code) instead of r > c (the paper)."""
+    aoe_d_low: int = _rng(0, 0)
+    """AoE: rank of each expert's factorised gate projection; 0 = d_model // 3."""
+    aoe_param_match: bool = True
+    """AoE: choose the expert width so each expert has a SwiGLU expert's parameters."""
+    aoe_d_wide: int = _rng(0, 0)
+    """AoE: expert width when aoe_param_match is false; 0 = the model's expert width."""
+    etr_capacity_factor: float = _rng(0.0, 0.0)
+    """ETR: expert-side capacity C = cf * N*top_k/E tokens; 0 = the paper's lower bound."""
+    locality_loss_coef: float = _rng(0.0, 0.0)
+    """ETR: mu of the locality loss (favours experts on the token's own node)."""
 
 
 @dataclass

@@ -17,8 +17,20 @@ from torch import Tensor, nn
 
 from moedist.config import RouterConfig
 from moedist.kernels.dispatch import combine, gather_rows, sort_by_expert
+from moedist.model.aoe_experts import AoEExperts
 from moedist.model.experts import GroupedExperts
 from moedist.routing import Router, RoutingPlan, make_router
+from moedist.routing.aoe import aoe_dims
+
+
+def expert_rows(x_TD: Tensor, token_A: Tensor, order_A: Tensor | None, plan: RoutingPlan) -> Tensor:
+    """The rows the experts get, in `order_A` of the plan's assignments: x of each
+    assignment's token, followed by the plan's payload (AoE's low-rank activation) if any."""
+    rows_AD = gather_rows(x_TD, token_A)
+    if plan.payload_A is None:
+        return rows_AD
+    payload_AP = plan.payload_A if order_A is None else plan.payload_A[order_A]
+    return torch.cat([rows_AD, payload_AP.to(rows_AD.dtype)], dim=1)
 
 
 class Dispatcher(Protocol):
@@ -32,6 +44,8 @@ class LocalDispatcher:
     (gather its token rows, MLP, gated scatter-add into y_TD)."""
 
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
+        if plan.payload_A is not None or not isinstance(experts, GroupedExperts):
+            return SplitLocalDispatcher()(x_TD, plan, experts)
         order_A, counts_E = sort_by_expert(plan.expert_idx_A, plan.n_experts)
         return experts.forward_gathered(x_TD, plan.token_idx_A[order_A], plan.weight_A[order_A], counts_E)
 
@@ -43,7 +57,7 @@ class SplitLocalDispatcher:
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
         order_A, counts_E = sort_by_expert(plan.expert_idx_A, plan.n_experts)
         token_A = plan.token_idx_A[order_A]
-        out_AD = experts(gather_rows(x_TD, token_A), counts_E)
+        out_AD = experts(expert_rows(x_TD, token_A, order_A, plan), counts_E)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, plan.weight_A[order_A], token_A, x_TD.shape[0])
 
@@ -65,9 +79,15 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.n_experts = n_experts
         self.router: Router = make_router(router_cfg, d_model, n_experts, init_std)
-        self.experts = GroupedExperts(
-            n_experts, d_model, expert_width, activation=activation, init_std=init_std, out_std=out_std
-        )
+        self.experts: GroupedExperts | AoEExperts
+        if router_cfg.kind == "aoe":
+            # AoE experts finish the router's low-rank gate activation (param-matched to `activation`).
+            d_low, d_wide = aoe_dims(d_model, expert_width, router_cfg, activation)
+            self.experts = AoEExperts(n_experts, d_model, d_low, d_wide, init_std=init_std, out_std=out_std)
+        else:
+            self.experts = GroupedExperts(
+                n_experts, d_model, expert_width, activation=activation, init_std=init_std, out_std=out_std
+            )
         # n_shared always-on experts are one MLP of n_shared x the expert width, run through
         # the same fused grouped-MLP autograd function as the routed experts (one segment of
         # all T rows), which saves less for backward than nn.Linear + autograd.

@@ -119,8 +119,7 @@ class MoETransformer(nn.Module):
     def param_counts(self) -> dict[str, int]:
         """Total parameters, and those active for one token at the target fanout."""
         total = sum(p.numel() for p in self.parameters())
-        expert = sum(m.experts.w1_EDF.numel() + m.experts.w2_EFD.numel() for m in self.moe_blocks())
-        expert += sum(m.experts.w3_EDF.numel() for m in self.moe_blocks() if m.experts.activation == "swiglu")
+        expert = sum(p.numel() for m in self.moe_blocks() for p in m.experts.parameters())
         per_expert = expert / max(1, self.cfg.n_experts)
         active = total - expert + per_expert * self.router_cfg.top_k
         return {"total": total, "routed_expert": expert, "active": int(active)}

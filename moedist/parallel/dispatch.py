@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert
+from moedist.kernels.dispatch import combine, inverse_permutation, sort_by_expert
 from moedist.model.experts import GroupedExperts
+from moedist.model.moe import expert_rows
 from moedist.parallel.clock import CommClock, measure
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
@@ -135,7 +136,8 @@ class AllToAllDispatcher:
 
         # 3. Token rows out. Under autocast they travel in the compute dtype (half the bytes
         # in bf16); the experts would cast them on arrival anyway.
-        rows_AD = gather_rows(x_TD, token_A)
+        # (AoE: each row also carries the expert's low-rank activation, the plan's payload.)
+        rows_AD = expert_rows(x_TD, token_A, order_A, plan)
         if torch.is_autocast_enabled(device.type):
             rows_AD = rows_AD.to(torch.get_autocast_dtype(device.type))
         x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock)

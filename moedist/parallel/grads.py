@@ -57,6 +57,10 @@ def shard_model_experts(
             raise ValueError(f"MoE block {i} is already sharded")
         if full.n_experts != placement.n_experts:
             raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
+        if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
+            block.experts = full.subset(local)
+            block.dispatcher = AllToAllDispatcher(placement, group)
+            continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
                                init_std=full.init_std, out_std=full.out_std, device="meta",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from moedist.config import RouterConfig
+from moedist.routing.aoe import AutonomyRouter
 from moedist.routing.base import LocalPoolOps, PoolOps, Router, RoutingPlan
 from moedist.routing.ec import ExpertChoiceRouter
 from moedist.routing.et import ExpertThresholdRouter
+from moedist.routing.etr import ResonanceRouter
 from moedist.routing.lf import LossFreeRouter
 from moedist.routing.tc import TokenChoiceRouter
 
@@ -14,6 +16,8 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "lf": LossFreeRouter,
     "ec": ExpertChoiceRouter,
     "et": ExpertThresholdRouter,
+    "aoe": AutonomyRouter,
+    "etr": ResonanceRouter,
 }
 
 

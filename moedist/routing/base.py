@@ -35,6 +35,10 @@ class RoutingPlan:
     n_experts: int
     aux_loss: Tensor | None = None  # scalar added to the LM loss
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+    # Extra features per assignment [A, P] that travel with the token to its expert and are
+    # appended to its row (AoE: the expert's low-rank gate activation, computed once by the
+    # router and reused). Differentiable; None for routers whose experts need only x.
+    payload_A: Tensor | None = None
 
     @property
     def load_E(self) -> Tensor:
@@ -128,14 +132,19 @@ class Router(nn.Module, abc.ABC):
     default_gate = "softmax"
     causal = True  # routing of a token depends only on that token (in eval mode)
 
+    has_projection = True  # a learned d_model -> E logit projection (AoE and ETR have none)
+
     def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig, init_std: float = 0.02):
         super().__init__()
         self.cfg = cfg
         self.n_experts = n_experts
         self.top_k = cfg.top_k
+        if self.top_k > n_experts:
+            raise ValueError(f"router.top_k = {self.top_k} is more than the {n_experts} experts")
         self.gate = self.default_gate if cfg.gate == "auto" else cfg.gate
-        self.proj = nn.Linear(d_model, n_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std)
+        if self.has_projection:
+            self.proj = nn.Linear(d_model, n_experts, bias=False)
+            nn.init.normal_(self.proj.weight, std=init_std)
         self.pool: PoolOps = PoolOps()
 
     def logits(self, x_TD: Tensor) -> Tensor:

@@ -123,7 +123,7 @@ class Coordinator:
         port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError)
         self.placement = ExpertPlacement(self.cfg.model.n_experts, W)
         self.infos = self._get(
-            [w.setup.remote(r, addrs[0], port, self.placement.to_dict()) for r, w in enumerate(self.workers)],
+            [w.setup.remote(r, addrs[0], port, self.placement.to_dict(), addrs) for r, w in enumerate(self.workers)],
             "join the process group",
             WorkerStartError,
         )

@@ -64,7 +64,9 @@ class Worker:
         self._listen = listen_socket(node_address())
         return int(self._listen.getsockname()[1])
 
-    def setup(self, rank: int, master_addr: str, master_port: int, placement: dict[str, Any]) -> dict[str, Any]:
+    def setup(
+        self, rank: int, master_addr: str, master_port: int, placement: dict[str, Any], nodes: list[str] | None = None
+    ) -> dict[str, Any]:
         """Join the process group, build the model shard and the data sampler."""
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
@@ -75,7 +77,7 @@ class Worker:
         listen, self._listen = self._listen, None
         backend = init_group(rank, self.world, master_addr, master_port, node_address(), listen=listen)
         dataset = load_dataset(self.cfg)
-        ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement))
+        ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement), nodes=nodes)
         self.trainer = Trainer(self.cfg, None, dataset, ctx)
         return {
             "rank": rank,

@@ -94,6 +94,7 @@ class DistContext:
     world: int
     placement: Any  # moedist.parallel.placement.ExpertPlacement
     group: Any = None  # torch.distributed process group; None = the default group
+    nodes: list[str] | None = None  # node address of every rank (None: all on one node)
 
 
 class Trainer:
@@ -130,6 +131,11 @@ class Trainer:
             # Routers now ask the whole cluster for pool statistics (exact radix select).
             for router in self.model.routers():
                 router.pool = DistributedPoolOps(dist_ctx.group, self.clock)
+                if hasattr(router, "local_experts_E") and dist_ctx.nodes is not None:
+                    # ETR's locality loss: the experts whose owner shares this worker's node
+                    here, P = dist_ctx.nodes[dist_ctx.rank], dist_ctx.placement
+                    on_node = [dist_ctx.nodes[P.owner(e)] == here for e in range(P.n_experts)]
+                    router.local_experts_E = torch.tensor(on_node, device=self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0

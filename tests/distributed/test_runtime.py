@@ -34,6 +34,8 @@ def cfg_for(router: str, workers: int, steps: int = STEPS, data: str = ""):
     over = json.loads(json.dumps(SMALL))
     over["data"] = {"path": data}
     over["router"]["kind"] = router
+    if router == "etr":  # a capacity that binds, so the global capacity path is exercised
+        over["router"]["etr_capacity_factor"] = 1.0
     over["train"]["steps"] = steps
     over["workers"] = workers
     return build_config("tiny", None, over)
@@ -91,7 +93,7 @@ def assert_no_leftovers():
     assert alive == [], alive
 
 
-@pytest.mark.parametrize(("router", "workers"), [("et", 2), ("et", 4), ("tc", 2), ("ec", 4)])
+@pytest.mark.parametrize(("router", "workers"), [("et", 2), ("et", 4), ("tc", 2), ("ec", 4), ("aoe", 2), ("etr", 2)])
 def test_n_workers_equal_one_worker(local_ray, random_text, tmp_path, tmp_path_factory, router, workers):
     ref = single_process_rows(router, tmp_path_factory, random_text)
     coord = Coordinator(cfg_for(router, workers, data=random_text), tmp_path / "run", strategy="SPREAD", timeout_s=120)

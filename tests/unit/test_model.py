@@ -11,7 +11,7 @@ from moedist.model.generate import generate
 from moedist.model.moe import LocalDispatcher, MoEBlock, masked_loop_reference
 from moedist.model.transformer import MoETransformer
 
-ROUTERS = ["tc", "lf", "ec", "et"]
+ROUTERS = ["tc", "lf", "ec", "et", "aoe", "etr"]
 
 
 def tiny_model(kind: str, **router_kw) -> MoETransformer:
@@ -53,7 +53,7 @@ def test_one_expert_moe_equals_dense_ffn(activation):
     torch.testing.assert_close(g_moe, g_ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ROUTERS)
+@pytest.mark.parametrize("kind", [k for k in ROUTERS if k != "aoe"])  # AoE: tests/unit/test_aoe_etr.py
 def test_local_dispatch_equals_masked_loop(kind):
     torch.manual_seed(0)
     block = MoEBlock(16, 6, 20, 0, "relu2", RouterConfig(kind=kind, top_k=2, et_warmup_steps=0), 0.3, 0.3).double()
@@ -72,7 +72,13 @@ def test_forward_backward_every_router(kind):
     assert out.logits_BSV.shape == (2, 16, 50)
     assert len(out.plans) == 2  # first layer dense
     (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
-    assert model.blocks[1].ffn.router.proj.weight.grad.abs().sum() > 0
+    router = model.blocks[1].ffn.router
+    if kind == "aoe":
+        assert router.w_down.weight.grad.abs().sum() > 0
+    elif kind == "etr":  # a fixed affinity: nothing to learn in the router
+        assert list(router.parameters()) == []
+    else:
+        assert router.proj.weight.grad.abs().sum() > 0
 
 
 def _prefix_outputs(model, idx, t):
@@ -107,7 +113,7 @@ def test_et_is_causal_and_ec_is_not():
     assert routing_changed and (la - lb).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("kind", ["et", "tc", "lf"])
+@pytest.mark.parametrize("kind", ["et", "tc", "lf", "aoe", "etr"])
 def test_generation_routing_equals_teacher_forced(kind):
     model = tiny_model(kind, et_warmup_steps=1, top_k=1)
     calibrate_thresholds(model)
