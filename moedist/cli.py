@@ -1,4 +1,4 @@
-"""`moedist train | eval | generate | data prepare`.
+"""`moedist train | eval | generate | signatures | data prepare`.
 
 Bad input exits with status 2 and one line `moedist: error: ...` naming what is wrong;
 no run folder is created until the configuration and the data have been checked.
@@ -141,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moedist.training.trainer import load_trained
 
     cfg, model, tokenizer, step = load_trained(Path(args.run))
+    kept = _apply_expert_selection(model, args)
     if args.data:
         dataset = TokenDataset.open(args.data)
         if dataset.tokenizer.to_spec() != tokenizer.to_spec():
@@ -149,7 +150,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset = TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
     tokens = args.tokens or cfg.train.eval_tokens
     res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens)
-    print(json.dumps({"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout}))
+    out = {"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout}
+    if kept is not None:
+        out["experts_kept_per_layer"] = kept
+    print(json.dumps(out))
+    return 0
+
+
+def _apply_expert_selection(model, args: argparse.Namespace) -> int | None:
+    """--experts-from/--task/--keep: restrict the routers to the task's most-used experts."""
+    if args.experts_from is None:
+        if args.task is not None:
+            raise ConfigError("--task needs --experts-from (a `moedist signatures` output folder)")
+        return None
+    if args.task is None:
+        raise ConfigError("--experts-from needs --task (which task's experts to keep)")
+    from moedist.analysis.signatures import restrict_experts, task_expert_mask
+
+    keep_LE = task_expert_mask(args.experts_from, args.task, args.keep)
+    restrict_experts(model, keep_LE)
+    return int(keep_LE.sum(1)[0])
+
+
+def cmd_signatures(args: argparse.Namespace) -> int:
+    from moedist.analysis.signatures import compute_signatures, load_prompts
+    from moedist.training.trainer import load_trained
+
+    prompts = load_prompts(args.prompts, split=None if args.prompts else "signature")
+    cfg, model, tokenizer, _ = load_trained(Path(args.run))
+    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed)
+    keys = ("prompts", "within_cosine", "across_cosine", "cv_accuracy", "cv_macro_f1", "permutation_accuracy",
+            "load_balance_accuracy", "accuracy_by_layer")  # fmt: skip
+    print(json.dumps({k: report[k] for k in keys}))
+    print(f"Signatures: {Path(args.out) / 'signatures.parquet'}\nReport:     {Path(args.out) / 'report.json'}")
+    print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png)")
     return 0
 
 
@@ -158,6 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moedist.training.trainer import load_trained
 
     _, model, tokenizer, _ = load_trained(Path(args.run))
+    _apply_expert_selection(model, args)
     ids = [int(i) for i in tokenizer.encode(args.prompt)]
     gen = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     sys.stdout.write(tokenizer.decode(gen.ids) + "\n")
@@ -179,6 +214,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task-aware expert pre-selection")
+    g.add_argument("--experts-from", help="a `moedist signatures` output folder")
+    g.add_argument("--task", help="keep the experts this task's signatures use most")
+    g.add_argument("--keep", type=float, default=0.5, help="fraction of experts kept per layer (0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--data", help="prepared dataset dir (default: the run's data)")
     p.add_argument("--tokens", type=int, help="validation tokens (default: the run's train.eval_tokens)")
+    _selection_args(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run (KV cache)")
     p.add_argument("--run", required=True)
@@ -196,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    _selection_args(p)
+
+    p = sub.add_parser("signatures", help="routing signatures of prompts by task, and how well they predict it")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--prompts", help='JSONL of {"task": ..., "text": ...} (default: the shipped prompt set)')
+    p.add_argument("--out", required=True, help="output folder (signatures.parquet, report.json, PNGs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and baselines")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -209,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data_prepare}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "signatures": cmd_signatures,
+            "data": cmd_data_prepare}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

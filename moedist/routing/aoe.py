@@ -72,7 +72,7 @@ class AutonomyRouter(Router):
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         a_TEL = self.activations(x_TD)
-        scores_TE = a_TEL.float().norm(dim=-1)
+        scores_TE = self.restrict(a_TEL.float().norm(dim=-1))
         T, E = scores_TE.shape
         with torch.no_grad():
             mask_TE = topk_mask(scores_TE, self.top_k)

@@ -13,6 +13,7 @@ N-worker run routes exactly like a 1-process run on the same global batch.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -146,11 +147,19 @@ class Router(nn.Module, abc.ABC):
             self.proj = nn.Linear(d_model, n_experts, bias=False)
             nn.init.normal_(self.proj.weight, std=init_std)
         self.pool: PoolOps = PoolOps()
+        # Experts this router may choose (task-aware pre-selection); None = all.
+        self.allowed_E: Tensor | None = None
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits in float32 (also under autocast: routing decisions need precision)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return nn.functional.linear(x_TD.float(), self.proj.weight.float())
+
+    def restrict(self, scores_TE: Tensor) -> Tensor:
+        """Scores with the experts outside `allowed_E` at -inf (never chosen, gate 0)."""
+        if self.allowed_E is None:
+            return scores_TE
+        return scores_TE.masked_fill(~self.allowed_E.to(scores_TE.device), -math.inf)
 
     @abc.abstractmethod
     def forward(self, x_TD: Tensor) -> RoutingPlan:

@@ -46,7 +46,7 @@ class ExpertChoiceRouter(Router):
     causal = False
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = logits_TE.shape
         N = self.pool.total(T)

@@ -84,7 +84,7 @@ class ExpertThresholdRouter(Router):
         return torch.where(clamped_E.unsqueeze(0), topn_TE, above_TE)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = logits_TE.shape
         with torch.no_grad():

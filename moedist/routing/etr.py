@@ -74,7 +74,7 @@ class ResonanceRouter(Router):
             return (x @ self.w_ED.float().T) / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
-        delta_TE = self.logits(x_TD)
+        delta_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(delta_TE, self.gate)
         with torch.no_grad():
             mask_TE = topk_mask(delta_TE, self.top_k)

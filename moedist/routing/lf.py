@@ -29,7 +29,7 @@ class LossFreeRouter(TokenChoiceRouter):
         self.register_buffer("pending_load_E", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
 
     def select_scores(self, probs_TE: Tensor) -> Tensor:
-        return probs_TE + self.bias_E
+        return self.restrict(probs_TE + self.bias_E)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         plan = super().forward(x_TD)

@@ -52,7 +52,7 @@ class TokenChoiceRouter(Router):
         return probs_TE
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = probs_TE.shape
         N = self.pool.total(T)

@@ -199,3 +199,22 @@ def test_bad_worker_count_is_refused_before_anything_starts(tmp_path: Path, caps
     assert run_cli("train", "--workers", "0", "--out", str(tmp_path / "x"), *SMALL) == 2
     assert "workers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_signatures_and_task_aware_preselection_from_the_cli(trained: Path, tmp_path: Path, capsys):
+    out = tmp_path / "sig"
+    assert run_cli("signatures", "--run", str(trained), "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("within_cosine", "across_cosine", "cv_accuracy", "cv_macro_f1", "permutation_accuracy",
+                "load_balance_accuracy", "accuracy_by_layer"):  # fmt: skip
+        assert key in report, key
+    assert report["prompts"] >= 80 and len(report["accuracy_by_layer"]) == 2
+    assert (out / "signatures.parquet").is_file() and (out / "similarity.png").is_file()
+    capsys.readouterr()
+    assert run_cli("eval", "--run", str(trained), "--experts-from", str(out), "--task", "code", "--keep", "0.5") == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["experts_kept_per_layer"] == 4 and math.isfinite(ev["val_loss"])
+    assert run_cli("generate", "--run", str(trained), "--prompt", "def ", "--max-new-tokens", "8",
+                   "--experts-from", str(out), "--task", "code", "--keep", "0.25") == 0  # fmt: skip
+    assert run_cli("eval", "--run", str(trained), "--experts-from", str(out), "--task", "poetry") == 2
+    assert "poetry" in capsys.readouterr().err

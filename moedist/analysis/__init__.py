@@ -1,0 +1,1 @@
+"""Routing analysis: routing signatures and task-aware expert pre-selection."""

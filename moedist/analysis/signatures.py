@@ -1,0 +1,246 @@
+"""Routing signatures (arXiv 2603.11114) and task-aware expert pre-selection.
+
+A prompt's signature is, for every MoE layer, the share of its routed assignments that
+went to each expert (eval-mode routing over the prompt's tokens), the layers concatenated.
+`signature_report` asks how much of the task those vectors carry: within- vs across-task
+cosine similarity, a logistic-regression classifier's stratified 5-fold accuracy and
+macro-F1, the same classifier on shuffled labels (permutation baseline) and on signatures
+whose expert identities are shuffled per prompt and layer while each layer's counts are
+kept (load-balance baseline), and the accuracy from each layer alone.
+
+Beyond the paper, `task_expert_mask` turns a task's mean signature into a per-layer list
+of the experts it uses most, which `restrict_experts` imposes on a model's routers.
+
+Legend: P prompts, L MoE layers, E experts, T tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from moedist.config import ConfigError
+
+DEFAULT_PROMPTS = "prompts.jsonl"
+
+
+# --------------------------------------------------------------------------- prompts
+def load_prompts(path: str | Path | None = None, split: str | None = "signature") -> list[dict[str, str]]:
+    """Prompts from a JSONL file of {"task", "text"} lines (None: the shipped set).
+
+    `split` keeps only rows whose "split" is that value (rows without one always stay);
+    None keeps every row. Errors name the file and line.
+    """
+    if path is None:
+        src = resources.files("moedist.analysis").joinpath(DEFAULT_PROMPTS)
+        name, lines = f"moedist/analysis/{DEFAULT_PROMPTS}", src.read_text().splitlines()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--prompts: file '{path}' does not exist")
+        name, lines = str(p), p.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("task"), str) or not isinstance(obj.get("text"), str):
+            raise ConfigError(f'{name}:{i}: each line must be {{"task": str, "text": str}}')
+        if not obj["text"]:
+            raise ConfigError(f"{name}:{i}: empty text")
+        if split is None or obj.get("split", split) == split:
+            rows.append({"task": obj["task"], "text": obj["text"], "split": obj.get("split", "")})
+    tasks = {r["task"] for r in rows}
+    if len(tasks) < 2:
+        raise ConfigError(f"{name}: signatures need at least 2 tasks, found {sorted(tasks)}")
+    return rows
+
+
+# --------------------------------------------------------------------------- signatures
+@torch.no_grad()
+def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: int) -> np.ndarray:
+    """hist_PLE: per prompt and MoE layer, the share of its assignments per expert.
+
+    The model runs in eval mode on each prompt (its first seq_len tokens); a layer that
+    routed nothing gives a row of zeros.
+    """
+    model.eval()
+    out = []
+    for text in texts:
+        ids = [int(i) for i in tokenizer.encode(text)][:seq_len]
+        if not ids:
+            raise ConfigError(f"prompt {text[:40]!r} has no tokens")
+        res = model(torch.tensor([ids], device=next(model.parameters()).device))
+        layers = []
+        for plan in res.plans:
+            counts_E = torch.bincount(plan.expert_idx_A.cpu(), minlength=plan.n_experts).double()
+            layers.append((counts_E / counts_E.sum().clamp_min(1)).numpy())
+        out.append(np.stack(layers))
+    return np.stack(out)
+
+
+def _cv_scores(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
+    """Stratified 5-fold (fewer if a task has fewer prompts) accuracy and macro-F1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = min(5, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
+    if folds < 2:
+        raise ConfigError("every task needs at least 2 prompts for cross-validation")
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(LogisticRegression(max_iter=5000), X, y, cv=cv)
+    return float(accuracy_score(y, pred)), float(f1_score(y, pred, average="macro"))
+
+
+def _cosine(X: np.ndarray) -> np.ndarray:
+    Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return Xn @ Xn.T
+
+
+def signature_report(hist_PLE: np.ndarray, tasks: list[str], seed: int = 0, n_shuffles: int = 5) -> dict[str, Any]:
+    """The report.json numbers for signatures hist_PLE of prompts labelled `tasks`."""
+    P, L, E = hist_PLE.shape
+    y = np.asarray(tasks)
+    X = hist_PLE.reshape(P, L * E)
+    sim = _cosine(X)
+    same = y[:, None] == y[None, :]
+    off = ~np.eye(P, dtype=bool)
+    acc, f1 = _cv_scores(X, y, seed)
+    rng = np.random.default_rng(seed)
+    perm = [_cv_scores(X, rng.permutation(y), seed)[0] for _ in range(n_shuffles)]
+    balance = []
+    for _ in range(n_shuffles):
+        # each prompt's expert identities shuffled per layer: its per-layer counts stay
+        shuffled = np.stack([[h[rng.permutation(E)] for h in prompt] for prompt in hist_PLE])
+        balance.append(_cv_scores(shuffled.reshape(P, L * E), y, seed)[0])
+    by_layer = [_cv_scores(hist_PLE[:, layer, :], y, seed)[0] for layer in range(L)]
+    labels = sorted(set(tasks))
+    return {
+        "prompts": P,
+        "tasks": {t: int((y == t).sum()) for t in labels},
+        "layers": L,
+        "experts": E,
+        "within_cosine": float(sim[same & off].mean()),
+        "across_cosine": float(sim[~same].mean()),
+        "cv_accuracy": acc,
+        "cv_macro_f1": f1,
+        "chance_accuracy": float(max((y == t).mean() for t in labels)),
+        "permutation_accuracy": float(np.mean(perm)),
+        "load_balance_accuracy": float(np.mean(balance)),
+        "accuracy_by_layer": by_layer,
+    }
+
+
+def write_plots(out: Path, hist_PLE: np.ndarray, tasks: list[str]) -> None:
+    """similarity.png (cosine heatmap ordered by task) and projection.png (PCA, by task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    P = hist_PLE.shape[0]
+    X = hist_PLE.reshape(P, -1)
+    order = sorted(range(P), key=lambda i: (tasks[i], i))
+    sim = _cosine(X[order])
+    labels = sorted(set(tasks))
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(sim, cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1.0)
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    bounds = np.cumsum([sum(1 for t in tasks if t == lab) for lab in labels])
+    for b in bounds[:-1]:
+        ax.axhline(b - 0.5, color="white", lw=0.8)
+        ax.axvline(b - 0.5, color="white", lw=0.8)
+    mids = bounds - np.diff(np.concatenate([[0], bounds])) / 2
+    ax.set_xticks(mids - 0.5, labels, rotation=45)
+    ax.set_yticks(mids - 0.5, labels)
+    ax.set_title("routing-signature similarity (prompts ordered by task)")
+    fig.tight_layout()
+    fig.savefig(out / "similarity.png", dpi=110)
+    plt.close(fig)
+
+    xy = PCA(n_components=2, random_state=0).fit_transform(X) if P > 2 else np.zeros((P, 2))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for lab in labels:
+        m = np.asarray(tasks) == lab
+        ax.scatter(xy[m, 0], xy[m, 1], s=18, label=lab)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("routing signatures, 2-D PCA projection")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "projection.png", dpi=110)
+    plt.close(fig)
+
+
+def compute_signatures(model: Any, tokenizer: Any, seq_len: int, prompts: list[dict[str, str]], out_dir: str | Path,
+                       seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Signatures of `prompts` -> OUT/signatures.parquet, OUT/report.json and the PNGs."""
+    out = Path(out_dir)
+    hist_PLE = routing_histograms(model, tokenizer, [p["text"] for p in prompts], seq_len)
+    tasks = [p["task"] for p in prompts]
+    report = signature_report(hist_PLE, tasks, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    P, L, E = hist_PLE.shape
+    table = pa.table({
+        "prompt": pa.array(range(P), pa.int32()),
+        "task": tasks,
+        "text": [p["text"] for p in prompts],
+        "signature": pa.array(hist_PLE.reshape(P, L * E).tolist(), pa.list_(pa.float64())),
+    }).replace_schema_metadata({"layers": str(L), "experts": str(E)})  # fmt: skip
+    tmp = out / "signatures.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(out / "signatures.parquet")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_plots(out, hist_PLE, tasks)
+    return report
+
+
+# --------------------------------------------------------------------------- pre-selection
+def task_expert_mask(sig_dir: str | Path, task: str, keep: float) -> np.ndarray:
+    """keep_LE: per MoE layer, the ceil(keep * E) experts the task's signatures use most."""
+    path = Path(sig_dir) / "signatures.parquet"
+    if not path.is_file():
+        raise ConfigError(f"--experts-from: '{sig_dir}' has no signatures.parquet (run `moedist signatures` first)")
+    if not 0 < keep <= 1:
+        raise ConfigError(f"--keep must be in (0, 1], got {keep}")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    L, E = int(meta[b"layers"]), int(meta[b"experts"])
+    tasks = table.column("task").to_pylist()
+    if task not in tasks:
+        raise ConfigError(f"--task: '{task}' is not in {path} (tasks: {', '.join(sorted(set(tasks)))})")
+    sig_PLE = np.asarray(table.column("signature").to_pylist()).reshape(-1, L, E)
+    usage_LE = sig_PLE[np.asarray(tasks) == task].mean(0)
+    n_keep = max(1, math.ceil(keep * E))
+    keep_LE = np.zeros((L, E), dtype=bool)
+    for layer in range(L):
+        # most-used first; ties by expert id (stable sort)
+        keep_LE[layer, np.argsort(-usage_LE[layer], kind="stable")[:n_keep]] = True
+    return keep_LE
+
+
+def restrict_experts(model: Any, keep_LE: np.ndarray) -> None:
+    """Let each MoE layer's router choose only among its kept experts (None lifts it)."""
+    routers = list(model.routers())
+    if keep_LE.shape != (len(routers), routers[0].n_experts):
+        raise ConfigError(f"expert mask of shape {keep_LE.shape} does not fit a model with {len(routers)} MoE "
+                          f"layers of {routers[0].n_experts} experts")  # fmt: skip
+    n_keep = int(keep_LE.sum(1).min())
+    token_choice = routers[0].cfg.kind in ("tc", "lf", "aoe", "etr")
+    if token_choice and n_keep < routers[0].top_k:
+        raise ConfigError(f"--keep leaves {n_keep} experts per layer, fewer than router.top_k = {routers[0].top_k}")
+    for router, keep_E in zip(routers, keep_LE, strict=True):
+        router.allowed_E = torch.as_tensor(keep_E, dtype=torch.bool)

@@ -1,0 +1,130 @@
+"""Routing signatures: a model whose routing is planted by task is recognised (~100%),
+the permutation baseline sits near chance; prompts, masks and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from moedist.analysis.signatures import (
+    compute_signatures,
+    load_prompts,
+    restrict_experts,
+    routing_histograms,
+    signature_report,
+    task_expert_mask,
+)
+from moedist.config import ConfigError, ModelConfig, RouterConfig
+from moedist.data.tokenizer import ByteTokenizer
+from moedist.model.transformer import ModelOutput, MoETransformer
+from moedist.routing.base import RoutingPlan
+
+TASKS = ["alpha", "digits", "punct", "upper"]
+ALPHABETS = {"alpha": "abcdefgh", "digits": "0123456789", "punct": "!#$%&*+-/=", "upper": "ABCDEFGHIJ"}
+
+
+class PlantedModel(torch.nn.Module):
+    """Routes each byte to expert (byte // 16) % E in layer 0, a layer-dependent shift
+    deeper: the task (which alphabet a prompt uses) is planted in the routing."""
+
+    def __init__(self, n_layers: int = 3, n_experts: int = 8):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.L, self.E = n_layers, n_experts
+
+    def forward(self, idx_BS):
+        ids = idx_BS.flatten()
+        plans = []
+        for layer in range(self.L):
+            e = ((ids // 16) + layer) % self.E
+            plans.append(RoutingPlan(torch.arange(len(ids)), e, torch.ones(len(ids)), len(ids), self.E))
+        return ModelOutput(logits_BSV=torch.zeros(1), plans=plans)
+
+
+def planted_prompts(n_per_task: int = 20, seed: int = 0) -> list[dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    return [{"task": t, "text": "".join(rng.choice(list(ALPHABETS[t]), 40))} for t in TASKS for _ in range(n_per_task)]
+
+
+def test_planted_routing_is_recognised_and_baselines_are_near_chance(tmp_path):
+    prompts = planted_prompts()
+    report = compute_signatures(PlantedModel(), ByteTokenizer(), 64, prompts, tmp_path)
+    assert report["cv_accuracy"] >= 0.95 and report["cv_macro_f1"] >= 0.95
+    assert report["within_cosine"] > report["across_cosine"]
+    assert abs(report["permutation_accuracy"] - 0.25) < 0.15  # chance = 1/4
+    assert len(report["accuracy_by_layer"]) == 3
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["cv_accuracy"] == report["cv_accuracy"]
+    table = pq.read_table(tmp_path / "signatures.parquet")
+    assert table.num_rows == 80 and len(table.column("signature")[0].as_py()) == 3 * 8
+    for name in ("similarity.png", "projection.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_identity_shuffle_destroys_planted_identity_but_keeps_counts():
+    # every task uses 2 experts per layer equally: only WHICH experts tells tasks apart
+    rng = np.random.default_rng(0)
+    hist = np.zeros((40, 2, 8))
+    for i in range(40):
+        t = i // 10
+        hist[i, :, 2 * t] = 0.5 + rng.normal(0, 0.02)
+        hist[i, :, 2 * t + 1] = 1 - hist[i, 0, 2 * t]
+    report = signature_report(hist, [TASKS[i // 10] for i in range(40)])
+    assert report["cv_accuracy"] == 1.0
+    assert report["load_balance_accuracy"] < 0.6
+
+
+def test_histograms_are_per_layer_shares():
+    hist = routing_histograms(PlantedModel(2, 4), ByteTokenizer(), ["a" * 10 + "0" * 30], 64)
+    assert hist.shape == (1, 2, 4)
+    np.testing.assert_allclose(hist.sum(-1), 1.0)
+    e_a, e_0 = (ord("a") // 16) % 4, (ord("0") // 16) % 4
+    assert hist[0, 0, e_a] == pytest.approx(0.25) and hist[0, 0, e_0] == pytest.approx(0.75)
+
+
+def test_shipped_prompt_set_has_four_tasks_of_twenty_or_more():
+    rows = load_prompts()
+    counts = {t: sum(r["task"] == t for r in rows) for t in {r["task"] for r in rows}}
+    assert len(counts) >= 4 and min(counts.values()) >= 20
+    held = load_prompts(split="heldout")
+    assert {r["text"] for r in held}.isdisjoint(r["text"] for r in rows)
+
+
+def test_bad_prompt_files_are_named(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"task": "a", "text": "x"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"p\.jsonl:2: not JSON"):
+        load_prompts(bad)
+    bad.write_text('{"task": "a", "text": "x"}\n{"task": "a"}\n')
+    with pytest.raises(ConfigError, match=r"p\.jsonl:2"):
+        load_prompts(bad)
+    bad.write_text('{"task": "a", "text": "x"}\n')
+    with pytest.raises(ConfigError, match="at least 2 tasks"):
+        load_prompts(bad)
+
+
+def test_task_mask_keeps_the_most_used_experts_and_routers_obey_it(tmp_path):
+    compute_signatures(PlantedModel(3, 8), ByteTokenizer(), 64, planted_prompts(), tmp_path)
+    keep = task_expert_mask(tmp_path, "digits", 0.25)
+    assert keep.shape == (3, 8) and (keep.sum(1) == 2).all()
+    assert keep[0, (ord("0") // 16) % 8]  # digits live in one expert per layer
+    with pytest.raises(ConfigError, match="not in"):
+        task_expert_mask(tmp_path, "poetry", 0.5)
+    with pytest.raises(ConfigError, match="--keep"):
+        task_expert_mask(tmp_path, "digits", 0.0)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, seq_len=32, d_model=32, n_layers=3, n_heads=2, n_experts=8)
+    model = MoETransformer(cfg, RouterConfig(kind="tc", top_k=2)).eval()
+    keep_LE = np.zeros((2, 8), dtype=bool)
+    keep_LE[:, [1, 5, 6]] = True
+    restrict_experts(model, keep_LE)
+    out = model(torch.randint(0, 257, (2, 32)))
+    for plan in out.plans:
+        assert set(plan.expert_idx_A.tolist()) <= {1, 5, 6} and plan.token_idx_A.numel() == 2 * 32 * 2
+    with pytest.raises(ConfigError, match=r"fewer than router\.top_k"):
+        restrict_experts(model, np.eye(2, 8, dtype=bool))
