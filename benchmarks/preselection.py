@@ -114,6 +114,34 @@ def run_router(router: str, steps: int, reps: int, out: Path) -> list[dict]:
 SIGNATURE_REPORTS: dict[str, dict] = {}
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Loss deltas (own task, other tasks) and expert FLOPs saved against F, per router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = sorted({r["router"] for r in results})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for router in routers:
+        mean = {k: {f: float(np.mean([r[k] for r in results if r["router"] == router and r["keep"] == f]))
+                    for f in KEEP} for k in ("own_loss_delta", "other_loss_delta", "expert_flops_saved")}  # fmt: skip
+        axes[0].plot(KEEP, [mean["own_loss_delta"][f] for f in KEEP], "o-", label=f"{router}: own task")
+        axes[0].plot(KEEP, [mean["other_loss_delta"][f] for f in KEEP], "s--", label=f"{router}: other tasks")
+        axes[1].plot(KEEP, [100 * mean["expert_flops_saved"][f] for f in KEEP], "o-", label=router)
+    axes[0].set_ylabel("held-out loss - loss at F=1 (nats/byte)")
+    axes[1].set_ylabel("routed-expert FLOPs saved (%)")
+    for ax in axes:
+        ax.set_xlabel("F = fraction of experts kept per layer")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("task-aware expert pre-selection (mean over 4 tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="60 training steps, 2 timing reps")
@@ -140,7 +168,9 @@ def main() -> None:
               "prompts": "moedist/analysis/prompts.jsonl (signature rows for signatures, heldout rows for losses)",
               "flops": "routed-expert FLOPs per token per MoE layer = fanout x 2 x expert params",
               "signature_reports": SIGNATURE_REPORTS}  # fmt: skip
-    print(f"-> {write_results('preselection', config, results, targets, args.quick)}")
+    path = write_results("preselection", config, results, targets, args.quick)
+    plot(results, path.with_suffix(".png"))
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

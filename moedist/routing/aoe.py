@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moedist.config import ConfigError, RouterConfig
-from moedist.routing.base import Router, RoutingPlan
+from moedist.routing.base import Router, RoutingPlan, plan_from_mask
 from moedist.routing.tc import switch_aux_loss, topk_mask
 
 
@@ -73,23 +73,16 @@ class AutonomyRouter(Router):
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         a_TEL = self.activations(x_TD)
         scores_TE = self.restrict(a_TEL.float().norm(dim=-1))
-        T, E = scores_TE.shape
         with torch.no_grad():
             mask_TE = topk_mask(scores_TE, self.top_k)
         # softmax over the selected scores only
         weights_TE = torch.softmax(scores_TE.masked_fill(~mask_TE, -math.inf), dim=-1)
         aux = None
         if self.cfg.aux_loss_coef > 0:
-            N = self.pool.total(T)
+            N = self.pool.total(scores_TE.shape[0])
             probs_TE = torch.softmax(scores_TE, dim=-1)
             aux = self.cfg.aux_loss_coef * switch_aux_loss(probs_TE, mask_TE, N, self.top_k, self.pool.sum)
-        token_idx_A, expert_idx_A = mask_TE.nonzero(as_tuple=True)
-        return RoutingPlan(
-            token_idx_A=token_idx_A,
-            expert_idx_A=expert_idx_A,
-            weight_A=weights_TE[token_idx_A, expert_idx_A],
-            n_tokens=T,
-            n_experts=E,
-            aux_loss=aux,
-            payload_A=a_TEL[token_idx_A, expert_idx_A],
-        )
+        plan = plan_from_mask(mask_TE, weights_TE, aux_loss=aux)
+        # each assignment carries its expert's activation: the expert reuses it
+        plan.payload_A = a_TEL[plan.token_idx_A, plan.expert_idx_A]
+        return plan

@@ -218,3 +218,16 @@ def test_signatures_and_task_aware_preselection_from_the_cli(trained: Path, tmp_
                    "--experts-from", str(out), "--task", "code", "--keep", "0.25") == 0  # fmt: skip
     assert run_cli("eval", "--run", str(trained), "--experts-from", str(out), "--task", "poetry") == 2
     assert "poetry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("router", ["aoe", "etr"])
+def test_aoe_and_etr_train_eval_generate_resume(router: str, tmp_path: Path, capsys):
+    out = tmp_path / router
+    assert run_cli("train", "--router", router, "--steps", "4", "--out", str(out), *SMALL) == 0
+    assert json.loads((out / "summary.json").read_text())["router"] == router
+    capsys.readouterr()
+    assert run_cli("eval", "--run", str(out)) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_loss"])
+    assert run_cli("generate", "--run", str(out), "--prompt", "import ", "--max-new-tokens", "8") == 0
+    assert run_cli("train", "--resume", str(out), "--steps", "6", "--no-progress") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
