@@ -166,7 +166,7 @@ class _GroupedMLP(torch.autograd.Function):
                         gy = torch.index_select(gy_all, 0, idx, out=gy_buf[:n])
                     else:  # float32 upstream grad, bf16 compute
                         gy = gy_buf[:n].copy_(gy_all.index_select(0, idx))
-                    gx = gx_buf[:n]
+                    gx = gx_buf[:n] if gx_all is not None else None  # x may not need a grad
                 else:
                     xs, gy = x[s : s + n], gy_all[s : s + n]
                     gx = gx_all[s : s + n] if gx_all is not None else None

@@ -282,3 +282,21 @@ def test_forward_gathered_autocast_accumulates_in_float32():
     for got, want in zip(torch.autograd.grad(out.sum(), [x, gate]), ref_grads, strict=True):
         assert got.dtype == torch.float32
         assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_path_when_x_needs_no_grad(activation):
+    """forward_gathered (gather + MLP + gated scatter-add) with an input that needs no grad,
+    as a first MoE layer fed by a frozen embedding or a benchmark's random input: the
+    weight and gate grads equal those of the split path."""
+    m = _experts(3, activation)
+    x_TD = torch.randn(6, D, dtype=torch.float64)
+    token_A = torch.tensor([0, 4, 1, 2, 5, 3, 0])
+    counts = torch.tensor([2, 0, 5])
+    gate_A = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    weights = _weights(m)
+    got = torch.autograd.grad(m.forward_gathered(x_TD, token_A, gate_A, counts).square().sum(), [*weights, gate_A])
+    y_ref = combine(m(gather_rows(x_TD, token_A), counts), gate_A, token_A, 6)
+    want = torch.autograd.grad(y_ref.square().sum(), [*weights, gate_A])
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, **TIGHT)
