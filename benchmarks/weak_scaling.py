@@ -60,6 +60,34 @@ def measure(workers: int, seqs_per_worker: int, args, tmp: Path) -> dict:
     }
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Stacked step time (compute, a2a, pool, grad sync) per worker count, one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["tokens_per_worker"] for r in results})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        rows = [r for r in results if r["tokens_per_worker"] == size]
+        xs = [str(r["workers"]) for r in rows]
+        bottom = [0.0] * len(rows)
+        for key in ("compute_s", "a2a_s", "pool_s", "grad_sync_s"):
+            ys = [1e3 * r[key] for r in rows]
+            ax.bar(xs, ys, bottom=bottom, label=key[:-2])
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+        for x, r, b in zip(xs, rows, bottom, strict=True):
+            ax.text(x, b, f"eff {r['efficiency']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{size} tokens / worker")
+        ax.set_xlabel("workers (2 nodes, 2 cores in all)")
+        ax.set_ylabel("ms per step (slowest worker)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -97,6 +125,7 @@ def main() -> None:
               "threads_per_worker": 1,
               "note": "2 physical cores: 4 workers share them, so ~0.5 is the hardware bound at 4 workers"}  # fmt: skip
     path = write_results("weak_scaling", config, results, targets, args.quick)
+    plot(results, path.with_suffix(".png"))
     print(f"-> {path}")
 
 

@@ -36,10 +36,11 @@ class AoEExperts(nn.Module):
         nn.init.normal_(self.w_p_EDW, std=self.init_std)
         nn.init.normal_(self.w_o_EWD, std=self.out_std)
 
-    def expert(self, e: int, x_RD: Tensor, a_RL: Tensor) -> Tensor:
-        """Expert e on rows x with their low-rank activations a."""
-        h_RW = torch.nn.functional.silu(a_RL @ self.w_up_ELW[e]) * (x_RD @ self.w_p_EDW[e])
-        return h_RW @ self.w_o_EWD[e]
+    def expert(self, e: int, x_RD: Tensor, a_RL: Tensor, weights: tuple | None = None) -> Tensor:
+        """Expert e on rows x with their low-rank activations a (weights: unbound views)."""
+        w_up, w_p, w_o = weights if weights is not None else (self.w_up_ELW, self.w_p_EDW, self.w_o_EWD)
+        h_RW = torch.nn.functional.silu(a_RL @ w_up[e]) * (x_RD @ w_p[e])
+        return h_RW @ w_o[e]
 
     def forward(self, rows_RP: Tensor, counts_E: Tensor | Sequence[int]) -> Tensor:
         D = self.d_model
@@ -51,12 +52,17 @@ class AoEExperts(nn.Module):
         dtype = self.w_o_EWD.dtype
         if torch.is_autocast_enabled(rows_RP.device.type):
             dtype = torch.get_autocast_dtype(rows_RP.device.type)
-        outs, start = [], 0
-        for e, n in enumerate(sizes):
-            if n:
-                r = rows_RP[start : start + n].to(dtype)
-                outs.append(self.expert(e, r[:, :D], r[:, D:]))
-            start += n
+        # unbind once: each expert's weight grad lands in its slice of one stacked grad;
+        # indexing the [E, ...] parameter per expert would make autograd build and add a
+        # full-size zero grad per expert (E^2 memory traffic).
+        weights = (self.w_up_ELW.unbind(0), self.w_p_EDW.unbind(0), self.w_o_EWD.unbind(0))
+        # likewise split the rows once (a slice per expert would cost a full-size grad each)
+        outs = []
+        for e, r in enumerate(rows_RP.split(sizes)):
+            if r.shape[0]:
+                r = r.to(dtype)
+                x_RD, a_RL = r.split([D, self.d_low], dim=1)
+                outs.append(self.expert(e, x_RD, a_RL, weights))
         if not outs:
             return rows_RP.new_zeros((0, D))
         return torch.cat(outs)
