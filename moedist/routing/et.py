@@ -69,19 +69,22 @@ class ExpertThresholdRouter(Router):
         c_1E = self.threshold_E().unsqueeze(0)
         return logits_TE >= c_1E if self.cfg.et_inclusive else logits_TE > c_1E
 
-    def guarded_mask(self, logits_TE: Tensor, k: float, N: int) -> Tensor:
-        """Threshold routing, with each expert's global count clamped to the guard bounds."""
+    def guarded_mask(self, logits_TE: Tensor) -> tuple[Tensor, int]:
+        """Threshold routing, with each expert's global count clamped to the guard bounds;
+        also returns the pool size N (counted in the same all-reduce as the experts' loads)."""
         above_TE = self.above_threshold(logits_TE)
-        n_above_E = self.pool.sum(above_TE.sum(0))
-        lo, hi = guard_bounds(k, self.cfg.et_capacity, N)
+        local = torch.cat([above_TE.sum(0), above_TE.new_tensor([logits_TE.shape[0]], dtype=torch.int64)])
+        summed = self.pool.sum(local)
+        n_above_E, N = summed[:-1], int(summed[-1])
+        lo, hi = guard_bounds(self.capacity(N), self.cfg.et_capacity, N)
         n_take_E = n_above_E.clamp(lo, hi)
         clamped_E = n_take_E != n_above_E
         if not bool(clamped_E.any()):
-            return above_TE
+            return above_TE, N
         # Too few above threshold -> add the best tokens below it; too many -> keep the
         # best: either way the expert takes its global top-n_take by logit.
         topn_TE = pool_topk_mask(logits_TE, n_take_E, self.pool)
-        return torch.where(clamped_E.unsqueeze(0), topn_TE, above_TE)
+        return torch.where(clamped_E.unsqueeze(0), topn_TE, above_TE), N
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         logits_TE = self.restrict(self.logits(x_TD))
@@ -90,14 +93,14 @@ class ExpertThresholdRouter(Router):
         with torch.no_grad():
             r_TE = logits_TE.detach()
             if self.training:
-                N = self.pool.total(T)
-                self._pending.append(r_TE)
-                self._pending_N.append(N)
                 if self.in_warmup:
+                    N = self.pool.total(T)
                     k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_TE.device)
                     mask_TE = pool_topk_mask(r_TE, k_E, self.pool)
                 else:
-                    mask_TE = self.guarded_mask(r_TE, self.capacity(N), N)
+                    mask_TE, N = self.guarded_mask(r_TE)
+                self._pending.append(r_TE)
+                self._pending_N.append(N)
             else:
                 mask_TE = self.above_threshold(r_TE)
         return plan_from_mask(mask_TE, probs_TE)
