@@ -1,4 +1,4 @@
-# Set-up is part of every target: a fresh machine needs only python3 (3.10+) and make.
+# Set-up is part of every target: a fresh machine needs only python3 (3.11+) and make.
 # torch is pinned here (not in pyproject) because on the project's build machines
 # torch==2.13.0 is a CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
 VENV ?= .venv

@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, tokens: int, experts: list[int], r
     import torch.distributed as dist
 
     from moedist.kernels.radix import N_ROUNDS, RadixCounter
-    from moedist.parallel.threshold import AllGatherPoolOps, DistributedPoolOps, threshold_sync_bytes
+    from moedist.parallel.pool import AllGatherPoolOps, DistributedPoolOps, threshold_sync_bytes
 
     init_loopback_group(rank, world, port)
     rows = []

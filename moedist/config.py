@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ROUTERS = ("dense", "tc", "lf", "ec", "et", "aoe", "etr")
 

@@ -7,7 +7,7 @@ positives, all bits inverted for negatives), so "the k-th largest float" becomes
 largest key", which is found digit by digit: 4 rounds of 8 bits, most significant first.
 In round r each expert e has a prefix (the 8r high bits fixed so far); its histogram counts
 the next digit of the keys that share that prefix. The distributed select
-(moedist.parallel.threshold) sums these histograms over the workers.
+(moedist.parallel.pool) sums these histograms over the workers.
 
 Keys are held in int64 tensors (torch has no general uint32 arithmetic). -0.0 gets the key of
 +0.0: the two compare equal, so a select must treat them as one value; two keys would make

@@ -4,8 +4,8 @@ Everything here works under any initialised torch.distributed process group, so 
 torchrun or Ray Train user can use the MoE layer without moedist's runtime.
 """
 
+from moedist.parallel.alltoall import AllToAllDispatcher, all_to_all_rows
 from moedist.parallel.clock import CommClock
-from moedist.parallel.dispatch import AllToAllDispatcher, all_to_all_rows
 from moedist.parallel.grads import (
     all_reduce_sum,
     expert_parameters,
@@ -15,7 +15,7 @@ from moedist.parallel.grads import (
     sync_gradients,
 )
 from moedist.parallel.placement import ExpertPlacement
-from moedist.parallel.threshold import AllGatherPoolOps, DistributedPoolOps, radix_kth_largest, threshold_sync_bytes
+from moedist.parallel.pool import AllGatherPoolOps, DistributedPoolOps, radix_kth_largest, threshold_sync_bytes
 
 __all__ = [
     "AllGatherPoolOps",

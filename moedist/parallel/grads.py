@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import MoEBlock
-from moedist.parallel.dispatch import AllToAllDispatcher
+from moedist.parallel.alltoall import AllToAllDispatcher
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [

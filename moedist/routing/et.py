@@ -10,7 +10,8 @@ the first `et_warmup_steps` optimiser steps route with expert choice while the E
 accumulates; a capacity guard keeps each expert between (1-C) and (1+C) times k tokens
 of the pool (training only). Eval mode: frozen thresholds, no guard.
 
-Legend: T local tokens, N global pool tokens, E experts.
+Legend: T local tokens, N global pool tokens, E experts, P this worker's rows of every
+micro-batch of the step (its part of the pool the step-end cutoff is taken over).
 """
 
 from __future__ import annotations
@@ -110,13 +111,13 @@ class ExpertThresholdRouter(Router):
         """EMA update from the k-th largest logit of the step's global pool."""
         if not self._pending:
             return
-        r_NE = torch.cat(self._pending)
+        r_PE = torch.cat(self._pending)
         N = sum(self._pending_N)
         self._pending.clear()
         self._pending_N.clear()
-        E = r_NE.shape[1]
-        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_NE.device)
-        cutoff_E = self.pool.kth_largest(r_NE, k_E).to(self.ema_E.dtype)
+        E = r_PE.shape[1]
+        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_PE.device)
+        cutoff_E = self.pool.kth_largest(r_PE, k_E).to(self.ema_E.dtype)
         self.ema_E.mul_(self.beta).add_((1.0 - self.beta) * cutoff_E)
         self.n_updates += 1
 

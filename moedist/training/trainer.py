@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tomli_w
-import tomllib
 import torch
 
 from moedist.config import ConfigError, RunConfig, deep_update, from_dict, to_dict

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moedist.kernels.radix import N_BUCKETS, N_ROUNDS, RadixCounter, float_to_key, key_to_float, radix_histogram
-from moedist.parallel.threshold import DistributedPoolOps, radix_kth_largest, threshold_sync_bytes
+from moedist.parallel.pool import DistributedPoolOps, radix_kth_largest, threshold_sync_bytes
 from moedist.routing.base import PoolOps
 
 INF = float("inf")
@@ -228,7 +228,7 @@ def test_radix_rejects_nan_float64_and_bad_shapes():
 
 def test_int64_count_retry_gives_the_same_answer(monkeypatch):
     """Ranks with >= 2^31 / W rows make every rank redo the select in int64 counts."""
-    import moedist.parallel.threshold as thr
+    import moedist.parallel.pool as thr
 
     x = torch.randn(500, 3, generator=torch.Generator().manual_seed(11))
     k = torch.tensor([1, 250, 500])

@@ -122,7 +122,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     numba.set_num_threads(1)
     import torch.distributed as dist
 
-    from moedist.parallel.threshold import AllGatherPoolOps, DistributedPoolOps, radix_kth_largest
+    from moedist.parallel.pool import AllGatherPoolOps, DistributedPoolOps, radix_kth_largest
 
     init_loopback_group(rank, world, port)
     res: dict = {"rank": rank}

@@ -17,7 +17,7 @@ from moedist.config import ModelConfig, RouterConfig
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import LocalDispatcher
 from moedist.model.transformer import MoETransformer
-from moedist.parallel.dispatch import AllToAllDispatcher
+from moedist.parallel.alltoall import AllToAllDispatcher
 from moedist.parallel.grads import (
     all_reduce_sum,
     expert_parameters,
