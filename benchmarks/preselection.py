@@ -29,7 +29,7 @@ from common import interleaved_medians, median, target, write_results
 
 from moedist.analysis.signatures import compute_signatures, load_prompts, restrict_experts, task_expert_mask
 from moedist.config import build_config
-from moedist.training.trainer import Trainer, load_dataset
+from moedist.training.loop import single_process_loop
 
 KEEP = (1.0, 0.75, 0.5, 0.25)
 
@@ -62,9 +62,9 @@ def expert_flops_per_token(model, fanout: float) -> float:
 def run_router(router: str, steps: int, reps: int, out: Path) -> list[dict]:
     cfg = build_config("tiny", None, {"router": {"kind": router}, "train": {"steps": steps, "progress": False,
                                                                           "eval_every": 0}})  # fmt: skip
-    tr = Trainer(cfg, out / f"run-{router}", load_dataset(cfg))
-    tr.init_run_dir()
-    tr.run()
+    loop = single_process_loop(cfg, out / f"run-{router}")
+    loop.run()
+    tr = loop.ex
     model, tok = tr.model.eval(), tr.dataset.tokenizer
     sig_prompts = load_prompts(split="signature")
     report = compute_signatures(model, tok, cfg.model.seq_len, sig_prompts, out / f"sig-{router}")

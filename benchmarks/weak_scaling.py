@@ -37,7 +37,7 @@ def job_cfg(workers: int, seqs_per_worker: int, steps: int, router: str):
 
 def measure(workers: int, seqs_per_worker: int, args, tmp: Path) -> dict:
     cfg = job_cfg(workers, seqs_per_worker, args.steps, args.router)
-    coord = Coordinator(cfg, tmp / f"w{workers}", strategy="SPREAD", timeout_s=180)
+    coord = Coordinator(cfg, strategy="SPREAD", start_timeout_s=180)
     try:
         infos = coord.start()
         rows = [coord.train_step() for _ in range(args.steps)]

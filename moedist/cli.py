@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,29 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="placement-group strategy for the workers' bundles")  # fmt: skip
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
-    g.add_argument("--start-timeout", type=float, default=120.0, help="seconds to place and start the workers")
+    g.add_argument("--start-timeout", type=float, default=120.0,
+                   help="seconds to place and start the workers (and replacements after a failure)")
+    g.add_argument("--step-timeout", type=float, default=1800.0,
+                   help="seconds a step, evaluation or checkpoint may take before the job counts it as hung")
+    g.add_argument("--max-failures", type=int, default=3,
+                   help="lost workers to recover from (from the newest checkpoint) before the job stops")
+
+
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """Flags of the Ray runtime, checked before anything starts."""
+    for name in ("cpus_per_worker", "start_timeout", "step_timeout"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {v:g}")
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from moedist.training.loop import RunLoop, write_config
     from moedist.training.trainer import Trainer, load_dataset
 
+    _check_runtime_flags(args)
     overrides: dict[str, Any] = {}
     if args.router:
         overrides.setdefault("router", {})["kind"] = args.router
@@ -67,68 +85,72 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         for item in args.set:
             deep_update(overrides, parse_override(item))
-        cfg = resume_config(Path(args.resume), overrides)
-        if cfg.workers > 1 or args.address:
-            return _train_distributed(cfg, Path(args.resume), args, resume=True)
-        trainer = Trainer.resume(Path(args.resume), overrides)
-        print(f"Resuming {args.resume} at step {trainer.step} of {trainer.cfg.train.steps}")
+        out = Path(args.resume)
+        cfg = resume_config(out, overrides)
     else:
         cfg = build_config(args.preset, args.config, overrides, args.set)
-        dataset = load_dataset(cfg)  # checked before anything is written
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.router.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
-        if cfg.workers > 1 or args.address:
-            return _train_distributed(cfg, out, args)
-        trainer = Trainer(cfg, out, dataset)
-        trainer.init_run_dir()
-        counts = trainer.model.param_counts()
+    dataset = load_dataset(cfg)  # checked before anything is written or started
+    if cfg.workers > 1 or args.address:
+        return _train_distributed(cfg, out, dataset.tokenizer.to_spec(), args, resume=bool(args.resume))
+    trainer = Trainer(cfg, dataset)
+    loop = RunLoop(cfg, out, trainer, dataset.tokenizer.to_spec(), max_failures=args.max_failures)
+    if args.resume:
+        loop.restore()
+        print(f"Resuming {out} at step {trainer.step} of {cfg.train.steps}")
+    else:
+        write_config(out, cfg)
+        counts = trainer.param_counts()
         print(
             f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts, "
             f"{counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), "
             f"data: {dataset.source}, {cfg.train.steps} steps -> {out}"
         )
-    summary = trainer.run()
-    _print_done(trainer.run_dir, summary)
+    summary = loop.run()
+    _print_done(out, summary)
     return 0
 
 
 def _print_done(run: Path, summary: dict[str, Any]) -> None:
     keys = ("final_train_loss", "final_val_loss", "tokens_per_s", "mean_fanout", "workers")
     print(json.dumps({k: summary.get(k) for k in keys}))
+    if summary.get("failures"):
+        print(f"Recovered from {len(summary['failures'])} lost worker(s): see 'failures' in summary.json")
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
     print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
 
 
-def _train_distributed(cfg, out: Path, args: argparse.Namespace, resume: bool = False) -> int:
-    """Expert-parallel training: a Ray coordinator and cfg.workers worker actors."""
-    import math
-
+def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: argparse.Namespace,
+                       resume: bool = False) -> int:  # fmt: skip
+    """Expert-parallel training: the coordinator (in this process) drives cfg.workers worker
+    actors through the same run loop as a single-process run."""
     import ray
-    from tqdm import tqdm
 
     from moedist.runtime.cluster import connect
-    from moedist.runtime.coordinator import run_job
+    from moedist.runtime.coordinator import Coordinator
+    from moedist.training.loop import RunLoop, write_config
 
     started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
-    bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True, delay=1)
-
-    def on_start(infos: list[dict[str, Any]]) -> None:
-        nodes = sorted({i["node"] for i in infos})
-        tqdm.write(
-            f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts on {cfg.workers} workers "
-            f"({infos[0]['backend']}, {len(nodes)} node(s): {', '.join(nodes)}), {cfg.train.steps} steps -> {out}"
-        )
-
-    def on_step(row: dict[str, Any]) -> None:
-        bar.update(row["step"] + 1 - bar.n)  # a resumed run starts past 0
-        bar.set_postfix({"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
-
+    coord = Coordinator(cfg, args.placement, args.cpus_per_worker, None, args.start_timeout, args.step_timeout)
     try:
-        summary = run_job(cfg, out, args.placement, args.cpus_per_worker, args.start_timeout, on_start, on_step,
-                          resume=resume)  # fmt: skip
+        infos = coord.start()
+        nodes = sorted({i["node"] for i in infos})
+        loop = RunLoop(cfg, out, coord, tokenizer_spec, max_failures=args.max_failures)
+        if resume:
+            loop.restore()
+        else:
+            write_config(out, cfg)
+        print(
+            f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts on {cfg.workers} workers "
+            f"({infos[0]['backend']}, {len(nodes)} node(s): {', '.join(nodes)}), "
+            f"{'resuming at step ' + str(coord.step) + ' of ' if resume else ''}{cfg.train.steps} steps -> {out}",
+            flush=True,
+        )
+        summary = loop.run()
     finally:
-        bar.close()
+        coord.shutdown()
         if started:
             ray.shutdown()
     _print_done(out, summary)
@@ -269,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     from moedist.data import DataError
     from moedist.runtime.coordinator import JobError
     from moedist.training.checkpoint import CheckpointError
+    from moedist.training.loop import TooManyFailuresError
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         print(f"moedist: error: {e}", file=sys.stderr)
         return 2
-    except JobError as e:
+    except (JobError, TooManyFailuresError) as e:
         print(f"moedist: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

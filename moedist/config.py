@@ -121,8 +121,9 @@ class TrainConfig:
     """bfloat16 = autocast on top of float32 master weights."""
     eval_every: int = _rng(100, 0)
     eval_tokens: int = _rng(65536, 1)
-    checkpoint_every: int = _rng(0, 0)
-    """Steps between checkpoints; 0 = only at the end."""
+    checkpoint_every: int = _rng(50, 0)
+    """Steps between checkpoints; 0 = only at the end. Bounds the steps a recovery from a
+    lost worker (or a Ctrl-C and --resume) replays, at the cost of one save each."""
     keep_checkpoints: int = _rng(2, 1)
     seed: int = _rng(0, 0)
     device: str = _choice("auto", "cpu", "cuda", default="auto")
@@ -130,6 +131,9 @@ class TrainConfig:
     threads: int = _rng(0, 0)
     """torch intra-op threads; 0 = torch's default."""
     progress: bool = True
+    nonfinite: str = _choice("stop", "skip", default="stop")
+    """A step whose loss or gradient norm is NaN/Inf: stop with an error naming the step and
+    layer (the last checkpoint stays intact), or skip its update and count it."""
 
 
 @dataclass

@@ -6,11 +6,12 @@ torchrun or Ray Train user can use the MoE layer without moedist's runtime.
 
 from moedist.parallel.alltoall import AllToAllDispatcher, all_to_all_rows
 from moedist.parallel.clock import CommClock
+from moedist.parallel.expert_parallel import enable_expert_parallel, experts_on_node
 from moedist.parallel.grads import (
     all_reduce_sum,
     expert_parameters,
+    gather_objects,
     replicated_parameters,
-    shard_model,
     shard_model_experts,
     sync_gradients,
 )
@@ -25,10 +26,12 @@ __all__ = [
     "ExpertPlacement",
     "all_reduce_sum",
     "all_to_all_rows",
+    "enable_expert_parallel",
     "expert_parameters",
+    "experts_on_node",
+    "gather_objects",
     "radix_kth_largest",
     "replicated_parameters",
-    "shard_model",
     "shard_model_experts",
     "sync_gradients",
     "threshold_sync_bytes",

@@ -22,13 +22,14 @@ from torch import Tensor, nn
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import MoEBlock
 from moedist.parallel.alltoall import AllToAllDispatcher
+from moedist.parallel.clock import CommClock
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
     "all_reduce_sum",
     "expert_parameters",
+    "gather_objects",
     "replicated_parameters",
-    "shard_model",
     "shard_model_experts",
     "sync_gradients",
 ]
@@ -37,7 +38,11 @@ DEFAULT_BUCKET_BYTES = 32 << 20
 
 
 def shard_model_experts(
-    model: nn.Module, placement: ExpertPlacement, rank: int, group: dist.ProcessGroup | None = None
+    model: nn.Module,
+    placement: ExpertPlacement,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+    clock: CommClock | None = None,
 ) -> nn.Module:
     """Turn a full model into `rank`'s shard, in place, and return it.
 
@@ -47,7 +52,7 @@ def shard_model_experts(
     norms, embeddings, routers, shared experts) stays a replica. The shard is built on the
     meta device first, so sharding draws no random numbers: the process's RNG stream stays
     that of the 1-process model. The process group need not exist yet; it must by the first
-    forward pass.
+    forward pass. A `clock` times the dispatchers' exchanges.
     """
     local = placement.local_experts(rank)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
@@ -59,7 +64,7 @@ def shard_model_experts(
             raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
         if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
             block.experts = full.subset(local)
-            block.dispatcher = AllToAllDispatcher(placement, group)
+            block.dispatcher = AllToAllDispatcher(placement, group, clock)
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
@@ -71,12 +76,9 @@ def shard_model_experts(
                 p.copy_(getattr(full, name).index_select(0, idx))
         shard.train(full.training)
         block.experts = shard  # same attribute: the module (and parameter) order is unchanged
-        block.dispatcher = AllToAllDispatcher(placement, group)
+        block.dispatcher = AllToAllDispatcher(placement, group, clock)
     return model
 
-
-# The name moedist.training.trainer imports (via moedist.parallel).
-shard_model = shard_model_experts
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -182,3 +184,10 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
     buf = x if inplace else x.detach().clone()
     dist.all_reduce(buf, group=group)
     return buf
+
+
+def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:
+    """Every rank's picklable `obj`, in rank order (a rare, small exchange: error reports)."""
+    out: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -60,6 +60,16 @@ class ExpertPlacement:
             for i, e in enumerate(experts):
                 self._local_index[e] = i
 
+    @classmethod
+    def blocks(cls, n_experts: int, world_size: int) -> ExpertPlacement:
+        """Contiguous blocks whose sizes differ by at most one (the default table when
+        world_size divides n_experts); needs world_size <= n_experts."""
+        if not 1 <= world_size <= n_experts:
+            raise ValueError(f"{world_size} workers cannot each own one of {n_experts} experts")
+        base, extra = divmod(n_experts, world_size)
+        owner = [w for w in range(world_size) for _ in range(base + (w < extra))]
+        return cls(n_experts, world_size, owner)
+
     # ----------------------------------------------------------------- queries
     def local_experts(self, rank: int) -> list[int]:
         """Global ids of the experts `rank` owns, in local order (ascending global id)."""

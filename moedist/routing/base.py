@@ -147,8 +147,16 @@ class Router(nn.Module, abc.ABC):
             self.proj = nn.Linear(d_model, n_experts, bias=False)
             nn.init.normal_(self.proj.weight, std=init_std)
         self.pool: PoolOps = PoolOps()
+        # Experts living on this worker's node (ETR's locality loss); None = all of them.
+        self.on_node_E: Tensor | None = None
         # Experts this router may choose (task-aware pre-selection); None = all.
         self.allowed_E: Tensor | None = None
+
+    def attach(self, pool: PoolOps, on_node_E: Tensor | None = None) -> None:
+        """Take pool statistics from `pool` (the expert-parallel runtime's collectives) and
+        learn which experts share this worker's node (None: all of them)."""
+        self.pool = pool
+        self.on_node_E = on_node_E
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits in float32 (also under autocast: routing decisions need precision)."""

@@ -63,8 +63,6 @@ class ResonanceRouter(Router):
         super().__init__(d_model, n_experts, cfg, init_std)
         self.d_model = d_model
         self.register_buffer("w_ED", slice_average_vectors(d_model, n_experts), persistent=False)
-        # Experts on this worker's node (set by the expert-parallel runtime); None = all.
-        self.local_experts_E: Tensor | None = None
         self.last_capacity = 0
 
     def logits(self, x_TD: Tensor) -> Tensor:
@@ -108,10 +106,10 @@ class ResonanceRouter(Router):
         return mask_TE & pool_topk_mask(chosen_TE, chosen_E.clamp(max=cap), self.pool)
 
     def _locality_loss(self, probs_TE: Tensor) -> Tensor:
-        if self.local_experts_E is None or bool(self.local_experts_E.all()):
+        if self.on_node_E is None or bool(self.on_node_E.all()):
             return probs_TE.sum() * 0.0  # every expert is local: D_loc = D_cur
         T = probs_TE.shape[0]
         p_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-        local_mass = (p_TE.mean(0) * self.local_experts_E.to(p_TE.dtype)).sum().clamp_min(1e-12)
+        local_mass = (p_TE.mean(0) * self.on_node_E.to(p_TE.dtype)).sum().clamp_min(1e-12)
         # token-weighted mean over workers of -log(local mass)
         return self.pool.sum(-torch.log(local_mass) * T) / max(self.pool.total(T), 1)

@@ -1,25 +1,31 @@
-"""The coordinator: owns an expert-parallel job on a Ray cluster.
+"""The coordinator: the step executor of an expert-parallel job on a Ray cluster.
 
-It reserves a placement group (one bundle per worker), starts the worker actors pinned to
-the bundles, orders ranks by node, runs the torch.distributed rendezvous on rank 0's node
-address, drives the steps, gathers metrics and writes the run folder (the same layout as a
-single-process run). Any failure to start or a dead worker becomes a typed error, and
-`shutdown` always removes the actors and the placement group.
+It lives in the driver process (so its workers are owned by the driver and die with it),
+reserves a placement group (one bundle per worker), starts the worker actors pinned to the
+bundles, orders ranks by node, runs the torch.distributed rendezvous on rank 0's node
+address and fans every call of the run loop (moedist.training.loop) out to the workers.
+
+Failures: a dead worker (its process killed, its node's raylet gone) or a step that hangs
+past the step timeout raises `WorkerDiedError`, which the run loop recovers from by calling
+`recover`: the workers that still answer are kept, the lost ones are replaced in their
+placement-group bundles (Ray moves a bundle whose node is gone to a node with room), or
+the job goes on with fewer workers when the cluster has no room; then the process group is
+re-formed with a fresh rendezvous and the loop restores every worker from the newest
+checkpoint. Any other worker error is a typed JobError, and `shutdown` always removes the
+actors and the placement group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import tomli_w
 import torch
 
 from moedist.config import RunConfig, to_dict
+from moedist.training.evaluate import EvalResult
+from moedist.training.loop import WorkerLostError
 
 
 class JobError(RuntimeError):
@@ -34,43 +40,56 @@ class WorkerStartError(JobError):
     """A worker actor failed to start or to join the process group."""
 
 
-class WorkerDiedError(JobError):
-    """A worker actor died while the job ran."""
+class WorkerFailedError(JobError):
+    """A worker raised an error that is not a lost worker (a bug, bad data): not retried."""
+
+
+class WorkerDiedError(JobError, WorkerLostError):
+    """A worker actor died (or hung past the step timeout) while the job ran; recoverable."""
 
 
 def _resources_text(res: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "memory"))
 
 
+def valid_worker_counts(cfg: RunConfig, at_most: int) -> list[int]:
+    """Worker counts <= at_most the job can run with (each worker owns at least one expert
+    and gets an equal share of every micro-batch), largest first."""
+    t = cfg.train
+    n_experts = cfg.model.n_experts if cfg.router.kind != "dense" else at_most
+    return [w for w in range(min(at_most, n_experts), 0, -1) if t.batch_size % (t.micro_batches * w) == 0]
+
+
 class Coordinator:
-    """Drives W workers through cfg.train.steps optimiser steps."""
+    """Drives cfg.workers worker actors, one optimiser step at a time (a StepExecutor)."""
 
     def __init__(
         self,
         cfg: RunConfig,
-        run_dir: Path,
         strategy: str = "PACK",
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float | None = None,
-        timeout_s: float = 120.0,
+        start_timeout_s: float = 120.0,
+        step_timeout_s: float = 1800.0,
+        grace_s: float = 10.0,
     ):
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement strategy '{strategy}' is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
         self.strategy = strategy
         self.cpus = cpus_per_worker
         self.gpus = gpus_per_worker
-        self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.grace_s = grace_s  # how long survivors of a lost worker get to finish failing their step
         self.pg = None
+        self.n_bundles = 0
         self.placement = None
-        self.workers: list[Any] = []
+        self.workers: list[Any] = []  # actor handles in rank order
+        self.bundles: list[int] = []  # placement-group bundle of each rank
         self.infos: list[dict[str, Any]] = []
-        self.rows: list[dict[str, Any]] = []
         self.step = 0
-        self.last_eval: dict[str, Any] | None = None
-        self._t_start = time.perf_counter()
-        self._first_step = 0
+        self._spawned = 0  # actors started so far (names stay unique across replacements)
 
     # ------------------------------------------------------------------ start
     def start(self) -> list[dict[str, Any]]:
@@ -83,80 +102,133 @@ class Coordinator:
 
     def _start(self) -> list[dict[str, Any]]:
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from moedist.parallel.placement import ExpertPlacement
-        from moedist.runtime.worker import Worker
+        from ray.util.placement_group import placement_group
 
         W = self.cfg.workers
-        gpus = self.gpus if self.gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= W else 0.0)
-        bundle = {"CPU": self.cpus, **({"GPU": gpus} if gpus else {})}
+        if self.gpus is None:
+            self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= W else 0.0
+        bundle = self._bundle()
         self.pg = placement_group([dict(bundle) for _ in range(W)], strategy=self.strategy)
+        self.n_bundles = W
         try:
-            ray.get(self.pg.ready(), timeout=self.timeout_s)
+            ray.get(self.pg.ready(), timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise PlacementTimeoutError(
                 f"could not place {W} workers x {{{_resources_text(bundle)}}} ({self.strategy}) within "
-                f"{self.timeout_s:g} s; the cluster has {_resources_text(ray.cluster_resources())} in all, "
+                f"{self.start_timeout_s:g} s; the cluster has {_resources_text(ray.cluster_resources())} in all, "
                 f"{_resources_text(ray.available_resources())} free"
             ) from None
-
         # Ranks ordered by node so neighbouring ranks share a node (cheaper exchanges): rank r
         # runs in bundle order[r], known before any actor starts, so names can carry the rank.
-        node_addr = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        order = self._bundles_by_node(range(W))
+        self.bundles = order
+        self.workers = [self._spawn(b, f"rank{rank}-of{W}") for rank, b in enumerate(order)]
+        return self._form_group()
+
+    def _bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+
+    def _bundles_by_node(self, bundles) -> list[int]:
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        node_addr = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         bundle_node = placement_group_table(self.pg)["bundles_to_node_id"]
-        order = sorted(range(W), key=lambda b: (node_addr.get(bundle_node[b], ""), b))
-        actor_cls = ray.remote(Worker)
-        cfg_dict = to_dict(self.cfg)
+        return sorted(bundles, key=lambda b: (node_addr.get(bundle_node.get(b), ""), b))
+
+    def _spawn(self, bundle: int, label: str):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from moedist.runtime.worker import Worker
+
         job = ray.get_runtime_context().get_job_id()
-        for rank, b in enumerate(order):
-            opts = {
-                "num_cpus": self.cpus,
-                "num_gpus": gpus,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
-                "name": f"moedist-worker-rank{rank}-of{W}-job{job}-{id(self):x}",
-                "max_restarts": 0,
-            }
-            self.workers.append(actor_cls.options(**opts).remote(cfg_dict, rank, W))
-        addrs = self._get([w.address.remote() for w in self.workers], "start", WorkerStartError)
-        port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError)
-        self.placement = ExpertPlacement(self.cfg.model.n_experts, W)
+        self._spawned += 1
+        opts = {
+            "num_cpus": self.cpus,
+            "num_gpus": self.gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
+            "name": f"moedist-worker-{label}-job{job}-{id(self):x}-{self._spawned}",
+            "max_restarts": 0,  # the coordinator replaces lost workers itself (state comes from a checkpoint)
+        }
+        return ray.remote(Worker).options(**opts).remote(to_dict(self.cfg))
+
+    def _form_group(self) -> list[dict[str, Any]]:
+        """Rendezvous of the current workers (in rank order) and a fresh model on each."""
+        from moedist.parallel.placement import ExpertPlacement
+
+        W = len(self.workers)
+        self.cfg.workers = W
+        addrs = self._get([w.address.remote() for w in self.workers], "start", WorkerStartError,
+                          self.start_timeout_s)  # fmt: skip
+        port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError, self.start_timeout_s)
+        E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else W
+        self.placement = ExpertPlacement.blocks(E, W)
         self.infos = self._get(
-            [w.setup.remote(r, addrs[0], port, self.placement.to_dict(), addrs) for r, w in enumerate(self.workers)],
+            [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs) for r, w in enumerate(self.workers)],
             "join the process group",
             WorkerStartError,
+            self.start_timeout_s,
         )
+        self.step = 0
         return self.infos
 
-    def _get(self, refs, what: str, err: type[JobError] = WorkerDiedError):
-        """ray.get with the timeout, turning actor failures into typed errors.
+    def _get(self, refs, what: str, err: type[JobError] = WorkerDiedError, timeout_s: float | None = None):
+        """ray.get with a timeout, turning failures into typed errors.
 
         Fails fast: results are checked as they arrive, so a dead worker is reported at once
-        even while the others wait for it inside a collective (until shutdown kills them).
+        even while the others wait for it inside a collective. A task error on a survivor
+        (its collective lost a peer) is told apart from a real error by giving the other
+        workers `grace_s` to report their own fate.
         """
         import ray
 
         single = not isinstance(refs, list)
         pending = [refs] if single else list(refs)
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            while pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ray.exceptions.GetTimeoutError()
-                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-                if ready:
-                    ray.get(ready[0])  # raises this task's error, if any
-            return ray.get(refs)
-        except ray.exceptions.GetTimeoutError:
-            raise err(f"workers did not {what} within {self.timeout_s:g} s") from None
-        except ray.exceptions.RayActorError as e:
-            raise err(f"a worker died while trying to {what}: {e}") from e
-        except ray.exceptions.RayTaskError as e:
-            raise err(f"a worker failed to {what}: {e}") from e
+        timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:  # a hang without a death is a lost worker too (recovery kills it)
+                raise err(f"workers did not {what} within {timeout_s:g} s")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if ready:
+                try:
+                    ray.get(ready[0])
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    self._raise_failure(e, [ready[0], *pending], what, err)
+        return ray.get(refs)
 
-    # ------------------------------------------------------------------- run
+    def _raise_failure(self, first: Exception, refs: list, what: str, err: type[JobError]) -> None:
+        """Classify a failed call: a lost worker (recoverable), a non-finite step (the
+        trainer's own error, re-raised as is), or a worker error (fatal)."""
+        import ray
+
+        noticed = time.monotonic()
+        outcomes = [first]
+        if isinstance(first, ray.exceptions.RayTaskError):
+            # Was a peer lost? Its death (or its survivors' errors) arrives within the grace.
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.grace_s)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    outcomes.append(e)
+        dead = [e for e in outcomes if isinstance(e, ray.exceptions.RayActorError)]
+        causes = [getattr(e, "cause", None) for e in outcomes]
+        cause = next((c for c in causes if isinstance(c, FloatingPointError)), None)
+        if cause is not None:
+            raise cause
+        if dead or _is_collective_error(first):
+            if err is not WorkerDiedError:
+                raise err(f"a worker died while trying to {what}: {_short(dead[0] if dead else first)}")
+            raise WorkerDiedError(f"a worker died while trying to {what}: {_short(dead[0] if dead else first)}",
+                                  noticed) from None  # fmt: skip
+        raise (err if err is not WorkerDiedError else WorkerFailedError)(
+            f"a worker failed to {what}: {_short(first)}"
+        ) from None
+
+    # --------------------------------------------------------- executor calls
     def train_step(self) -> dict[str, Any]:
         """One step on every worker; rank 0's row (already global) plus cluster facts."""
         t0 = time.perf_counter()
@@ -168,123 +240,115 @@ class Coordinator:
         for key in ("a2a_s", "pool_s", "grad_sync_s", "comm_s"):
             row[key] = max(r.get(key, 0.0) for r in rows)
         row["compute_s"] = max(r["step_s"] - r.get("comm_s", 0.0) for r in rows)
+        row["workers"] = len(self.workers)
         self.step += 1
         return row
 
-    def evaluate(self) -> dict[str, Any]:
-        self.last_eval = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]
-        return self.last_eval
+    def evaluate(self) -> EvalResult:
+        ev = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]
+        return EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"])
 
-    def save(self) -> Path:
-        """Checkpoint with the layout of a single-process run: the expert shards of every
-        rank are merged into one whole model (and optimiser) state, so eval, generate and
-        resume work on it with any number of workers."""
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The whole model and optimiser (expert shards of every rank merged, the layout of a
+        single-process checkpoint, so eval, generate and resume work with any worker count)."""
         from moedist.parallel.shards import merge_model_shards, merge_optim_shards
-        from moedist.training.checkpoint import save_checkpoint
-        from moedist.training.trainer import load_dataset, parquet_bytes
 
         shards = self._get([w.shard_state.remote() for w in self.workers], "save a checkpoint")
         tensors = {
             "model": merge_model_shards([s["model"] for s in shards], self.placement, shards[0]["expert_keys"]),
             "optim": merge_optim_shards([s["optim"] for s in shards], self.placement, shards[0]["expert_slots"]),
         }
-        state = {
-            "step": self.step,
-            "workers": len(self.workers),
-            "tokenizer": load_dataset(self.cfg).tokenizer.to_spec(),
-            "config": to_dict(self.cfg),
-            "torch_rng": torch.get_rng_state().tolist(),
-        }
-        return save_checkpoint(self.run_dir, self.step, tensors, state,
-                               blobs={"metrics.parquet": parquet_bytes(self.rows)},
-                               keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+        # Every worker draws the same random numbers (same seed, same calls): rank 0's are the run's.
+        return tensors, {"torch_rng": shards[0]["torch_rng"], "skipped_steps": shards[0]["skipped"],
+                         "workers": len(self.workers)}  # fmt: skip
 
-    def restore(self) -> int:
-        """Continue from the run folder's newest checkpoint (call after start): every worker
-        takes its share of the whole-model state. Returns the step reached."""
+    def load_state(self, tensors: dict[str, Any], extra: dict[str, Any], step: int) -> None:
+        """Every worker takes its share of a whole-model checkpoint and continues at `step`."""
         import ray
 
-        from moedist.training.trainer import read_resume_checkpoint
-
-        objs, state, rows, _ = read_resume_checkpoint(self.run_dir, self.cfg)
-        model_ref, optim_ref = ray.put(objs["model"]), ray.put(objs["optim"])  # one copy for all workers
-        self._get([w.load_state.remote(model_ref, optim_ref, state["step"]) for w in self.workers],
+        model_ref, optim_ref = ray.put(tensors["model"]), ray.put(tensors["optim"])  # one copy for all workers
+        self._get([w.load_state.remote(model_ref, optim_ref, step, extra) for w in self.workers],
                   "load the checkpoint")  # fmt: skip
-        self.step = int(state["step"])
-        self.rows = rows
-        return self.step
+        self.step = int(step)
 
-    def begin(self) -> None:
-        """Write the resolved config into the run folder and start the clock."""
-        from moedist.training.trainer import write_atomic
+    def info(self) -> dict[str, Any]:
+        return {"workers": len(self.workers), "nodes": len({i["node"] for i in self.infos}),
+                "backend": self.infos[0]["backend"] if self.infos else None}  # fmt: skip
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(to_dict(self.cfg)).encode())
-        self._t_start = time.perf_counter()
-        self._first_step = self.step
-
-    def run_steps(self, n: int) -> list[dict[str, Any]]:
-        """Up to n more steps (evaluating and checkpointing on schedule); their metric rows."""
-        cfg = self.cfg
-        out = []
-        for _ in range(n):
-            if self.step >= cfg.train.steps:
-                break
-            row = self.train_step()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
-                row["val_loss"] = self.evaluate()["val_loss"]
-            self.rows.append(row)
-            out.append(row)
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                self.save()
-        return out
-
-    def finish(self) -> dict[str, Any]:
-        """Final evaluation and checkpoint; write metrics, summary and plots; the summary."""
-        from moedist.training.evaluate import EvalResult
-        from moedist.training.plots import write_plots
-        from moedist.training.trainer import parquet_bytes, write_atomic
-
-        ev = self.evaluate()
-        if self.rows:
-            self.rows[-1]["val_loss"] = ev["val_loss"]
-        self.save()
-        wall = time.perf_counter() - self._t_start
-        write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
-        summary = self.summary(wall, self.step - self._first_step)
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
-        write_plots(self.run_dir, self.rows, EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"]))
-        return summary
-
-    def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """begin, every step, finish (in-process use)."""
-        self.begin()
-        while self.step < self.cfg.train.steps:
-            for row in self.run_steps(1):
-                if on_step:
-                    on_step(row)
-        return self.finish()
-
-    def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
-        """summary.json: the single-process keys plus workers, nodes and communication."""
-        import numpy as np
-
+    def param_counts(self) -> dict[str, int]:
         from moedist.model.transformer import MoETransformer
-        from moedist.training.evaluate import EvalResult
-        from moedist.training.trainer import run_summary
 
         with torch.device("meta"):  # parameter counts without allocating the model
-            counts = MoETransformer(self.cfg.model, self.cfg.router).param_counts()
-        ev = self.last_eval
-        ev_res = EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"]) if ev else None
-        out = run_summary(self.cfg, self.rows, self.step, wall_s, steps_this_run, ev_res, counts)
-        out["workers"] = len(self.workers)
-        out["nodes"] = len({i["node"] for i in self.infos})
-        out["backend"] = self.infos[0]["backend"] if self.infos else None
-        # Mean seconds per step (slowest rank of each step) for each part of the step.
-        for key in ("step_s", "compute_s", "comm_s", "a2a_s", "pool_s", "grad_sync_s"):
-            out[f"{key}_per_step"] = float(np.mean([r.get(key, 0.0) for r in self.rows])) if self.rows else 0.0
-        return out
+            return MoETransformer(self.cfg.model, self.cfg.router).param_counts()
+
+    # -------------------------------------------------------------- recovery
+    def recover(self, err: Exception | None = None) -> dict[str, float]:
+        """Bring the worker group back after a lost worker; the caller then restores state.
+
+        Keeps the workers that answer within the grace period, replaces the others in their
+        bundles (waiting up to the start timeout for Ray to place them), goes on with fewer
+        workers if some cannot be placed, and re-forms the process group. Returns the
+        seconds each part took.
+        """
+        import ray
+
+        try:
+            t0 = time.perf_counter()
+            pings = [w.ping.remote() for w in self.workers]
+            done, _ = ray.wait(pings, num_returns=len(pings), timeout=self.grace_s)
+            done_set = set(done)
+            keep: list[tuple[Any, int]] = []
+            for w, b, ref in zip(self.workers, self.bundles, pings, strict=True):
+                ok = False
+                if ref in done_set:
+                    with contextlib.suppress(Exception):
+                        ray.get(ref)
+                        ok = True
+                if ok:
+                    keep.append((w, b))
+                else:
+                    with contextlib.suppress(Exception):
+                        ray.kill(w, no_restart=True)
+            t1 = time.perf_counter()
+
+            # Replacements in the free bundles; Ray reschedules a bundle whose node is gone.
+            held = {b for _, b in keep}
+            fresh = [(self._spawn(b, f"bundle{b}"), b) for b in range(self.n_bundles) if b not in held]
+            if fresh:
+                refs = [w.address.remote() for w, _ in fresh]
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+                for (w, b), ref in zip(fresh, refs, strict=True):
+                    started = False
+                    if ref in ready:
+                        with contextlib.suppress(Exception):
+                            ray.get(ref)
+                            started = True
+                    if started:
+                        keep.append((w, b))
+                    else:  # no room in the cluster for this bundle: go on without it
+                        with contextlib.suppress(Exception):
+                            ray.kill(w, no_restart=True)
+            counts = valid_worker_counts(self.cfg, len(keep))
+            if not counts:
+                raise WorkerStartError(f"no worker could be started or kept after the failure ({err})")
+            # Fewer workers than bundles (no room): keep the largest count the job can run with.
+            while len(keep) > counts[0]:
+                w, _ = keep.pop()
+                with contextlib.suppress(Exception):
+                    ray.kill(w, no_restart=True)
+            t2 = time.perf_counter()
+
+            self._get([w.reset.remote() for w, _ in keep], "leave the old process group", WorkerStartError,
+                      self.start_timeout_s)  # fmt: skip
+            by_bundle = dict((b, w) for w, b in keep)
+            self.bundles = self._bundles_by_node(by_bundle)
+            self.workers = [by_bundle[b] for b in self.bundles]
+            self._form_group()
+            t3 = time.perf_counter()
+        except BaseException:
+            self.shutdown()
+            raise
+        return {"probe_s": t1 - t0, "actor_start_s": t2 - t1, "group_s": t3 - t2, "workers_after": len(self.workers)}
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
@@ -305,51 +369,20 @@ class Coordinator:
             self.pg = None
 
 
-def run_job(
-    cfg: RunConfig,
-    run_dir: Path,
-    strategy: str = "PACK",
-    cpus_per_worker: float = 1.0,
-    timeout_s: float = 120.0,
-    on_start: Callable[[list[dict[str, Any]]], None] | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-    chunk: int = 1,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Run a job with the Coordinator as a Ray actor on the driver's node (so the run folder
-    is written where the driver can read it); the driver only relays progress. The
-    coordinator's shutdown (actors, placement group) runs whatever happens. `resume`
-    continues from run_dir's newest checkpoint (written with any number of workers)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _short(e: BaseException) -> str:
+    """The first line of an error's message (Ray's carry whole remote tracebacks)."""
+    cause = getattr(e, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
-    here = ray.get_runtime_context().get_node_id()
-    actor_cls = ray.remote(Coordinator).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), max_restarts=0
-    )
-    coord = actor_cls.remote(cfg, run_dir, strategy, cpus_per_worker, None, timeout_s)
-    try:
-        infos = ray.get(coord.start.remote())
-        done = ray.get(coord.restore.remote()) if resume else 0
-        if on_start:
-            on_start(infos)
-        ray.get(coord.begin.remote())
-        while done < cfg.train.steps:
-            rows = ray.get(coord.run_steps.remote(chunk))
-            if not rows:
-                break
-            done += len(rows)
-            for row in rows:
-                if on_step:
-                    on_step(row)
-        return ray.get(coord.finish.remote())
-    except ray.exceptions.RayTaskError as e:
-        # Re-raise the coordinator's own typed error (PlacementTimeoutError, ...) as itself.
-        if isinstance(e.cause, JobError):
-            raise e.cause from None
-        raise
-    finally:
-        try:
-            ray.get(coord.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(coord)
+
+def _is_collective_error(e: BaseException) -> bool:
+    """True for a worker error raised by torch.distributed (a peer of the collective is gone)."""
+    import torch.distributed as dist
+
+    cause = getattr(e, "cause", None)
+    return isinstance(cause, dist.DistError) or (
+        isinstance(cause, RuntimeError) and any(s in str(cause) for s in ("Connection closed by peer", "Gloo",
+                                                                           "gloo", "NCCL", "Socket Timeout"))
+    )  # fmt: skip

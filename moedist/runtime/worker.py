@@ -7,6 +7,7 @@ resource options, so the same class also runs in-process in tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -37,9 +38,9 @@ def cpu_share() -> int:
 class Worker:
     """One rank of an expert-parallel job."""
 
-    def __init__(self, cfg_dict: dict[str, Any], rank: int, world: int):
+    def __init__(self, cfg_dict: dict[str, Any]):
         self.cfg: RunConfig = from_dict(cfg_dict)
-        self.rank, self.world = rank, world
+        self.rank, self.world = -1, 0
         self.trainer = None
         self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
         # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
@@ -64,21 +65,33 @@ class Worker:
         self._listen = listen_socket(node_address())
         return int(self._listen.getsockname()[1])
 
+    def ping(self) -> int:
+        """Answers once any task in flight has finished (the coordinator's liveness probe)."""
+        return os.getpid()
+
     def setup(
-        self, rank: int, master_addr: str, master_port: int, placement: dict[str, Any], nodes: list[str] | None = None
+        self,
+        rank: int,
+        world: int,
+        master_addr: str,
+        master_port: int,
+        placement: dict[str, Any],
+        nodes: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Join the process group, build the model shard and the data sampler."""
+        """Join a process group of `world` ranks as `rank`; build a fresh model shard (from
+        the seed) and the data sampler."""
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
         from moedist.training.trainer import DistContext, Trainer, load_dataset
 
-        self.rank = rank
+        self.rank, self.world = rank, world
+        self.cfg.workers = world
         t0 = time.perf_counter()
         listen, self._listen = self._listen, None
         backend = init_group(rank, self.world, master_addr, master_port, node_address(), listen=listen)
         dataset = load_dataset(self.cfg)
         ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement), nodes=nodes)
-        self.trainer = Trainer(self.cfg, None, dataset, ctx)
+        self.trainer = Trainer(self.cfg, dataset, ctx)
         return {
             "rank": rank,
             "node": node_address(),
@@ -95,9 +108,6 @@ class Worker:
     def evaluate(self) -> dict[str, Any]:
         return self.trainer.evaluate().to_json()
 
-    def param_counts(self) -> dict[str, int]:
-        return self.trainer.model.param_counts()
-
     # ------------------------------------------------------------ state
     def shard_state(self) -> dict[str, Any]:
         """This rank's model shard and optimiser state, and which entries are expert shards
@@ -109,18 +119,32 @@ class Worker:
             "model": tr.model.state_dict(),
             "optim": tr.opt.state_dict(),
             "step": tr.step,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "skipped": tr.skipped,
             "expert_keys": expert_keys(tr.model),
             "expert_slots": expert_slots(tr.model, tr.opt),
         }
 
-    def load_state(self, model_state: dict[str, Any], optim_state: dict[str, Any], step: int) -> None:
+    def load_state(
+        self, model_state: dict[str, Any], optim_state: dict[str, Any], step: int, extra: dict[str, Any]
+    ) -> None:
         """Take this rank's share of a whole-model (checkpoint) state and continue at `step`."""
         from moedist.parallel.shards import expert_keys, expert_slots, model_shard, optim_shard
 
         tr, d = self.trainer, self.trainer.dist
         tr.model.load_state_dict(model_shard(model_state, d.placement, d.rank, expert_keys(tr.model)))
         tr.opt.load_state_dict(optim_shard(optim_state, d.placement, d.rank, expert_slots(tr.model, tr.opt)))
+        torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
+        tr.skipped = int(extra.get("skipped_steps", 0))
         tr.step = int(step)
+
+    def reset(self) -> None:
+        """Leave the process group and drop the model (before a re-formed group's setup)."""
+        from moedist.parallel.group import destroy_group
+
+        self.trainer = None
+        with contextlib.suppress(Exception):  # a group that lost a peer may not close cleanly
+            destroy_group()
 
     def shutdown(self) -> None:
         from moedist.parallel.group import destroy_group

@@ -7,7 +7,6 @@ checkpoints/ and plots/. Legend: B batch, S positions, E experts.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import time
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import tomli_w
 import torch
 
 from moedist.config import ConfigError, RunConfig, deep_update, from_dict, to_dict
@@ -29,9 +27,9 @@ from moedist.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
 )
 from moedist.training.evaluate import EvalResult, evaluate
+from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,9 +72,12 @@ def make_optimizer(model: MoETransformer, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename over `path`."""
+    """Write to a temporary sibling, fsync it, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -98,11 +99,14 @@ class DistContext:
 
 
 class Trainer:
-    """Owns a model, its optimiser and the data sampler; single-process, or one worker of an
-    expert-parallel job when given a DistContext (then the Ray coordinator owns the run folder)."""
+    """Owns a model, its optimiser and the data sampler, and runs optimiser steps.
 
-    def __init__(self, cfg: RunConfig, run_dir: Path | None, dataset: TokenDataset,
-                 dist_ctx: DistContext | None = None):  # fmt: skip
+    Single-process, it is the step executor of the run loop (moedist.training.loop) and the
+    oracle the expert-parallel runtime must match; with a DistContext it is one worker of an
+    expert-parallel job (the Ray coordinator drives it and owns the run folder).
+    """
+
+    def __init__(self, cfg: RunConfig, dataset: TokenDataset, dist_ctx: DistContext | None = None):
         if dist_ctx is None and cfg.workers != 1:
             raise ConfigError(
                 f"workers: {cfg.workers} requested, but this trainer is single-process (workers = 1); "
@@ -111,7 +115,6 @@ class Trainer:
         if dataset.vocab_size != cfg.model.vocab_size:
             cfg.model.vocab_size = dataset.vocab_size  # the tokenizer decides the vocabulary
         self.cfg = cfg
-        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset = dataset
         self.dist = dist_ctx
         self.device = resolve_device(cfg.train.device)
@@ -120,73 +123,50 @@ class Trainer:
         # The full model is built (and seeded) the same way on every worker, so a worker's
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
+        self.clock = None
+        self.expert_ids: list[int] | None = None  # global id of each local expert row
         if dist_ctx is not None:
-            from moedist.parallel import CommClock, DistributedPoolOps, shard_model
+            from moedist.parallel import enable_expert_parallel
 
-            shard_model(self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group)
-            # One clock for every collective of the step: metrics split compute / communication.
-            self.clock = CommClock()
-            for block in self.model.moe_blocks():
-                block.dispatcher.clock = self.clock
-            # Routers now ask the whole cluster for pool statistics (exact radix select).
-            for router in self.model.routers():
-                router.pool = DistributedPoolOps(dist_ctx.group, self.clock)
-                if hasattr(router, "local_experts_E") and dist_ctx.nodes is not None:
-                    # ETR's locality loss: the experts whose owner shares this worker's node
-                    here, P = dist_ctx.nodes[dist_ctx.rank], dist_ctx.placement
-                    on_node = [dist_ctx.nodes[P.owner(e)] == here for e in range(P.n_experts)]
-                    router.local_experts_E = torch.tensor(on_node, device=self.device)
+            self.clock = enable_expert_parallel(
+                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes
+            )
+            self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
-        self.rows: list[dict[str, Any]] = []
-        self.last_eval: EvalResult | None = None
+        self.skipped = 0
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
 
-    # ------------------------------------------------------------ run folder
-    def init_run_dir(self) -> None:
-        """Create the run folder and write the resolved config."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "plots").mkdir(exist_ok=True)
-        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(to_dict(self.cfg)).encode())
+    # ----------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors {model, optim}, extra JSON state) for a checkpoint of this step."""
+        extra = {"torch_rng": torch.get_rng_state().tolist(), "skipped_steps": self.skipped}
+        return {"model": self.model.state_dict(), "optim": self.opt.state_dict()}, extra
 
-    @classmethod
-    def resume(cls, run_dir: Path, overrides: dict[str, Any] | None = None) -> Trainer:
-        """Rebuild a trainer from RUN/config.toml and its newest checkpoint (written by a
-        single-process or a distributed run: the checkpoint holds the whole model)."""
-        cfg = resume_config(run_dir, overrides)
-        objs, state, rows, ckpt = read_resume_checkpoint(run_dir, cfg)
-        tr = cls(cfg, run_dir, load_dataset(cfg))
-        try:
-            tr.model.load_state_dict(objs["model"])
-            tr.opt.load_state_dict(objs["optim"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model in config.toml: {e}") from e
-        tr.step = int(state["step"])
-        tr.rows = rows
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        return tr
+    def load_state(self, tensors: dict[str, Any], extra: dict[str, Any], step: int) -> None:
+        """Continue from a whole-model checkpoint (written by any number of workers)."""
+        self.model.load_state_dict(tensors["model"])
+        self.opt.load_state_dict(tensors["optim"])
+        torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
+        self.skipped = int(extra.get("skipped_steps", 0))
+        self.step = int(step)
 
-    def save(self) -> Path:
-        """Checkpoint the current state (model, optimiser, metrics so far)."""
-        state = {
-            "step": self.step,
-            "tokenizer": self.dataset.tokenizer.to_spec(),
-            "config": to_dict(self.cfg),
-            "torch_rng": torch.get_rng_state().tolist(),
-        }
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            {"model": self.model.state_dict(), "optim": self.opt.state_dict()},
-            state,
-            blobs={"metrics.parquet": parquet_bytes(self.rows)},
-            keep=self.cfg.train.keep_checkpoints,
-        )
+    def info(self) -> dict[str, Any]:
+        """Facts about where the run ran, for summary.json."""
+        return {"device": str(self.device), "workers": 1}
+
+    def param_counts(self) -> dict[str, int]:
+        return self.model.param_counts()
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
-        """One optimiser step over the global batch (split into micro-batches)."""
+        """One optimiser step over the global batch (split into micro-batches).
+
+        The loss and the global gradient norm are checked before the update and the
+        parameters after it: a non-finite value raises NonFiniteError naming the step and
+        layer (train.nonfinite = "stop"), or drops the step's update and counts it ("skip").
+        """
         cfg, model = self.cfg, self.model
         model.train()
         t0 = time.perf_counter()
@@ -226,12 +206,22 @@ class Trainer:
             ce_sum, aux_sum = float(stats[0]), float(stats[1])
             load_LE = all_reduce_sum(load_LE, d.group)
             assigned_L = all_reduce_sum(assigned_L, d.group)
-        if not math.isfinite(ce_sum):
-            raise FloatingPointError(f"loss became {ce_sum} at step {self.step}; lower train.lr")
         grad_norm = self.clip_gradients()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        model.routing_step_end()
+        # Loss and norm are global (all-reduced), so every worker takes the same branch.
+        skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))
+        if skipped:
+            self._nonfinite_step(ce_sum, grad_norm)
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            model.routing_step_end()
+            if not params_finite(list(model.parameters())):
+                where = first_nonfinite(model, "param", self.expert_ids)
+                raise NonFiniteError(
+                    f"parameters became non-finite in step {self.step}'s update ({where}; loss {ce_sum / n_micro:.4g}, "
+                    f"gradient norm {grad_norm:.4g}); nothing was saved from this step: lower train.lr",
+                    self.step,
+                )
         dt = time.perf_counter() - t0
         n_tokens = cfg.train.batch_size * cfg.model.seq_len  # the global batch
         row: dict[str, Any] = {
@@ -244,6 +234,7 @@ class Trainer:
             "step_s": dt,
             "tokens_per_s": n_tokens / dt,
             "val_loss": None,
+            "skipped": skipped,
         }
         if d is not None:
             comm = self.clock.take()
@@ -259,6 +250,28 @@ class Trainer:
                 row[f"L{layer}_{name}"] = val.cpu().tolist()
         self.step += 1
         return row
+
+    def _nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is not finite: stop, naming where, or skip."""
+        where = first_nonfinite(self.model, "grad", self.expert_ids)
+        if self.dist is not None:
+            # Expert gradients live on their owners: the first culprit in rank order.
+            from moedist.parallel import gather_objects
+
+            where = next((w for w in gather_objects(where, self.dist.group) if w), None)
+        n_micro = self.cfg.train.micro_batches
+        what = f"loss {loss_sum / n_micro:.4g}, gradient norm {grad_norm:.4g}"
+        if where:
+            what += f", first non-finite gradient in {where}"
+        self.opt.zero_grad(set_to_none=True)
+        self.model.train()  # drops the routers' pending step statistics (ET's logits)
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {self.step} is not finite ({what}); no update was applied and nothing non-finite saved: "
+                "lower train.lr, or set train.nonfinite=skip to skip such steps",
+                self.step,
+            )
+        self.skipped += 1
 
     def clip_gradients(self) -> float:
         """Clip to train.grad_clip by the global gradient norm; return the norm.
@@ -292,108 +305,10 @@ class Trainer:
             from moedist.parallel import all_reduce_sum
 
             shard, reduce = (d.rank, d.world), (lambda x: all_reduce_sum(x, d.group))
-        self.last_eval = evaluate(
+        return evaluate(
             self.model, self.dataset, self.cfg.model.seq_len, t.batch_size, t.eval_tokens, self.autocast_dtype,
             shard=shard, all_reduce=reduce,
         )  # fmt: skip
-        return self.last_eval
-
-    # ------------------------------------------------------------------- run
-    def run(self) -> dict[str, Any]:
-        """Train to cfg.train.steps, evaluating and checkpointing; return the summary."""
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        total = cfg.train.steps
-        t_start = time.perf_counter()
-        first = self.step
-        bar = tqdm(total=total, initial=self.step, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
-        try:
-            while self.step < total:
-                row = self.train_step()
-                done = self.step
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total:
-                    row["val_loss"] = self.evaluate().val_loss
-                self.rows.append(row)
-                bar.update(1)
-                bar.set_postfix(self._postfix(row), refresh=False)
-                if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < total:
-                    self.save()
-        finally:
-            bar.close()
-        final_eval = self.evaluate()
-        if self.rows and self.rows[-1]["step"] == total - 1:
-            self.rows[-1]["val_loss"] = final_eval.val_loss
-        self.save()
-        wall = time.perf_counter() - t_start
-        self.write_metrics()
-        summary = self.summary(wall, self.step - first)
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
-        from moedist.training.plots import write_plots
-
-        write_plots(self.run_dir, self.rows, final_eval)
-        return summary
-
-    def _postfix(self, row: dict[str, Any]) -> dict[str, str]:
-        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-        loads = [np.asarray(v) for k, v in row.items() if k.endswith("_load")]
-        if loads:
-            fan = np.mean([v for k, v in row.items() if k.endswith("_fanout")])
-            ratio = max(lo.max() / max(lo.mean(), 1e-9) for lo in loads)
-            post.update({"fanout": f"{fan:.2f}", "max/mean load": f"{ratio:.2f}"})
-        return post
-
-    def write_metrics(self) -> None:
-        write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
-
-    def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
-        """summary.json contents (see `run_summary`)."""
-        out = run_summary(self.cfg, self.rows, self.step, wall_s, steps_this_run, self.last_eval,
-                          self.model.param_counts())  # fmt: skip
-        out["device"] = str(self.device)
-        return out
-
-
-def run_summary(
-    cfg: RunConfig,
-    rows: list[dict[str, Any]],
-    step: int,
-    wall_s: float,
-    steps_this_run: int,
-    ev: EvalResult | None,
-    counts: dict[str, int],
-) -> dict[str, Any]:
-    """summary.json keys shared by single-process and distributed runs.
-
-    Train loss, fan-out and load balance are averaged over the last 10% of steps; the
-    throughput is the wall clock of this invocation (evaluation and checkpoints included).
-    """
-    tail = rows[-max(1, len(rows) // 10) :] if rows else []
-    fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
-    load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
-    ratios = []
-    for k in load_keys:
-        load = np.sum([r[k] for r in tail], axis=0)
-        ratios.append(float(load.max() / max(load.mean(), 1e-9)))
-    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
-    return {
-        "router": cfg.router.kind,
-        "preset": cfg.preset,
-        "steps": step,
-        "tokens": step * tokens_per_step,
-        "wall_s": wall_s,
-        "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
-        "final_train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
-        "final_val_loss": ev.val_loss if ev else None,
-        "val_tokens": ev.tokens if ev else 0,
-        "n_experts": cfg.model.n_experts if cfg.router.kind != "dense" else 0,
-        "mean_fanout": ev.mean_fanout if ev else None,
-        "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
-        "max_load_ratio": max(ratios) if ratios else None,
-        "params_total": counts["total"],
-        "params_active": counts["active"],
-        "workers": cfg.workers,
-    }
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -30,7 +30,7 @@ def two_nodes():
 
 
 def test_workers_span_both_nodes_and_train(two_nodes, tmp_path):
-    coord = Coordinator(cfg_for("et", 4, steps=4), tmp_path / "run", strategy="SPREAD", timeout_s=120)
+    coord = Coordinator(cfg_for("et", 4, steps=4), strategy="SPREAD", start_timeout_s=120)
     try:
         infos = coord.start()
         assert {i["node"] for i in infos} == {"127.0.0.2", "127.0.0.3"}
@@ -49,7 +49,7 @@ def test_etr_locality_loss_sees_which_experts_share_the_node(two_nodes, tmp_path
     initialisation (nearly uniform gates) the locality loss is about mu * log 2 per layer."""
     cfg = cfg_for("etr", 4, steps=2)
     cfg.router.locality_loss_coef = 0.1
-    coord = Coordinator(cfg, tmp_path / "run", strategy="SPREAD", timeout_s=120)
+    coord = Coordinator(cfg, strategy="SPREAD", start_timeout_s=120)
     try:
         coord.start()
         rows = [coord.train_step() for _ in range(2)]

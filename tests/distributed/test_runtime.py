@@ -18,6 +18,7 @@ from moedist.config import build_config  # noqa: E402
 from moedist.data.dataset import prepare_dataset  # noqa: E402
 from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError, WorkerDiedError  # noqa: E402
 from moedist.training.evaluate import evaluate  # noqa: E402
+from moedist.training.loop import RunLoop, single_process_loop, write_config  # noqa: E402
 from moedist.training.trainer import Trainer, load_dataset, load_trained, resume_config  # noqa: E402
 
 # Tiny on purpose: what is tested is the exchange of tokens and statistics, not learning.
@@ -78,7 +79,7 @@ def single_process_rows(router: str, tmp_path_factory, data: str, steps: int = S
     key = f"{router}-{steps}"
     if key not in _single:
         cfg = cfg_for(router, 1, steps=steps, data=data)
-        tr = Trainer(cfg, None, load_dataset(cfg))
+        tr = Trainer(cfg, load_dataset(cfg))
         _single[key] = [tr.train_step() for _ in range(steps)]
     return _single[key]
 
@@ -96,7 +97,7 @@ def assert_no_leftovers():
 @pytest.mark.parametrize(("router", "workers"), [("et", 2), ("et", 4), ("tc", 2), ("ec", 4), ("aoe", 2), ("etr", 2)])
 def test_n_workers_equal_one_worker(local_ray, random_text, tmp_path, tmp_path_factory, router, workers):
     ref = single_process_rows(router, tmp_path_factory, random_text)
-    coord = Coordinator(cfg_for(router, workers, data=random_text), tmp_path / "run", strategy="SPREAD", timeout_s=120)
+    coord = Coordinator(cfg_for(router, workers, data=random_text), strategy="SPREAD", start_timeout_s=120)
     try:
         infos = coord.start()
         assert sorted(i["rank"] for i in infos) == list(range(workers))
@@ -119,10 +120,12 @@ def test_n_workers_equal_one_worker(local_ray, random_text, tmp_path, tmp_path_f
 
 def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     cfg = cfg_for("et", 2, steps=6, data=random_text)
-    coord = Coordinator(cfg, tmp_path / "run", timeout_s=120)
+    coord = Coordinator(cfg, start_timeout_s=120)
     try:
         coord.start()
-        summary = coord.run()
+        loop = RunLoop(cfg, tmp_path / "run", coord, load_dataset(cfg).tokenizer.to_spec())
+        write_config(tmp_path / "run", cfg)
+        summary = loop.run()
     finally:
         coord.shutdown()
     assert summary["workers"] == 2 and summary["steps"] == 6 and summary["final_val_loss"] > 0
@@ -147,27 +150,30 @@ def test_resume_on_other_worker_counts_continues_the_same_run(local_ray, random_
     losses are those of 6 uninterrupted steps (expert shards are re-cut from the whole
     model and optimiser state)."""
     straight = single_process_rows("et", None, random_text, steps=6)
-    coord = Coordinator(cfg_for("et", 2, steps=6, data=random_text), tmp_path / "run", timeout_s=120)
+    cfg = cfg_for("et", 2, steps=6, data=random_text)
+    coord = Coordinator(cfg, start_timeout_s=120)
     try:
         coord.start()
-        coord.begin()
-        coord.run_steps(3)
-        coord.save()
+        loop = RunLoop(cfg, tmp_path / "run", coord, load_dataset(cfg).tokenizer.to_spec())
+        write_config(tmp_path / "run", cfg)
+        loop.rows = [coord.train_step() for _ in range(3)]
+        loop.save()
     finally:
         coord.shutdown()
     shutil.copytree(tmp_path / "run", tmp_path / "run1")
 
     cfg4 = resume_config(tmp_path / "run", {"workers": 4})
-    coord = Coordinator(cfg4, tmp_path / "run", timeout_s=120)
+    coord = Coordinator(cfg4, start_timeout_s=120)
     try:
         coord.start()
-        assert coord.restore() == 3
-        coord.run()
+        loop = RunLoop(cfg4, tmp_path / "run", coord, load_dataset(cfg4).tokenizer.to_spec())
+        assert loop.restore() == 3
+        loop.run()
     finally:
         coord.shutdown()
     four = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
 
-    one = Trainer.resume(tmp_path / "run1", {"workers": 1})
+    one = single_process_loop(resume_config(tmp_path / "run1", {"workers": 1}), tmp_path / "run1", resume=True)
     assert one.step == 3
     one.run()
     for resumed in (four, one.rows):
@@ -178,14 +184,14 @@ def test_resume_on_other_worker_counts_continues_the_same_run(local_ray, random_
 
 
 def test_unplaceable_workers_fail_fast_and_clean(local_ray, tmp_path):
-    coord = Coordinator(cfg_for("et", 2), tmp_path / "run", gpus_per_worker=1.0, timeout_s=5)
+    coord = Coordinator(cfg_for("et", 2), gpus_per_worker=1.0, start_timeout_s=5)
     with pytest.raises(PlacementTimeoutError, match="could not place 2 workers"):
         coord.start()
     assert_no_leftovers()
 
 
 def test_a_worker_that_dies_mid_job_is_a_typed_error_and_nothing_is_left(local_ray, random_text, tmp_path):
-    coord = Coordinator(cfg_for("et", 2, data=random_text), tmp_path / "run", timeout_s=120)
+    coord = Coordinator(cfg_for("et", 2, data=random_text), start_timeout_s=120, grace_s=5)
     try:
         coord.start()
         coord.train_step()

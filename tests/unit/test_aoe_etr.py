@@ -158,7 +158,7 @@ def test_etr_locality_loss_favours_local_experts():
     r = ResonanceRouter(16, 4, RouterConfig(kind="etr", locality_loss_coef=0.1)).train()
     x = torch.randn(32, 16, requires_grad=True)
     assert float(r(x).aux_loss.detach()) == 0.0  # one process: every expert is local
-    r.local_experts_E = torch.tensor([True, True, False, False])
+    r.attach(r.pool, torch.tensor([True, True, False, False]))
     plan = r(x)
     p = torch.softmax(r.logits(x), -1).mean(0)
     torch.testing.assert_close(plan.aux_loss, -0.1 * torch.log(p[:2].sum()))

@@ -1,0 +1,56 @@
+"""Expert parallelism applied to a built model in one call.
+
+Legend: E experts (global), W ranks.
+
+    clock = enable_expert_parallel(model, placement, rank, group, nodes)
+
+shards the experts of every MoE block (this rank keeps ``placement.local_experts(rank)``),
+gives each block an all-to-all dispatcher, gives every router the distributed pool
+statistics (exact radix select over all ranks), and tells each router which experts live
+on this rank's node (ETR's locality loss). Everything is timed on the returned clock, so a
+step splits into compute and communication. The model must be the same freshly built
+(same-seed) single-process model on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moedist.parallel.clock import CommClock
+from moedist.parallel.grads import shard_model_experts
+from moedist.parallel.placement import ExpertPlacement
+from moedist.parallel.pool import DistributedPoolOps
+from moedist.routing import Router
+
+
+def experts_on_node(placement: ExpertPlacement, rank: int, nodes: list[str]) -> torch.Tensor:
+    """Bool [E]: the experts whose owner shares `rank`'s node (nodes[r] = rank r's node)."""
+    here = nodes[rank]
+    return torch.tensor([nodes[placement.owner(e)] == here for e in range(placement.n_experts)], dtype=torch.bool)
+
+
+def enable_expert_parallel(
+    model: nn.Module,
+    placement: ExpertPlacement,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+    nodes: list[str] | None = None,
+) -> CommClock:
+    """Make `model` this rank's part of an expert-parallel model; returns its CommClock.
+
+    `group` (None: the default group) need not be initialised yet, but must be by the first
+    forward pass; `nodes` gives every rank's node address (None: all ranks on one node).
+    """
+    if nodes is not None and len(nodes) != placement.world_size:
+        raise ValueError(f"nodes names {len(nodes)} ranks, the placement has {placement.world_size}")
+    clock = CommClock()
+    shard_model_experts(model, placement, rank, group, clock)
+    pool = DistributedPoolOps(group, clock)
+    on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.attach(pool, on_node_E.to(device) if on_node_E is not None else None)
+    return clock

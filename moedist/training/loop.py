@@ -1,0 +1,354 @@
+"""The one run loop: steps, evaluation, checkpoints, metrics, progress, summary and plots.
+
+Every run, single-process or expert-parallel on Ray, goes through `RunLoop` over a step
+executor (the `StepExecutor` protocol):
+
+    single process   moedist.training.trainer.Trainer (the oracle)
+    expert-parallel  moedist.runtime.coordinator.Coordinator (fans each call out to the
+                     worker actors; every worker runs a Trainer on its share)
+
+Schedule of a run to train.steps (S) from step s0:
+
+    for each step s0..S-1: row = train_step()
+        done % eval_every == 0 and done < S         -> row.val_loss = evaluate()
+        done % checkpoint_every == 0 and done < S   -> checkpoint (model, optimiser, rows)
+    checkpoint at S (unless just saved), then the final evaluation
+    metrics.parquet, summary.json, plots/
+
+The final checkpoint is written before the final evaluation, so a failure there loses no
+training. An executor that loses a worker raises `WorkerLostError`; the loop then asks it to
+`recover` (re-form its workers) and continues from the newest checkpoint that verifies
+(or from step 0 if there is none): batches are a pure function of (seed, step), so the
+replayed steps reproduce the lost ones and their rows replace them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tomli_w
+
+from moedist.config import RunConfig, to_dict
+from moedist.training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from moedist.training.evaluate import EvalResult
+from moedist.training.trainer import parquet_bytes, read_resume_checkpoint, write_atomic
+
+# Per-step timing columns whose means summary.json reports (those a run's rows have).
+TIMING_KEYS = ("step_s", "compute_s", "comm_s", "a2a_s", "pool_s", "grad_sync_s")
+
+
+class WorkerLostError(RuntimeError):
+    """An executor lost a worker; the run can go on after `recover` and a restore.
+
+    `noticed` is the time.monotonic() at which the loss was noticed.
+    """
+
+    def __init__(self, message: str, noticed: float | None = None):
+        super().__init__(message)
+        self.noticed = time.monotonic() if noticed is None else noticed
+
+
+class TooManyFailuresError(RuntimeError):
+    """More workers were lost than --max-failures allows; the last checkpoint is intact."""
+
+
+class StepExecutor(Protocol):
+    """What the run loop drives: one optimiser step at a time over the global batch."""
+
+    step: int
+
+    def train_step(self) -> dict[str, Any]:
+        """Run step `self.step` and advance; the step's metric row (global numbers)."""
+
+    def evaluate(self) -> EvalResult:
+        """Validation loss and eval-mode routing statistics."""
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(whole-model tensors {model, optim}, extra JSON state) for a checkpoint."""
+
+    def load_state(self, tensors: dict[str, Any], extra: dict[str, Any], step: int) -> None:
+        """Continue from a checkpoint's tensors and state at `step`."""
+
+    def info(self) -> dict[str, Any]:
+        """Where the run runs (device, workers, nodes, ...) for summary.json."""
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active parameter counts."""
+
+
+@dataclass
+class Failure:
+    """One lost worker and the recovery from it (seconds; None while unknown)."""
+
+    step: int  # the step that was running when the loss was noticed
+    error: str
+    restored_step: int | None = None  # the checkpoint's step (0: no checkpoint, a fresh start)
+    parts: dict[str, float] = field(default_factory=dict)  # probe_s, actor_start_s, group_s, load_s
+    first_step_s: float | None = None  # restore done -> first step done
+    total_s: float | None = None  # loss noticed -> first step done after the restore
+    noticed: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "error": self.error, "restored_step": self.restored_step, **self.parts,
+                "first_step_s": self.first_step_s, "recovery_s": self.total_s}  # fmt: skip
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    """The run folder's resolved config.toml (and its plots/ folder)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    write_atomic(run_dir / "config.toml", tomli_w.dumps(to_dict(cfg)).encode())
+
+
+def _log(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+class RunLoop:
+    """Trains `executor` to cfg.train.steps, writing the run folder `run_dir`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        executor: StepExecutor,
+        tokenizer_spec: dict[str, Any],
+        max_failures: int = 3,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ex = executor
+        self.tokenizer_spec = tokenizer_spec
+        self.max_failures = max_failures
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[Failure] = []
+        self.saved_step: int | None = None
+        self.last_eval: EvalResult | None = None
+        self.on_row: list[Any] = []  # callables(row), e.g. a metrics stream
+        self._recovering: Failure | None = None
+
+    @property
+    def step(self) -> int:
+        return self.ex.step
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """Checkpoint the executor's state at this step, with the metric rows so far."""
+        tensors, extra = self.ex.state()
+        state = {"step": self.ex.step, "tokenizer": self.tokenizer_spec, "config": to_dict(self.cfg), **extra}
+        path = save_checkpoint(self.run_dir, self.ex.step, tensors, state,
+                               blobs={"metrics.parquet": parquet_bytes(self.rows)},
+                               keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+        self.saved_step = self.ex.step
+        return path
+
+    def restore(self) -> int:
+        """Continue from the newest checkpoint that verifies; returns its step."""
+        tensors, state, rows, ckpt = read_resume_checkpoint(self.run_dir, self.cfg)
+        step = int(state["step"])
+        try:
+            self.ex.load_state(tensors, state, step)
+        except WorkerLostError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model in config.toml: {e}") from e
+        self.rows = rows
+        self.saved_step = step
+        return step
+
+    # ------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train to cfg.train.steps, evaluating and checkpointing; return the summary."""
+        from tqdm import tqdm
+
+        total = self.cfg.train.steps
+        t_start = time.perf_counter()
+        first = self.ex.step
+        bar = tqdm(total=total, initial=self.ex.step, disable=not self.cfg.train.progress, unit="step",
+                   dynamic_ncols=True)  # fmt: skip
+        try:
+            while True:
+                try:
+                    self._train(bar)
+                    if self.saved_step != self.ex.step:
+                        self.save()  # before the final evaluation: a failure there loses no training
+                    final_eval = self._evaluate()
+                    break
+                except WorkerLostError as e:
+                    self._recover(e)
+                    bar.n = self.ex.step
+                    bar.refresh()
+        except BaseException:
+            if self.rows:  # what was trained stays readable (the checkpoints are intact)
+                self.write_metrics()
+            raise
+        finally:
+            bar.close()
+        if self.rows and self.rows[-1]["step"] == total - 1:
+            self.rows[-1]["val_loss"] = final_eval.val_loss
+        self.write_metrics()
+        summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+        from moedist.training.plots import write_plots
+
+        write_plots(self.run_dir, self.rows, final_eval)
+        return summary
+
+    def _train(self, bar) -> None:
+        cfg = self.cfg.train
+        while self.ex.step < cfg.steps:
+            row = self.ex.train_step()
+            done = self.ex.step
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                row["val_loss"] = self._evaluate().val_loss
+            self._finish_recovery()
+            self.rows = [r for r in self.rows if r["step"] < row["step"]]  # replayed steps replace lost ones
+            self.rows.append(row)
+            bar.update(done - bar.n)
+            bar.set_postfix(progress_postfix(row), refresh=False)
+            for fn in self.on_row:
+                fn(row)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                self.save()
+
+    def _evaluate(self) -> EvalResult:
+        self.last_eval = self.ex.evaluate()
+        return self.last_eval
+
+    # -------------------------------------------------------------- recovery
+    def _recover(self, err: WorkerLostError) -> None:
+        """Re-form the executor's workers and go back to the newest valid checkpoint."""
+        failure = Failure(step=self.ex.step, error=str(err), noticed=err.noticed)
+        self.failures.append(failure)
+        if len(self.failures) > self.max_failures:
+            ckpts = list_checkpoints(self.run_dir)
+            last = f"last checkpoint {ckpts[-1][1]}" if ckpts else "no checkpoint was written"
+            report = "; ".join(f"#{i + 1} at step {f.step}: {f.error}" for i, f in enumerate(self.failures))
+            raise TooManyFailuresError(
+                f"{len(self.failures)} worker failures, more than --max-failures {self.max_failures} allows "
+                f"({report}); {last}"
+            )
+        _log(f"moedist: worker lost at step {failure.step} ({err}); recovering "
+             f"({len(self.failures)} of at most {self.max_failures})")  # fmt: skip
+        recover = getattr(self.ex, "recover", None)
+        if recover is None:
+            raise err
+        failure.parts.update(recover(err))
+        t0 = time.perf_counter()
+        if list_checkpoints(self.run_dir):
+            failure.restored_step = self.restore()
+        else:  # nothing saved yet: the re-formed workers start from the seed's initial model
+            failure.restored_step = 0
+            self.rows, self.saved_step = [], None
+        failure.parts["load_s"] = time.perf_counter() - t0
+        self._recovering = failure
+        self._recovery_t = time.perf_counter()
+        _log(f"moedist: recovered in {time.monotonic() - err.noticed:.1f} s; replaying from step "
+             f"{failure.restored_step}")  # fmt: skip
+
+    def _finish_recovery(self) -> None:
+        """Record the first step after a recovery (its time, and loss noticed -> done)."""
+        f = self._recovering
+        if f is not None:
+            f.first_step_s = time.perf_counter() - self._recovery_t
+            f.total_s = time.monotonic() - f.noticed
+            self._recovering = None
+
+    # ---------------------------------------------------------------- outputs
+    def write_metrics(self) -> None:
+        write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
+
+    def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
+        """summary.json: run_summary's keys, the executor's facts, per-step timings, failures."""
+        out = run_summary(self.cfg, self.rows, self.ex.step, wall_s, steps_this_run, self.last_eval,
+                          self.ex.param_counts())  # fmt: skip
+        out.update(self.ex.info())
+        for key in TIMING_KEYS:
+            vals = [r[key] for r in self.rows if r.get(key) is not None]
+            if vals:  # mean seconds per step (the slowest rank of each step, when distributed)
+                out[f"{key}_per_step"] = float(np.mean(vals))
+        out["skipped_steps"] = sum(1 for r in self.rows if r.get("skipped"))
+        out["failures"] = [f.to_json() for f in self.failures]
+        return out
+
+
+def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's loss, throughput, fan-out and load balance."""
+    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+    loads = [np.asarray(v) for k, v in row.items() if k.endswith("_load")]
+    if loads:
+        fan = np.mean([v for k, v in row.items() if k.endswith("_fanout")])
+        ratio = max(lo.max() / max(lo.mean(), 1e-9) for lo in loads)
+        post.update({"fanout": f"{fan:.2f}", "max/mean load": f"{ratio:.2f}"})
+    return post
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def run_summary(
+    cfg: RunConfig,
+    rows: list[dict[str, Any]],
+    step: int,
+    wall_s: float,
+    steps_this_run: int,
+    ev: EvalResult | None,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """summary.json keys shared by every run.
+
+    Train loss, fan-out and load balance are averaged over the last 10% of steps (skipped
+    non-finite steps left out); the throughput is the wall clock of this invocation
+    (evaluation, checkpoints and any recovery included).
+    """
+    kept = [r for r in rows if not r.get("skipped")]
+    tail = kept[-max(1, len(kept) // 10) :] if kept else []
+    fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
+    load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
+    ratios = []
+    for k in load_keys:
+        load = np.sum([r[k] for r in tail], axis=0)
+        ratios.append(float(load.max() / max(load.mean(), 1e-9)))
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    return {
+        "router": cfg.router.kind,
+        "preset": cfg.preset,
+        "steps": step,
+        "tokens": step * tokens_per_step,
+        "wall_s": wall_s,
+        "tokens_per_s": steps_this_run * tokens_per_step / wall_s if wall_s > 0 else 0.0,
+        "final_train_loss": _finite_or_none(float(np.mean([r["loss"] for r in tail]))) if tail else None,
+        "final_val_loss": _finite_or_none(ev.val_loss) if ev else None,
+        "val_tokens": ev.tokens if ev else 0,
+        "n_experts": cfg.model.n_experts if cfg.router.kind != "dense" else 0,
+        "mean_fanout": ev.mean_fanout if ev else None,
+        "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
+        "max_load_ratio": max(ratios) if ratios else None,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "workers": cfg.workers,
+    }
+
+
+def single_process_loop(cfg: RunConfig, run_dir: Path, resume: bool = False) -> RunLoop:
+    """A RunLoop over a single-process Trainer: a new run (config.toml written) or, with
+    `resume`, the run folder's newest checkpoint."""
+    from moedist.training.trainer import Trainer, load_dataset
+
+    dataset = load_dataset(cfg)
+    loop = RunLoop(cfg, Path(run_dir), Trainer(cfg, dataset), dataset.tokenizer.to_spec())
+    if resume:
+        loop.restore()
+    else:
+        write_config(Path(run_dir), cfg)
+    return loop
