@@ -90,6 +90,7 @@ class Coordinator:
         self.infos: list[dict[str, Any]] = []
         self.step = 0
         self._spawned = 0  # actors started so far (names stay unique across replacements)
+        self._actor_cls = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> list[dict[str, Any]]:
@@ -151,7 +152,9 @@ class Coordinator:
             "name": f"moedist-worker-{label}-job{job}-{id(self):x}-{self._spawned}",
             "max_restarts": 0,  # the coordinator replaces lost workers itself (state comes from a checkpoint)
         }
-        return ray.remote(Worker).options(**opts).remote(to_dict(self.cfg))
+        if self._actor_cls is None:  # one actor class for every worker and replacement
+            self._actor_cls = ray.remote(Worker)
+        return self._actor_cls.options(**opts).remote(to_dict(self.cfg))
 
     def _form_group(self) -> list[dict[str, Any]]:
         """Rendezvous of the current workers (in rank order) and a fresh model on each."""
@@ -206,14 +209,16 @@ class Coordinator:
 
         noticed = time.monotonic()
         outcomes = [first]
-        if isinstance(first, ray.exceptions.RayTaskError):
-            # Was a peer lost? Its death (or its survivors' errors) arrives within the grace.
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.grace_s)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as e:
-                    outcomes.append(e)
+        # The other workers' fates arrive within the grace: a survivor's collective fails as
+        # soon as its peer is gone, so a task error may be a survivor's and the death a peer's.
+        # (Collecting them also keeps Ray from printing each as an unhandled error.)
+        others = refs[1:]
+        done, _ = ray.wait(others, num_returns=len(others), timeout=self.grace_s) if others else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # each outcome is classified below
+                outcomes.append(e)
         dead = [e for e in outcomes if isinstance(e, ray.exceptions.RayActorError)]
         causes = [getattr(e, "cause", None) for e in outcomes]
         cause = next((c for c in causes if isinstance(c, FloatingPointError)), None)
@@ -275,6 +280,10 @@ class Coordinator:
         return {"workers": len(self.workers), "nodes": len({i["node"] for i in self.infos}),
                 "backend": self.infos[0]["backend"] if self.infos else None}  # fmt: skip
 
+    def members(self) -> list[dict[str, Any]]:
+        """Each worker's rank, node, pid and backend (written to RUN/workers.json)."""
+        return [{k: i[k] for k in ("rank", "node", "pid", "backend")} for i in self.infos]
+
     def param_counts(self) -> dict[str, int]:
         from moedist.model.transformer import MoETransformer
 
@@ -311,23 +320,10 @@ class Coordinator:
                         ray.kill(w, no_restart=True)
             t1 = time.perf_counter()
 
-            # Replacements in the free bundles; Ray reschedules a bundle whose node is gone.
+            # Replacements in the free bundles; Ray moves a bundle whose node is gone to a node
+            # with room. An actor placed before Ray noticed the node's death dies at once: retry.
             held = {b for _, b in keep}
-            fresh = [(self._spawn(b, f"bundle{b}"), b) for b in range(self.n_bundles) if b not in held]
-            if fresh:
-                refs = [w.address.remote() for w, _ in fresh]
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
-                for (w, b), ref in zip(fresh, refs, strict=True):
-                    started = False
-                    if ref in ready:
-                        with contextlib.suppress(Exception):
-                            ray.get(ref)
-                            started = True
-                    if started:
-                        keep.append((w, b))
-                    else:  # no room in the cluster for this bundle: go on without it
-                        with contextlib.suppress(Exception):
-                            ray.kill(w, no_restart=True)
+            keep += self._replace([b for b in range(self.n_bundles) if b not in held])
             counts = valid_worker_counts(self.cfg, len(keep))
             if not counts:
                 raise WorkerStartError(f"no worker could be started or kept after the failure ({err})")
@@ -349,6 +345,36 @@ class Coordinator:
             self.shutdown()
             raise
         return {"probe_s": t1 - t0, "actor_start_s": t2 - t1, "group_s": t3 - t2, "workers_after": len(self.workers)}
+
+    def _replace(self, bundles: list[int]) -> list[tuple[Any, int]]:
+        """Start a worker in each bundle, retrying actors that die while starting, until the
+        start timeout; bundles still without a live worker then are left out."""
+        import ray
+
+        deadline = time.monotonic() + self.start_timeout_s
+        started: list[tuple[Any, int]] = []
+        todo = list(bundles)
+        while todo and time.monotonic() < deadline:
+            fresh = [(self._spawn(b, f"bundle{b}"), b) for b in todo]
+            refs = [w.address.remote() for w, _ in fresh]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            todo = []
+            for (w, b), ref in zip(fresh, refs, strict=True):
+                ok = False
+                if ref in ready:
+                    with contextlib.suppress(Exception):
+                        ray.get(ref)
+                        ok = True
+                if ok:
+                    started.append((w, b))
+                else:
+                    with contextlib.suppress(Exception):
+                        ray.kill(w, no_restart=True)
+                    if ref in ready:  # died while starting (its node was lost): try again
+                        todo.append(b)
+            if todo:
+                time.sleep(0.5)
+        return started
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:

@@ -175,6 +175,7 @@ class RunLoop:
         first = self.ex.step
         bar = tqdm(total=total, initial=self.ex.step, disable=not self.cfg.train.progress, unit="step",
                    dynamic_ncols=True)  # fmt: skip
+        self.write_members()
         try:
             while True:
                 try:
@@ -243,6 +244,7 @@ class RunLoop:
         if recover is None:
             raise err
         failure.parts.update(recover(err))
+        self.write_members()
         t0 = time.perf_counter()
         if list_checkpoints(self.run_dir):
             failure.restored_step = self.restore()
@@ -264,6 +266,12 @@ class RunLoop:
             self._recovering = None
 
     # ---------------------------------------------------------------- outputs
+    def write_members(self) -> None:
+        """RUN/workers.json: each worker's rank, node and pid (executors with workers)."""
+        members = getattr(self.ex, "members", None)
+        if members is not None:
+            write_atomic(self.run_dir / "workers.json", json.dumps(members(), indent=1).encode())
+
     def write_metrics(self) -> None:
         write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
 
