@@ -25,7 +25,7 @@ from torch import Tensor
 from moedist.kernels.dispatch import Backend
 from moedist.kernels.radix import N_BUCKETS, N_ROUNDS, RadixCounter, key_to_float
 from moedist.parallel.clock import CommClock, measure
-from moedist.routing.base import PoolOps
+from moedist.routing.base import NonFiniteLogitsError, PoolOps
 
 __all__ = ["AllGatherPoolOps", "DistributedPoolOps", "radix_kth_largest", "threshold_sync_bytes"]
 
@@ -151,7 +151,7 @@ def radix_kth_largest(values_TE: Tensor, k_E: Tensor, group=None, backend: Backe
     global minimum, N = 0 gives +inf. Ranks may hold different T (0 included) but must pass
     the same E and k_E. The result is bitwise equal to torch.topk's k-th value on the
     concatenation, except that a selected zero is always +0.0 (topk may return either zero).
-    NaN on any rank raises ValueError on every rank (the flag rides in the first all-reduce,
+    NaN on any rank raises NonFiniteLogitsError (a ValueError) on every rank (the flag rides in the first all-reduce,
     so no rank is left waiting in a later collective). Exactly 4 all-reduces per call (5 if
     some rank holds >= 2^31 / W rows: round 0 is then redone with int64 counts).
 
@@ -182,7 +182,9 @@ def radix_kth_largest(values_TE: Tensor, k_E: Tensor, group=None, backend: Backe
     key_E, N, nan_W = res
     if bool(nan_W.any()):
         bad = nan_W.nonzero().flatten().tolist()
-        raise ValueError(f"router logits contain NaN on rank(s) {bad} of {world}; cannot select the k-th largest")
+        raise NonFiniteLogitsError(
+            f"router logits contain NaN on rank(s) {bad} of {world}; cannot select the k-th largest"
+        )
     out_E = torch.full((E,), float("inf"), dtype=torch.float32, device=values_TE.device)
     if N > 0:
         picked_E = key_to_float(key_E.to(values_TE.device))

@@ -58,6 +58,10 @@ class RoutingPlan:
         return m
 
 
+class NonFiniteLogitsError(FloatingPointError, ValueError):
+    """Router logits contain NaN (raised on every worker alike, so all can stop or skip)."""
+
+
 class PoolOps:
     """Reductions over the routing pool. This base class is the single-process pool."""
 
@@ -83,7 +87,7 @@ class PoolOps:
         k = 0 gives +inf (selects nothing with >=); k >= N gives the smallest value.
         """
         if torch.isnan(values_TE).any():
-            raise ValueError("router logits contain NaN; cannot select the k-th largest")
+            raise NonFiniteLogitsError("router logits contain NaN; cannot select the k-th largest")
         T, E = values_TE.shape
         out_E = torch.full((E,), float("inf"), dtype=values_TE.dtype, device=values_TE.device)
         if T == 0:

@@ -292,6 +292,8 @@ class RunLoop:
 def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
     """The progress bar's loss, throughput, fan-out and load balance."""
     post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+    if row.get("skipped"):
+        return {"loss": "skipped (non-finite)"}
     loads = [np.asarray(v) for k, v in row.items() if k.endswith("_load")]
     if loads:
         fan = np.mean([v for k, v in row.items() if k.endswith("_fanout")])

@@ -7,6 +7,7 @@ and names the first culprit by layer (and, in an MoE layer, by expert).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -40,23 +41,31 @@ def _where(name: str, bad_row: int | None, expert_ids: list[int] | None) -> str:
 
 
 def first_nonfinite(model: nn.Module, of: str, expert_ids: list[int] | None = None) -> str | None:
-    """Where the first non-finite gradient (of='grad') or parameter (of='param') is, or None.
+    """Where the deepest non-finite gradient (of='grad') or parameter (of='param') is, and
+    how many tensors are non-finite; None when all are finite.
 
+    Parameters are searched from the output back: backward spreads a NaN from where it arose
+    to everything before it, so the deepest culprit is the closest to the cause.
     `expert_ids` maps this process's expert rows to global expert ids (expert parallelism).
     """
-    for name, p in model.named_parameters():
+    found, n_bad = None, 0
+    named = list(model.named_parameters())
+    for name, p in reversed(named):
         t = p.grad if of == "grad" else p
         if t is None or bool(torch.isfinite(t).all()):
             continue
-        bad_row = None
-        if ".experts." in name and t.ndim >= 2:  # routed experts: dim 0 is the expert
-            bad_row = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0])
-        return _where(name, bad_row, expert_ids)
-    return None
+        n_bad += 1
+        if found is None:
+            bad_row = None
+            if ".experts." in name and t.ndim >= 2:  # routed experts: dim 0 is the expert
+                bad_row = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0])
+            found = _where(name, bad_row, expert_ids)
+    return None if found is None else f"{found}; {n_bad} of {len(named)} tensors non-finite"
 
 
 def params_finite(params: list[torch.Tensor]) -> bool:
-    """True when every parameter is finite (one fused norm over all of them)."""
+    """True when every parameter is finite: one fused max-norm over all of them (a max of
+    |x| cannot overflow as a sum of squares would, and NaN propagates through it)."""
     if not params:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, foreach=True)))
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf, foreach=True)))

@@ -40,9 +40,12 @@ def plot_load(rows: list[dict[str, Any]], path: Path) -> None:
     layers = _layers(rows)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers) + 0.8), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers, strict=True):
-        load_SE = np.asarray([r[f"{layer}_load"] for r in rows], dtype=np.float64)
+        E = next(len(r[f"{layer}_load"]) for r in rows if r.get(f"{layer}_load") is not None)
+        # a skipped (non-finite) step has no loads: a blank column
+        load_SE = np.asarray([r[f"{layer}_load"] if r.get(f"{layer}_load") is not None else [np.nan] * E
+                              for r in rows], dtype=np.float64)  # fmt: skip
         ratio_SE = load_SE / np.maximum(load_SE.mean(axis=1, keepdims=True), 1e-9)
-        im = ax.imshow(ratio_SE.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, ratio_SE.max()),
+        im = ax.imshow(ratio_SE.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, np.nanmax(ratio_SE)),
                        extent=(1, len(rows) + 1, ratio_SE.shape[1] - 0.5, -0.5), interpolation="nearest")
         ax.set_ylabel(f"{layer}\nexpert")
         fig.colorbar(im, ax=ax, label="load / mean")

@@ -23,6 +23,7 @@ import torch
 from moedist.config import ConfigError, RunConfig, deep_update, from_dict, to_dict
 from moedist.data import BatchSampler, TokenDataset, tokenizer_from_spec
 from moedist.model.transformer import MoETransformer
+from moedist.routing.base import NonFiniteLogitsError
 from moedist.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -183,19 +184,21 @@ class Trainer:
         n_moe = len(model.moe_blocks())
         load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
         assigned_L = torch.zeros(n_moe, dtype=torch.int64)
-        for mb in np.split(batch_BS1, n_micro):
-            b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
-            with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
-            ):
-                out = model(b[:, :-1], b[:, 1:])
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-            (loss / n_micro).backward()
-            ce_sum += float(out.loss.detach())
-            aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            for i, plan in enumerate(out.plans):
-                load_LE[i] += plan.load_E.cpu()
-                assigned_L[i] += plan.token_idx_A.numel()
+        try:
+            for mb in np.split(batch_BS1, n_micro):
+                b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
+                amp = self.autocast_dtype
+                with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = model(b[:, :-1], b[:, 1:])
+                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                (loss / n_micro).backward()
+                ce_sum += float(out.loss.detach())
+                aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+                for i, plan in enumerate(out.plans):
+                    load_LE[i] += plan.load_E.cpu()
+                    assigned_L[i] += plan.token_idx_A.numel()
+        except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
+            return self._skipped_row(e, lr, t0)
         if d is not None:
             from moedist.parallel import all_reduce_sum, sync_gradients
 
@@ -251,6 +254,30 @@ class Trainer:
         self.step += 1
         return row
 
+    def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
+        """The forward pass of this step produced NaN router logits: stop or skip."""
+        self.opt.zero_grad(set_to_none=True)
+        self.model.train()  # drops the routers' pending step statistics
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {self.step} is not finite ({err}); no update was applied and nothing non-finite saved: "
+                "lower train.lr, or set train.nonfinite=skip",
+                self.step,
+            )
+        self.skipped += 1
+        dt = time.perf_counter() - t0
+        n_tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
+        row = {"step": self.step, "loss": math.nan, "aux_loss": math.nan, "lr": lr, "grad_norm": math.nan,
+               "tokens": (self.step + 1) * n_tokens, "step_s": dt, "tokens_per_s": n_tokens / dt, "val_loss": None,
+               "skipped": True}  # fmt: skip
+        for layer, router in zip(self.model.moe_layer_ids(), self.model.routers(), strict=True):
+            row[f"L{layer}_load"] = None  # nothing was routed to completion
+            row[f"L{layer}_fanout"] = None
+            for name, val in router.state_stats().items():
+                row[f"L{layer}_{name}"] = val.cpu().tolist()
+        self.step += 1
+        return row
+
     def _nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:
         """A step whose loss or gradient norm is not finite: stop, naming where, or skip."""
         where = first_nonfinite(self.model, "grad", self.expert_ids)
@@ -262,7 +289,7 @@ class Trainer:
         n_micro = self.cfg.train.micro_batches
         what = f"loss {loss_sum / n_micro:.4g}, gradient norm {grad_norm:.4g}"
         if where:
-            what += f", first non-finite gradient in {where}"
+            what += f", deepest non-finite gradient in {where}"
         self.opt.zero_grad(set_to_none=True)
         self.model.train()  # drops the routers' pending step statistics (ET's logits)
         if self.cfg.train.nonfinite == "stop":
