@@ -116,7 +116,6 @@ def test_recovery_replays_from_the_newest_checkpoint_and_matches_an_uninterrupte
 
 
 def test_recovery_before_any_checkpoint_starts_from_step_zero(tmp_path):
-    ex = FakeExecutor(fail_at={2})
     ex_ref = FakeExecutor()
     make(tmp_path / "a", ex_ref, ckpt_every=5).run()
 
