@@ -110,7 +110,8 @@ def _train_distributed(cfg, out: Path, args: argparse.Namespace, resume: bool = 
     from moedist.runtime.cluster import connect
     from moedist.runtime.coordinator import run_job
 
-    started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
+    started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker),
+                      say=tqdm.write)  # fmt: skip
     bar = tqdm(total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True, delay=1)
 
     def on_start(infos: list[dict[str, Any]]) -> None:
