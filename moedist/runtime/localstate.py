@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,16 @@ def proc_cmdline(pid: int) -> list[str] | None:
 def describe(pid: int) -> dict[str, Any]:
     """What identifies process `pid` later: {"pid", "start", "cmdline", "boot"}."""
     st = proc_stat(pid)
-    if st is None:
-        raise StateError(f"process {pid} is gone")
-    return {"pid": pid, "start": st.start, "cmdline": proc_cmdline(pid) or [], "boot": boot_id()}
+    cmdline = proc_cmdline(pid)
+    # A child that has just exec'd may show an empty command line for a moment (its
+    # parent resumes before the kernel has set up the new arguments): wait for them.
+    deadline = time.monotonic() + 5
+    while st is not None and not cmdline and time.monotonic() < deadline:
+        time.sleep(0.01)
+        st, cmdline = proc_stat(pid), proc_cmdline(pid)
+    if st is None or not cmdline:
+        raise StateError(f"process {pid} exited at once")
+    return {"pid": pid, "start": st.start, "cmdline": cmdline, "boot": boot_id()}
 
 
 def is_recorded_process(rec: dict[str, Any]) -> bool:
