@@ -233,12 +233,13 @@ def test_ray_job_stop_leaves_nothing(cl, tmp_path):
         assert len(seen["names"]) == 2 and len(seen["pids"]) == 3, seen  # coordinator + 2 workers
         assert cl.job_status("moedist-test-stop") == "RUNNING"
         driver = cl.api("/api/jobs/moedist-test-stop")["driver_info"]["pid"]
+        probe.go()  # the probe's clock starts now
         res = cl.job("stop", "--address", cl.dashboard, "moedist-test-stop")
         assert res.returncode == 0, res.stderr
-        probe.go()
         after = probe.read()
     finally:
         probe.close()
+    print(f"ray job stop: actors and placement group gone {after['after_s']:.2f} s after `ray job stop` began")
     assert cl.job_status("moedist-test-stop") == "STOPPED"
     assert after["clean"], after
     assert wait_gone([int(driver), *seen["pids"]], 10) == []
@@ -264,6 +265,7 @@ def test_driver_killed_mid_run_leaves_nothing(cl, tmp_path):
         drv.kill()
         drv.wait()
         probe.close()
+    print(f"driver SIGKILL: actors and placement group gone after {after['after_s']:.2f} s")
     assert after["clean"], after
     assert after["after_s"] < 10, f"actors and placement group left for {after['after_s']:.1f} s"
     assert wait_gone(seen["pids"], 10) == [], "worker processes of the killed driver's job are still running"
