@@ -71,7 +71,13 @@ def connect(
     _use_auth_token_if_present()
     if node_addr is None:
         node_addr = address.rsplit(":", 1)[0]
-    ray.init(address=address, _node_ip_address=node_addr, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address, _node_ip_address=node_addr, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
+        # e.g. a token that is missing or not this cluster's: Ray's message, first line only
+        cause = e.__cause__ or e
+        first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {first}") from None
     return False
 
 

@@ -302,6 +302,7 @@ def test_address_auto_from_the_cli_joins_the_recorded_cluster(cl):
 def test_address_auto_refuses_another_users_ray_record(tmp_path, monkeypatch):
     """Ray's fallback record (a file in a world-writable folder) is not followed when it is
     someone else's or writable by anyone."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's resolution would take it first
     record = tmp_path / "ray_current_cluster"
     record.write_text("127.0.0.9:6379")
     record.chmod(0o644)
