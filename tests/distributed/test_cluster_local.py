@@ -199,7 +199,8 @@ def test_up_refuses_a_port_in_use_at_once(cl, tmp_path):
         s.bind(("127.0.0.2", 0))
         s.listen()
         taken = s.getsockname()[1]
-        res = local("up", "--port", "6419", "--dashboard-port", str(taken), "--state-dir", str(tmp_path / "s2"),
+        free = next(p for p in range(6419, 6500, 2) if port_free(p))  # so the dashboard port is checked
+        res = local("up", "--port", str(free), "--dashboard-port", str(taken), "--state-dir", str(tmp_path / "s2"),
                     env=cl.env)  # fmt: skip
     assert res.returncode == 2 and f"dashboard port {taken} is already in use" in res.stderr, res.stderr
     assert time.monotonic() - t0 < 10, "a taken port must be refused at once, not after the start-up timeout"
