@@ -132,7 +132,8 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
     from moedist.runtime.coordinator import Coordinator
     from moedist.training.loop import RunLoop, write_config
 
-    started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker))
+    started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker),
+                      say=print)  # fmt: skip
     coord = Coordinator(cfg, args.placement, args.cpus_per_worker, None, args.start_timeout, args.step_timeout)
     try:
         infos = coord.start()
