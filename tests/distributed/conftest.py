@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import string
+
+import numpy as np
 import pytest
 
+from moedist.data.dataset import prepare_dataset
 from tests.distributed._mp import GlooPools
 
 
@@ -14,3 +18,23 @@ def gloo_pools():
     pools = GlooPools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(scope="module")
+def random_text(tmp_path_factory) -> str:
+    """A dataset of random printable characters.
+
+    Real text repeats itself (runs of spaces, common openings), and windows that share a
+    prefix give near-equal logits whose order at the k-th cutoff can flip when weights
+    differ in the last bits (after step 0, EP and one process sum gradients in different
+    orders). Random text has no such near-ties, so routing must match decision for
+    decision; exact ties (equal tokens at position 0) are broken by global token order.
+    """
+    rng = np.random.default_rng(0)
+    src = tmp_path_factory.mktemp("random-text")
+    alphabet = np.array(list(string.ascii_letters + string.digits + string.punctuation + " "))
+    for i in range(20):
+        (src / f"doc{i:02d}.txt").write_text("".join(rng.choice(alphabet, 20_000)))
+    out = src.parent / "random-text-ds"
+    prepare_dataset([src], out, tokenizer="byte", val_fraction=0.1)
+    return str(out)

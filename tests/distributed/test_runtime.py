@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from moedist.config import build_config  # noqa: E402
-from moedist.data.dataset import prepare_dataset  # noqa: E402
 from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError, WorkerDiedError  # noqa: E402
 from moedist.training.evaluate import evaluate  # noqa: E402
 from moedist.training.loop import RunLoop, single_process_loop, write_config  # noqa: E402
@@ -49,26 +46,6 @@ def local_ray():
              configure_logging=False)  # fmt: skip
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def random_text(tmp_path_factory) -> str:
-    """A dataset of random printable characters.
-
-    Real text repeats itself (runs of spaces, common openings), and windows that share a
-    prefix give near-equal logits whose order at the k-th cutoff can flip when weights
-    differ in the last bits (after step 0, EP and one process sum gradients in different
-    orders). Random text has no such near-ties, so routing must match decision for
-    decision; exact ties (equal tokens at position 0) are broken by global token order.
-    """
-    rng = np.random.default_rng(0)
-    src = tmp_path_factory.mktemp("random-text")
-    alphabet = np.array(list(string.ascii_letters + string.digits + string.punctuation + " "))
-    for i in range(20):
-        (src / f"doc{i:02d}.txt").write_text("".join(rng.choice(alphabet, 20_000)))
-    out = src.parent / "random-text-ds"
-    prepare_dataset([src], out, tokenizer="byte", val_fraction=0.1)
-    return str(out)
 
 
 _single: dict[str, list[dict]] = {}
