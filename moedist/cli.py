@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,10 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sig
             "data": cmd_data_prepare}  # fmt: skip
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moedist` console script."""
     args = build_parser().parse_args(argv)
@@ -294,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     from moedist.training.checkpoint import CheckpointError
     from moedist.training.loop import TooManyFailuresError
 
+    # `ray job stop` and schedulers send SIGTERM: unwind like Ctrl-C, so the coordinator
+    # removes its workers and placement group (the newest checkpoint is intact either way).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
@@ -305,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moedist: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

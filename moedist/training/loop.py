@@ -135,6 +135,7 @@ class RunLoop:
         self.last_eval: EvalResult | None = None
         self.on_row: list[Any] = []  # callables(row), e.g. a metrics stream
         self._recovering: Failure | None = None
+        self.save_s: list[float] = []  # seconds of each checkpoint (gather, merge, write, fsync)
 
     @property
     def step(self) -> int:
@@ -143,12 +144,14 @@ class RunLoop:
     # ------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """Checkpoint the executor's state at this step, with the metric rows so far."""
+        t0 = time.perf_counter()
         tensors, extra = self.ex.state()
         state = {"step": self.ex.step, "tokenizer": self.tokenizer_spec, "config": to_dict(self.cfg), **extra}
         path = save_checkpoint(self.run_dir, self.ex.step, tensors, state,
                                blobs={"metrics.parquet": parquet_bytes(self.rows)},
                                keep=self.cfg.train.keep_checkpoints)  # fmt: skip
         self.saved_step = self.ex.step
+        self.save_s.append(time.perf_counter() - t0)
         return path
 
     def restore(self) -> int:
@@ -285,6 +288,9 @@ class RunLoop:
             if vals:  # mean seconds per step (the slowest rank of each step, when distributed)
                 out[f"{key}_per_step"] = float(np.mean(vals))
         out["skipped_steps"] = sum(1 for r in self.rows if r.get("skipped"))
+        # What checkpoint_every costs: seconds per save, against the steps a loss replays.
+        out["checkpoints_saved"] = len(self.save_s)
+        out["checkpoint_s_per_save"] = float(np.mean(self.save_s)) if self.save_s else None
         out["failures"] = [f.to_json() for f in self.failures]
         return out
 
