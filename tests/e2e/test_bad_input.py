@@ -174,6 +174,7 @@ def test_signatures_prompts_that_are_not_utf8_or_a_folder(run: Path, tmp_path: P
         (["model.n_experts=4000000"], "TiB for weights, gradients and AdamW state"),
         (["model.d_model=4611686018427387904", "model.n_heads=2"], "model is too large to build"),
     ],
+    ids=["n_layers", "d_model", "n_experts", "overflow"],
 )
 def test_models_that_cannot_fit_in_memory_are_refused_with_an_estimate(sets, match, tmp_path: Path, capsys,
                                                                         no_training):  # fmt: skip
