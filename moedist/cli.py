@@ -140,6 +140,7 @@ def _train_distributed(cfg, out: Path, args: argparse.Namespace, resume: bool = 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from moedist.data import TokenDataset
+    from moedist.training.checkpoint import CheckpointError
     from moedist.training.evaluate import evaluate
     from moedist.training.trainer import load_trained
 
@@ -156,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokens = args.tokens or cfg.train.eval_tokens
     res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens)
     if not math.isfinite(res.val_loss):  # NaN is not JSON; a model that gives it is broken
-        raise ConfigError(
+        raise CheckpointError(
             f"validation loss of run '{args.run}' at step {step} is {res.val_loss} (not finite): "
             "its checkpoint's model produces non-finite logits on this data"
         )
