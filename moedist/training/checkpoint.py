@@ -61,11 +61,16 @@ def nonfinite_tensor(tensors: Any, name: str = "") -> str | None:
     """Name and count of the first floating tensor in a nested dict/list of tensors that
     holds NaN or Inf (e.g. "model: blocks.1.ffn.router.threshold_E (3 of 16 values)")."""
     if isinstance(tensors, torch.Tensor):
-        if tensors.is_floating_point() or tensors.is_complex():
-            bad = int((~torch.isfinite(tensors)).sum())
-            if bad:
-                return f"{name} ({bad} of {tensors.numel()} values NaN/Inf)"
-        return None
+        if not (tensors.is_floating_point() or tensors.is_complex()):
+            return None
+        # Fast path: a float64 sum is finite iff every value is (NaN and Inf propagate, and
+        # sums of float32/16 values cannot overflow float64); a float64 tensor of huge finite
+        # values that does overflow is cleared by the exact count below.
+        total = tensors.detach().sum(dtype=torch.complex128 if tensors.is_complex() else torch.float64)
+        if bool(torch.isfinite(total)):
+            return None
+        bad = int((~torch.isfinite(tensors)).sum())
+        return f"{name} ({bad} of {tensors.numel()} values NaN/Inf)" if bad else None
     if isinstance(tensors, dict):
         items = tensors.items()
     elif isinstance(tensors, list | tuple):

@@ -199,3 +199,12 @@ def test_load_trained_refuses_a_checkpoint_with_non_finite_tensors(tmp_path: Pat
     with pytest.raises(CheckpointError, match=r"non-finite values: tensor model: lm_head.weight \(1 of \d+ values"):
         load_trained(tmp_path)
     assert ckpt_mod.list_checkpoints(tmp_path)[-1][0] == 7
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    from moedist.training.checkpoint import nonfinite_tensor
+
+    huge = {"f32": torch.full((8,), 3e38), "f64": torch.full((8,), 1e308, dtype=torch.float64)}
+    assert nonfinite_tensor(huge) is None  # their sums overflow; the values do not
+    huge["f64"][5] = float("-inf")
+    assert nonfinite_tensor(huge) == "f64 (1 of 8 values NaN/Inf)"
