@@ -13,10 +13,10 @@ import math
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from moedist import cli_checks
 from moedist.config import ROUTERS, ConfigError, build_config, preset_names
 
 
@@ -50,21 +50,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="lost workers to recover from (from the newest checkpoint) before the job stops")
 
 
-def _check_runtime_flags(args: argparse.Namespace) -> None:
-    """Flags of the Ray runtime, checked before anything starts."""
-    for name in ("cpus_per_worker", "start_timeout", "step_timeout"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {v:g}")
-    if args.max_failures < 0:
-        raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from moedist.training.loop import RunLoop, write_config
     from moedist.training.trainer import Trainer, load_dataset
 
-    _check_runtime_flags(args)
+    cli_checks.check_train_flags(args)
     overrides: dict[str, Any] = {}
     if args.router:
         overrides.setdefault("router", {})["kind"] = args.router
@@ -89,12 +79,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             deep_update(overrides, parse_override(item))
         out = Path(args.resume)
         cfg = resume_config(out, overrides)
+        cli_checks.check_resume_step(out, cfg)
     else:
         cfg = build_config(args.preset, args.config, overrides, args.set)
-        out = Path(args.out) if args.out else Path("runs") / f"{cfg.router.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
+        out = None
     dataset = load_dataset(cfg)  # checked before anything is written or started
+    if out is None:
+        cli_checks.check_fits_in_memory(cfg, dataset.vocab_size)
+        out = cli_checks.claim_run_dir(args.out, cfg.router.kind)  # exclusively: never shared by two runs
     if cfg.workers > 1 or args.address:
         return _train_distributed(cfg, out, dataset.tokenizer.to_spec(), args, resume=bool(args.resume))
     trainer = Trainer(cfg, dataset)
@@ -162,9 +154,11 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from moedist.data import TokenDataset
+    from moedist.training.checkpoint import CheckpointError
     from moedist.training.evaluate import evaluate
     from moedist.training.trainer import load_trained
 
+    cli_checks.check_eval_flags(args)
     cfg, model, tokenizer, step = load_trained(Path(args.run))
     kept = _apply_expert_selection(model, args)
     if args.data:
@@ -173,8 +167,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data: '{args.data}' uses a different tokenizer than run '{args.run}'")
     else:
         dataset = TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
+    dataset.check_seq_len(cfg.model.seq_len)
     tokens = args.tokens or cfg.train.eval_tokens
     res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens)
+    if not math.isfinite(res.val_loss):  # NaN is not JSON; a model that gives it is broken
+        raise CheckpointError(
+            f"validation loss of run '{args.run}' at step {step} is {res.val_loss} (not finite): "
+            "its checkpoint's model produces non-finite logits on this data"
+        )
     out = {"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout}
     if kept is not None:
         out["experts_kept_per_layer"] = kept
@@ -201,6 +201,7 @@ def cmd_signatures(args: argparse.Namespace) -> int:
     from moedist.analysis.signatures import compute_signatures, load_prompts
     from moedist.training.trainer import load_trained
 
+    cli_checks.check_signatures_flags(args)
     prompts = load_prompts(args.prompts, split=None if args.prompts else "signature")
     cfg, model, tokenizer, _ = load_trained(Path(args.run))
     report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed)
@@ -216,9 +217,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moedist.model.generate import generate
     from moedist.training.trainer import load_trained
 
+    cli_checks.check_generate_flags(args)
     _, model, tokenizer, _ = load_trained(Path(args.run))
     _apply_expert_selection(model, args)
     ids = [int(i) for i in tokenizer.encode(args.prompt)]
+    if not ids:
+        raise ConfigError(f"--prompt: {args.prompt!r} encodes to no tokens with this run's tokenizer")
     gen = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     sys.stdout.write(tokenizer.decode(gen.ids) + "\n")
     return 0
@@ -227,6 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from moedist.data import prepare_dataset
 
+    cli_checks.check_prepare_flags(args)
     info = prepare_dataset(
         args.input or None,
         args.out,
@@ -234,7 +239,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         text_column=args.text_column,
+        overwrite=args.overwrite,
     )
+    warning = cli_checks.val_split_warning(info.n_val_tokens)
+    if warning:
+        print(f"moedist: warning: {warning}", file=sys.stderr)
     print(json.dumps(dataclasses.asdict(info), default=str))
     return 0
 
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("prepare", help="tokenize text/folders/Parquet into Arrow shards")
     p.add_argument("--input", nargs="+", help="text files, folders or .parquet files (default: stdlib corpus)")
     p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a prepared dataset")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -305,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        cli_checks.forget_claimed_run_dirs()
+        return code
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        print(f"moedist: error: {e}", file=sys.stderr)
+        print(f"moedist: error: {cli_checks.one_line(e)}", file=sys.stderr)
         return 2
     except (JobError, TooManyFailuresError) as e:
-        print(f"moedist: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"moedist: error: {type(e).__name__}: {cli_checks.one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("moedist: interrupted", file=sys.stderr)
@@ -318,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        cli_checks.release_unused_run_dirs()  # a run folder the command claimed but never wrote to
 
 
 if __name__ == "__main__":

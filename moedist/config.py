@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROUTERS = ("dense", "tc", "lf", "ec", "et", "aoe", "etr")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -172,6 +173,10 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        # torch, numpy and TOML (config.toml) all take 64-bit integers; a larger one would
+        # fail deep inside them (e.g. as the seed of torch.manual_seed).
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ConfigError(f"{path}: {value} is out of range (integers must lie in -2^63 .. 2^63-1)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -221,13 +226,42 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
         setattr(obj, key, value)
 
 
+def check_tables(data: dict[str, Any], where: str = "", cls: type | None = None) -> None:
+    """Every key of `data` that names a config table ([model], [train], ...) holds a table.
+
+    Run on each source (file, flags, --set) before they are merged: merging would silently
+    replace `train = 3` from a file by the table of a --steps flag.
+    """
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is None or not dataclasses.is_dataclass(tp):
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a table, got {value!r}")
+        check_tables(value, f"{where}{key}.", tp)
+
+
+def check_expert_placement(n_experts: int, workers: int) -> None:
+    """The expert-parallel runtime's placement (ExpertPlacement.blocks) gives every worker
+    at least one expert."""
+    if workers > n_experts:
+        raise ConfigError(
+            f"model.n_experts ({n_experts}) must be >= workers ({workers}): every worker owns at least one expert"
+        )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Cross-field checks that single-field metadata cannot express."""
     m, r, t = cfg.model, cfg.router, cfg.train
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if (m.d_model // m.n_heads) % 2:
-        raise ConfigError("model.d_model / model.n_heads must be even (rotary embeddings)")
+        raise ConfigError(
+            f"model.d_model / model.n_heads ({m.d_model} / {m.n_heads} = {m.d_model // m.n_heads}) must be even "
+            "(rotary embeddings)"
+        )
     if r.kind != "dense" and r.top_k > m.n_experts:
         raise ConfigError(f"router.top_k ({r.top_k}) must be <= model.n_experts ({m.n_experts})")
     if t.batch_size % t.micro_batches:
@@ -239,6 +273,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batches x workers "
             f"({t.micro_batches} x {cfg.workers})"
         )
+    check_expert_placement(m.n_experts, cfg.workers)
     return cfg
 
 
@@ -323,6 +358,9 @@ def build_config(
     The preset named in the file (key `preset`) is used when `preset` is None.
     """
     file_data = load_toml(config_file) if config_file else {}
+    if config_file:
+        check_tables(file_data, f"config file '{config_file}': ")
+    check_tables(overrides or {})
     name = preset or file_data.get("preset") or "tiny"
     if not isinstance(name, str):
         raise ConfigError(f"preset: expected a string, got {name!r}")
@@ -331,5 +369,7 @@ def build_config(
     data["preset"] = name
     deep_update(data, overrides or {})
     for item in sets or []:
-        deep_update(data, parse_override(item))
+        item_data = parse_override(item)
+        check_tables(item_data, f"--set '{item}': ")
+        deep_update(data, item_data)
     return from_dict(data)

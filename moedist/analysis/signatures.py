@@ -44,9 +44,16 @@ def load_prompts(path: str | Path | None = None, split: str | None = "signature"
         name, lines = f"moedist/analysis/{DEFAULT_PROMPTS}", src.read_text().splitlines()
     else:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--prompts: '{path}' is a folder, not a JSONL file")
         if not p.is_file():
             raise ConfigError(f"--prompts: file '{path}' does not exist")
-        name, lines = str(p), p.read_text().splitlines()
+        try:
+            name, lines = str(p), p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--prompts: file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -123,7 +123,9 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if not any(out.iterdir()):
         return
     if not overwrite:
-        raise DataError(f"output folder '{out}' is not empty; pass overwrite=True to replace it")
+        raise DataError(
+            f"output folder '{out}' is not empty; replace it with --overwrite (overwrite=True in Python)"
+        )
     # overwrite deletes the folder; only ever do that to a dataset, never to, say, $HOME.
     if not (out / META_FILE).is_file():
         raise DataError(
@@ -305,10 +307,29 @@ class TokenDataset:
             f"val={self.n_val_tokens} tokens in {len(self.val)} shards)"
         )
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Both splits hold at least one sequence of seq_len + 1 tokens (inputs and
+        targets): training samples windows within a train shard, evaluation reads the val
+        stream. Called when the data is loaded, so a short split fails before training."""
+        need = seq_len + 1
+        longest = max((len(s) for s in self.train), default=0)
+        if longest < need:
+            raise DataError(
+                f"train split of {self.source} has no shard of seq_len + 1 = {need} tokens (longest: {longest}): "
+                "lower model.seq_len or add text"
+            )
+        if self.n_val_tokens < need:
+            raise DataError(
+                f"validation split of {self.source} has {self.n_val_tokens} tokens, fewer than one sequence "
+                f"(seq_len + 1 = {need}): lower model.seq_len or prepare the data with a larger --val-fraction"
+            )
+
     @classmethod
     def open(cls, path: str | Path) -> TokenDataset:
         """Open a folder written by `prepare_dataset`, memory-mapping its shards."""
         d = Path(path)
+        if d.exists() and not d.is_dir():
+            raise DataError(f"'{d}' is a file, not a prepared dataset folder (see `moedist data prepare`)")
         if not d.is_dir():
             raise DataError(f"dataset folder '{d}' does not exist")
         meta_path = d / META_FILE

@@ -26,8 +26,7 @@ from moedist.model.transformer import MoETransformer
 from moedist.routing.base import NonFiniteLogitsError
 from moedist.training.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
 )
 from moedist.training.evaluate import EvalResult, evaluate
 from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
@@ -53,8 +52,11 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def load_dataset(cfg: RunConfig) -> TokenDataset:
-    """The prepared dataset at cfg.data.path, or the embedded stdlib corpus."""
-    return TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
+    """The prepared dataset at cfg.data.path, or the embedded stdlib corpus, checked to
+    hold a sequence of model.seq_len + 1 tokens in each split."""
+    dataset = TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
+    dataset.check_seq_len(cfg.model.seq_len)
+    return dataset
 
 
 def build_model(cfg: RunConfig) -> MoETransformer:
@@ -350,10 +352,10 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run
 def read_resume_checkpoint(
     run_dir: Path, cfg: RunConfig
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], Path]:
-    """(objects {model, optim}, state, metric rows, path) of the newest checkpoint, after
-    checking that it was trained on the tokenizer of cfg's data."""
-    ckpt = latest_checkpoint(Path(run_dir))
-    objs, state = load_checkpoint(ckpt, ["model", "optim"])
+    """(objects {model, optim}, state, metric rows, path) of the newest checkpoint that
+    verifies (older ones are tried, with a warning, when it does not), after checking that
+    it was trained on the tokenizer of cfg's data."""
+    ckpt, objs, state = load_latest_checkpoint(Path(run_dir), ["model", "optim"])
     dataset = load_dataset(cfg)
     if dataset.tokenizer.to_spec() != state["tokenizer"]:
         raise CheckpointError(
@@ -364,12 +366,13 @@ def read_resume_checkpoint(
 
 
 def load_trained(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, MoETransformer, Any, int]:
-    """(config, model in eval mode, tokenizer, step) from a run folder's newest checkpoint."""
+    """(config, model in eval mode, tokenizer, step) from a run folder's newest checkpoint
+    that verifies (files match the manifest, every tensor finite); older ones are tried,
+    with a warning, when it does not."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"'{run_dir}' is not a run folder (no config.toml)")
-    ckpt = latest_checkpoint(run_dir)
-    objs, state = load_checkpoint(ckpt, ["model"], map_location=device)
+    ckpt, objs, state = load_latest_checkpoint(run_dir, ["model"], map_location=device)
     cfg = from_dict(state["config"])
     model = MoETransformer(cfg.model, cfg.router)
     try:

@@ -155,12 +155,15 @@ def test_missing_and_empty_data(capsys, tmp_path: Path):
 def test_corrupt_checkpoint_is_refused(trained: Path, tmp_path: Path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
-    model_pt = run / "checkpoints" / "step_000060" / "model.pt"
-    data = bytearray(model_pt.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model_pt.write_bytes(bytes(data))
+    # every checkpoint corrupt (with one valid, eval/generate/resume fall back to it: test_bad_input.py)
+    models = sorted(run.glob("checkpoints/step_*/model.pt"))
+    data = [bytearray(p.read_bytes()) for p in models]
+    for p, d in zip(models, data, strict=True):
+        d[len(d) // 2] ^= 0xFF
+        p.write_bytes(bytes(d))
     _fails(capsys, "eval", "--run", str(run), match="sha256 of model.pt does not match")
-    model_pt.write_bytes(bytes(data[:100]))
+    for p, d in zip(models, data, strict=True):
+        p.write_bytes(bytes(d[:100]))
     _fails(capsys, "generate", "--run", str(run), "--prompt", "x", match="truncated")
     _fails(capsys, "train", "--resume", str(run), match="truncated")
     _fails(capsys, "eval", "--run", str(tmp_path), match="not a run folder")
