@@ -34,7 +34,7 @@ def _rng(default: Any, lo: float | None = None, hi: float | None = None, *, lo_o
 
 @dataclass
 class RouterConfig:
-    """Which router an MoE layer uses and its constants (see ROUTING.md)."""
+    """Which router an MoE layer uses and its constants (see docs/routers.md)."""
 
     kind: str = _choice(*ROUTERS, default="et")
     top_k: int = _rng(1, 1)

@@ -5,7 +5,7 @@ optimiser step (k = N * top_k / E). A token goes to every expert whose threshold
 exceeds: causal at inference, balanced without aux losses, and a variable number of
 experts per token. Gate p = sigmoid(r), no renormalisation.
 
-Training details (ROUTING.md): raw EMA from 0 with bias correction c = ema / (1 - beta^n);
+Training details (docs/routers.md): raw EMA from 0 with bias correction c = ema / (1 - beta^n);
 the first `et_warmup_steps` optimiser steps route with expert choice while the EMA already
 accumulates; a capacity guard keeps each expert between (1-C) and (1+C) times k tokens
 of the pool (training only). Eval mode: frozen thresholds, no guard.

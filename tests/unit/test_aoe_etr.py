@@ -1,4 +1,4 @@
-"""AoE and ETR routers against hand computations (ROUTING.md), and their causality."""
+"""AoE and ETR routers against hand computations (docs/routers.md), and their causality."""
 
 from __future__ import annotations
 

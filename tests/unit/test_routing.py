@@ -1,4 +1,4 @@
-"""Routers against hand computations on small tensors (ROUTING.md's equations)."""
+"""Routers against hand computations on small tensors (the equations of docs/routers.md)."""
 
 from __future__ import annotations
 
