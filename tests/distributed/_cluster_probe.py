@@ -5,7 +5,7 @@ test_cluster_local.py, so the test process itself never joins that cluster).
 
 Prints one JSON line per phase:
 1. once WORKERS moedist worker actors are alive (per Ray's state API): {"job": id, "pids": [...]}, the pids of
-   every live actor of their job (the coordinator and the workers);
+   every live actor of their job (the workers; the coordinator lives in the driver);
 2. after a line "go" on stdin, polls until no named actor whose name starts with
    "moedist-" (any namespace) and no placement group that is not REMOVED is left, or
    TIMEOUT seconds pass: {"clean": bool, "after_s": seconds, "actors": [...], "pgs": [...]}.

@@ -20,7 +20,7 @@ def gloo_pools():
     pools.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def random_text(tmp_path_factory) -> str:
     """A dataset of random printable characters.
 

@@ -5,6 +5,7 @@ run's step for step, and nothing is left running afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -196,3 +197,40 @@ def test_a_lost_raylet_moves_its_worker_to_the_surviving_node(cluster, random_te
     assert summary["failures"][0]["recovery_s"] < 30, summary["failures"]
     assert_matches_oracle(run, random_text)
     assert_nothing_left(before + worker_pids(run))
+
+
+def test_with_no_room_for_a_replacement_the_job_goes_on_with_fewer_workers(cluster, random_text, tmp_path):
+    """Each worker takes a whole node (2 CPUs); when a node's raylet dies there is no room
+    for a replacement, so the job goes on with 1 worker, and the numbers are still those of
+    the uninterrupted run (the batch is global). Re-adds the node the previous test lost."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    node = subprocess.Popen([ray_bin, "start", "--block", f"--address={ADDRESS}", "--node-ip-address=127.0.0.3",
+                             "--num-cpus=2", "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+            assert time.monotonic() < deadline, "the re-added node did not join"
+            time.sleep(0.5)
+        run = tmp_path / "run"
+        job = start_job(run, random_text, "--cpus-per-worker", "2", "--start-timeout", "20")
+        wait_for(run / "checkpoints" / "step_000005", job)
+        before = worker_pids(run)
+        os.kill(raylet_pid("127.0.0.3"), signal.SIGKILL)
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+        summary = json.loads((run / "summary.json").read_text())
+        assert len(summary["failures"]) == 1 and summary["failures"][0]["workers_after"] == 1
+        assert summary["workers"] == 1 and summary["nodes"] == 1
+        assert_matches_oracle(run, random_text)
+        assert_nothing_left(before + worker_pids(run))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=20)
