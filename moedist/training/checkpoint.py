@@ -4,7 +4,10 @@ Layout of RUN/checkpoints/step_000123/:
     manifest.json   {"format": 1, "step": 123, "files": {name: {"sha256", "bytes"}}}
     model.pt        model state_dict (includes router state: ET thresholds, LF biases)
     optim.pt        optimiser state_dict
-    state.json      trainer state (step, data position, tokenizer spec, config)
+    metrics.parquet the run's metric rows up to this step
+    state.json      step, tokenizer spec, resolved config, torch RNG state, skipped steps
+                    (distributed runs: the worker count); batches need no position: they
+                    are a pure function of (seed, step)
 
 Everything is written into a hidden temporary folder, flushed to disk (every file, the
 folder and its parent are fsynced) and renamed into place, so a crash, even of the

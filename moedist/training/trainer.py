@@ -1,7 +1,9 @@
-"""Single-process training loop: the oracle the expert-parallel runtime must match.
+"""The step engine: model, optimiser, sampler and one optimiser step over the global batch.
 
-A run folder holds config.toml (resolved), metrics.parquet (a row per step), summary.json,
-checkpoints/ and plots/. Legend: B batch, S positions, E experts.
+Single-process, the Trainer is the run loop's step executor (moedist.training.loop) and the
+oracle the expert-parallel runtime must match; in an expert-parallel job each worker runs
+one over its expert shard. Also: building models and optimisers, the learning-rate
+schedule, and loading trained runs. Legend: B batch, S positions, E experts, L MoE layers.
 """
 
 from __future__ import annotations
