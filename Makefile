@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean protos
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py --quick
+
+# The control API's Python modules (moedist/control/v1/) from protos/: never edit them by hand.
+protos: setup
+	$(PY) protos/generate.py
 
 clean:
 	rm -rf runs

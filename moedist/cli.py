@@ -1,4 +1,4 @@
-"""`moedist train | eval | generate | signatures | data prepare`.
+"""`moedist train | eval | generate | signatures | data prepare | ctl`.
 
 Bad input exits with status 2 and one line `moedist: error: ...` naming what is wrong;
 no run folder is created until the configuration and the data have been checked.
@@ -7,6 +7,7 @@ no run folder is created until the configuration and the data have been checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,6 +49,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds a step, evaluation or checkpoint may take before the job counts it as hung")
     g.add_argument("--max-failures", type=int, default=3,
                    help="lost workers to recover from (from the newest checkpoint) before the job stops")
+    g = p.add_argument_group("control API while the job runs (moedist ctl; address and token in RUN/control.json)")
+    g.add_argument("--control-host", help="address to serve on (default 127.0.0.1; with Ray the driver's node address)")
+    g.add_argument("--control-port", type=int, help="port to serve on (default 0: any free port)")
+    g.add_argument("--no-control", action="store_true", help="no control API for this job")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -102,14 +107,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), "
             f"data: {dataset.source}, {cfg.train.steps} steps -> {out}"
         )
-    summary = loop.run()
+    with _control(args, loop, "127.0.0.1"):
+        summary = loop.run()
     _print_done(out, summary)
     return 0
+
+
+def _control(args: argparse.Namespace, loop, default_host: str):
+    """The job's control API (moedist ctl) around its run loop, unless --no-control."""
+    if args.no_control:
+        return contextlib.nullcontext()
+    from moedist.control.server import serve
+
+    return serve(loop, args.control_host or default_host, args.control_port or 0, say=print)
 
 
 def _print_done(run: Path, summary: dict[str, Any]) -> None:
     keys = ("final_train_loss", "final_val_loss", "tokens_per_s", "mean_fanout", "workers")
     print(json.dumps({k: summary.get(k) for k in keys}))
+    if summary.get("stopped_at_step") is not None:
+        print(f"Stopped at step {summary['stopped_at_step']} by the control API (final checkpoint written)")
     if summary.get("failures"):
         print(f"Recovered from {len(summary['failures'])} lost worker(s): see 'failures' in summary.json")
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
@@ -143,7 +160,8 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
             f"{'resuming at step ' + str(coord.step) + ' of ' if resume else ''}{cfg.train.steps} steps -> {out}",
             flush=True,
         )
-        summary = loop.run()
+        with _control(args, loop, ray.util.get_node_ip_address()):  # the driver's node address
+            summary = loop.run()
     finally:
         coord.shutdown()
         if started:
@@ -259,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    from moedist.control.client import add_parser as add_ctl_parser
+
+    add_ctl_parser(sub)
 
     p = sub.add_parser("eval", help="validation loss of a trained run (JSON)")
     p.add_argument("--run", required=True, help="run folder")
@@ -294,8 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from moedist.control.client import cmd_ctl as run_ctl
+
+    return run_ctl(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "signatures": cmd_signatures,
-            "data": cmd_data_prepare}  # fmt: skip
+            "data": cmd_data_prepare, "ctl": cmd_ctl}  # fmt: skip
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -305,6 +332,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moedist` console script."""
     args = build_parser().parse_args(argv)
+    from moedist.control import ControlCallError
     from moedist.data import DataError
     from moedist.runtime.coordinator import JobError
     from moedist.training.checkpoint import CheckpointError
@@ -321,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         print(f"moedist: error: {cli_checks.one_line(e)}", file=sys.stderr)
         return 2
+    except ControlCallError as e:
+        print(f"moedist: error: {cli_checks.one_line(e)}", file=sys.stderr)
+        return 1
     except (JobError, TooManyFailuresError) as e:
         print(f"moedist: error: {type(e).__name__}: {cli_checks.one_line(e)}", file=sys.stderr)
         return 1

@@ -243,11 +243,53 @@ def check_train_flags(args: argparse.Namespace) -> None:
         check_number(f"--{name.replace('_', '-')}", getattr(args, name, None))
     if getattr(args, "max_failures", None) is not None and args.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
+    check_control_flags(args)
     if args.out is not None:
         out = Path(args.out)
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
         check_out_dir("--out", out, must_be_empty=False)
+
+
+def check_control_host(host: str) -> None:
+    """The control API listens on one address of this machine, never on all of them."""
+    import ipaddress
+
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        raise ConfigError(f"--control-host: '{host}' is not a host name or address")
+    try:
+        unspecified = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        unspecified = False  # a host name
+    if unspecified:
+        raise ConfigError(f"--control-host: '{host}' means every interface; give one address of this machine "
+                          "(default: 127.0.0.1, or the driver's Ray node address)")  # fmt: skip
+
+
+def check_control_flags(args: argparse.Namespace) -> None:
+    """`moedist train --control-host/--control-port/--no-control`: a port number, one
+    address of this machine that can be listened on (probed), not both --no-control and
+    an address."""
+    import socket
+
+    host, port = getattr(args, "control_host", None), getattr(args, "control_port", None)
+    if getattr(args, "no_control", False):
+        if host is not None or port is not None:
+            flag = "--control-host" if host is not None else "--control-port"
+            raise ConfigError(f"{flag}: cannot be used with --no-control")
+        return
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--control-port: must be in 0 .. 65535 (0: any free port), got {port}")
+    if host is None:
+        return  # the default address is known only once Ray (if any) has started; it is always listenable
+    check_control_host(host)
+    try:  # bind now, so that a wrong address or a taken port fails before anything starts
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port or 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(addr)
+    except OSError as e:
+        raise ConfigError(f"--control-host/--control-port: cannot listen on {host}:{port or 0} "
+                          f"({e.strerror or e})") from None  # fmt: skip
 
 
 def check_resume_step(run_dir: Path, cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ Schedule of a run to train.steps (S) from step s0:
     for each step s0..S-1: row = train_step()
         done % eval_every == 0 and done < S         -> row.val_loss = evaluate()
         done % checkpoint_every == 0 and done < S   -> checkpoint (model, optimiser, rows)
+        on_boundary hooks (the control API's commands) -> may checkpoint, or stop: leave the loop
     checkpoint at S (unless just saved), then the final evaluation
     metrics.parquet, summary.json, plots/
 
@@ -28,6 +29,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,6 +136,11 @@ class RunLoop:
         self.saved_step: int | None = None
         self.last_eval: EvalResult | None = None
         self.on_row: list[Any] = []  # callables(row), e.g. a metrics stream
+        # callables(loop) run at each step boundary (after the step's row and checkpoint),
+        # e.g. the control API's commands; they may save() or request_stop()
+        self.on_boundary: list[Callable[[RunLoop], None]] = []
+        self.stopped_at: int | None = None  # set by request_stop: the step the run ended at
+        self.saved_path: Path | None = None  # the newest checkpoint written or restored
         self._recovering: Failure | None = None
         self.save_s: list[float] = []  # seconds of each checkpoint (gather, merge, write, fsync)
 
@@ -150,7 +157,7 @@ class RunLoop:
         path = save_checkpoint(self.run_dir, self.ex.step, tensors, state,
                                blobs={"metrics.parquet": parquet_bytes(self.rows)},
                                keep=self.cfg.train.keep_checkpoints)  # fmt: skip
-        self.saved_step = self.ex.step
+        self.saved_step, self.saved_path = self.ex.step, path
         self.save_s.append(time.perf_counter() - t0)
         return path
 
@@ -165,7 +172,7 @@ class RunLoop:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model in config.toml: {e}") from e
         self.rows = rows
-        self.saved_step = step
+        self.saved_step, self.saved_path = step, Path(ckpt)
         return step
 
     # ------------------------------------------------------------------- run
@@ -197,7 +204,7 @@ class RunLoop:
             raise
         finally:
             bar.close()
-        if self.rows and self.rows[-1]["step"] == total - 1:
+        if self.rows and self.rows[-1]["step"] == self.ex.step - 1:  # the final step (also of a stopped run)
             self.rows[-1]["val_loss"] = final_eval.val_loss
         self.write_metrics()
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
@@ -223,6 +230,15 @@ class RunLoop:
                 fn(row)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 self.save()
+            for hook in self.on_boundary:
+                hook(self)
+            if self.stopped_at is not None:
+                return
+
+    def request_stop(self) -> None:
+        """End the run after the current step (call at a step boundary): the final
+        checkpoint, evaluation, metrics and summary follow as at the last step."""
+        self.stopped_at = self.ex.step
 
     def _evaluate(self) -> EvalResult:
         self.last_eval = self.ex.evaluate()
@@ -253,7 +269,7 @@ class RunLoop:
             failure.restored_step = self.restore()
         else:  # nothing saved yet: the re-formed workers start from the seed's initial model
             failure.restored_step = 0
-            self.rows, self.saved_step = [], None
+            self.rows, self.saved_step, self.saved_path = [], None, None
         failure.parts["load_s"] = time.perf_counter() - t0
         self._recovering = failure
         self._recovery_t = time.perf_counter()
@@ -292,6 +308,7 @@ class RunLoop:
         out["checkpoints_saved"] = len(self.save_s)
         out["checkpoint_s_per_save"] = float(np.mean(self.save_s)) if self.save_s else None
         out["failures"] = [f.to_json() for f in self.failures]
+        out["stopped_at_step"] = self.stopped_at  # None unless stopped early (moedist ctl stop)
         return out
 
 
