@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import threading
 import time
@@ -447,4 +448,19 @@ def test_the_server_never_listens_on_every_interface(tmp_path, host):
     loop = RunLoop(cfg, tmp_path, GatedExecutor(), {"kind": "byte"})
     with pytest.raises(ConfigError, match="--control-host"), serve(loop, host, 0):
         pass
+    assert not (tmp_path / "control.json").exists()
+
+
+def test_a_port_in_use_is_an_error_not_shared(tmp_path):
+    """gRPC sets SO_REUSEPORT unless told not to: two servers could then share a port."""
+    cfg = make_cfg()
+    write_config(tmp_path, cfg)
+    loop = RunLoop(cfg, tmp_path, GatedExecutor(), {"kind": "byte"})
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gRPC server's socket
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"), serve(loop, "127.0.0.1", port):
+            pass
     assert not (tmp_path / "control.json").exists()
