@@ -263,7 +263,7 @@ class ControlHub:
         if loop.stopped_at is not None:
             st.stopped_at_step = loop.stopped_at
         st.workers.extend(self._workers())
-        if last is not None:
+        if last is not None:  # the row says how many experts each MoE layer has, and its thresholds
             for key, val in last.items():
                 i = _layer_index(key, "_load")
                 if i is not None and val is not None:
@@ -271,6 +271,9 @@ class ControlHub:
                     thr = last.get(f"L{i}_threshold")
                     if thr is not None:
                         layer.thresholds.extend(float(x) for x in thr)
+        elif cfg.router.kind != "dense":  # before the first step: the config's (MoETransformer's rule)
+            first, n = (1 if cfg.model.first_layer_dense else 0), cfg.model.n_experts
+            st.layers.extend(pb.MoELayer(layer=i, n_experts=n) for i in range(first, cfg.model.n_layers))
         return st
 
     def _workers(self) -> list[pb.Worker]:

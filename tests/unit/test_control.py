@@ -163,6 +163,8 @@ def test_status_is_the_snapshot_of_the_last_step_boundary(job):
     st = job.client.call("GetStatus", pb.GetStatusRequest())
     assert (st.state, st.step, st.total_steps, st.router) == (pb.RUN_STATE_RUNNING, 0, 50, "et")
     assert not st.HasField("train_loss") and not st.HasField("checkpoint_step") and st.failures == 0
+    # before the first step: the MoE layers of the config (tiny: 4 layers, the first dense), no thresholds yet
+    assert [(x.layer, x.n_experts, list(x.thresholds)) for x in st.layers] == [(1, E, []), (2, E, []), (3, E, [])]
     job.ex.release(3)
     job.wait_step(3)
     st = job.client.call("GetStatus", pb.GetStatusRequest())
