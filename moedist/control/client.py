@@ -104,7 +104,6 @@ def _raise_rpc_error(e: Exception, address: str, what: str) -> None:
 def cmd_ctl(args: argparse.Namespace) -> int:
     """`moedist ctl ...` (see the module docstring)."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from moedist.control.v1 import control_pb2 as pb
 
@@ -115,13 +114,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     client = Client.for_run(Path(args.run), args.timeout)
 
-    def as_dict(msg: Any) -> dict[str, Any]:
-        return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
     try:
         if what == "status":
             st = client.call("GetStatus", pb.GetStatusRequest(), timeout_s=min(args.timeout, 30.0))
-            print(json.dumps(_status_json(st, as_dict)) if args.json else format_status(st))
+            print(json.dumps(_status_json(st)) if args.json else format_status(st))
         elif what == "metrics":
             req = pb.StreamMetricsRequest(from_step=args.from_step, follow=args.follow)
             for n, row in enumerate(client.stream(req), 1):
@@ -135,15 +131,17 @@ def cmd_ctl(args: argparse.Namespace) -> int:
                 raise ConfigError(f"ctl scale: {e}") from None
             res = client.call("Scale", req)
             text = f"rescaled at step {res.step}: {res.workers} workers, {res.experts} experts per MoE layer"
-            print(json.dumps(as_dict(res)) if args.json else text)
+            out = {"step": res.step, "workers": res.workers, "experts": res.experts}
+            print(json.dumps(out) if args.json else text)
         elif what == "checkpoint":
             res = client.call("Checkpoint", pb.CheckpointRequest())
-            print(json.dumps(as_dict(res)) if args.json else f"checkpoint at step {res.step}: {res.path}")
+            out = {"step": res.step, "path": res.path}
+            print(json.dumps(out) if args.json else f"checkpoint at step {res.step}: {res.path}")
         elif what == "stop":
             res = client.call("Stop", pb.StopRequest())
-            print(json.dumps(as_dict(res)) if args.json else
-                  f"stopping after step {res.step} of {res.total_steps}: the final checkpoint, evaluation and "
-                  "summary follow")  # fmt: skip
+            out = {"step": res.step, "total_steps": res.total_steps}
+            print(json.dumps(out) if args.json else f"stopping after step {res.step} of {res.total_steps}: the final "
+                  "checkpoint, evaluation and summary follow")  # fmt: skip
     except grpc.RpcError as e:
         _raise_rpc_error(e, client.address, what)
     finally:
@@ -155,8 +153,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 STATE_NAMES = {0: "UNSPECIFIED", 1: "RUNNING", 2: "STOPPING", 3: "FINISHED", 4: "FAILED"}
 
 
-def _status_json(st: Any, as_dict) -> dict[str, Any]:
-    out = as_dict(st)
+def _status_json(st: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    out = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     out["state"] = STATE_NAMES.get(st.state, str(st.state))
     for key in ("train_loss", "val_loss", "val_loss_step", "checkpoint_step", "stopped_at_step"):
         out.setdefault(key, None)  # unset optional fields: null, so scripts can rely on every key

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -188,7 +189,7 @@ class ControlHub:
             if c.kind == "checkpoint":
                 if loop.saved_step != loop.step:  # a checkpoint of this very step is reused
                     loop.save()
-                c.result = (loop.saved_step, str(loop.saved_path))
+                c.result = (loop.saved_step, str(Path(loop.saved_path).resolve()))
             elif c.kind == "stop":
                 if loop.stopped_at is None:
                     loop.request_stop()
@@ -245,7 +246,7 @@ class ControlHub:
     # ------------------------------------------------------------------ status
     def _build_status(self) -> pb.Status:
         loop, cfg = self.loop, self.loop.cfg
-        st = pb.Status(state=self._state, run_dir=str(loop.run_dir), router=cfg.router.kind, step=loop.step,
+        st = pb.Status(state=self._state, run_dir=str(loop.run_dir.resolve()), router=cfg.router.kind, step=loop.step,
                        total_steps=cfg.train.steps, failures=len(loop.failures), error=self._error)  # fmt: skip
         rows = loop.rows
         last = rows[-1] if rows else None
@@ -259,7 +260,7 @@ class ControlHub:
             st.tokens_per_s = tokens / sum(r["step_s"] for r in window)
         if loop.saved_step is not None:
             st.checkpoint_step = loop.saved_step
-            st.checkpoint_path = str(loop.saved_path or "")
+            st.checkpoint_path = str(loop.saved_path.resolve()) if loop.saved_path else ""
         if loop.stopped_at is not None:
             st.stopped_at_step = loop.stopped_at
         st.workers.extend(self._workers())

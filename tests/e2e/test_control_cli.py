@@ -142,7 +142,7 @@ def test_checkpoint_is_written_at_a_step_boundary(job):
     res = ctl(job["run"], "--json", "checkpoint")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    step, path = int(out["step"]), Path(out["path"])
+    step, path = out["step"], Path(out["path"])
     assert path == job["run"] / "checkpoints" / f"step_{step:06d}" and step > 0
     assert (step, path) in [(s, p) for s, p in list_checkpoints(job["run"])]
     _, state = load_checkpoint(path, [])  # verifies the manifest's sums
@@ -194,7 +194,7 @@ def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):
     res = moedist("ctl", "--run", str(run), "--json", "stop")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    stop_step, total = int(out["step"]), int(out["total_steps"])
+    stop_step, total = out["step"], out["total_steps"]
     assert total == STEPS and 0 < stop_step < STEPS
     assert proc.wait(180) == 0, job["log"].read_text()
     log = job["log"].read_text()
