@@ -102,6 +102,12 @@ def row_message(row: dict[str, Any]) -> pb.MetricsRow:
     return msg
 
 
+def _one_line(e: BaseException) -> str:
+    """'Type: first line of the message' (just 'Type' when there is no message)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _layer_index(key: str, suffix: str) -> int | None:
     """i of a column named L<i><suffix>, else None."""
     if key.startswith("L") and key.endswith(suffix) and key[1 : -len(suffix)].isdigit():
@@ -171,7 +177,7 @@ class ControlHub:
         end every metric stream."""
         with self._lock:
             self._state = pb.RUN_STATE_FAILED if error is not None else pb.RUN_STATE_FINISHED
-            self._error = "" if error is None else f"{type(error).__name__}: {error}".splitlines()[0]
+            self._error = "" if error is None else _one_line(error)
             late, self._pending = self._pending, []
             subs = self._subs
         for c in late:

@@ -36,6 +36,11 @@ NOT_RUN = {
     "cluster/local up --nodes 2 --cpus-per-node 2": "starts a 2-node Ray cluster; tests/distributed/test_multinode.py",
     "moedist train --address auto --workers 4 --placement SPREAD --steps 100 --out runs/two-nodes": "needs the cluster",
     "cluster/local down": "stops the cluster `cluster/local up` started",
+    "moedist train --steps 2000 --out runs/long": "2000 steps; tests/e2e/test_control_cli.py runs a job to control",
+    "moedist ctl --run runs/long status": "needs a running job: tests/e2e/test_control_cli.py",
+    "moedist ctl --run runs/long metrics --follow": "needs a running job: tests/e2e/test_control_cli.py",
+    "moedist ctl --run runs/long checkpoint": "needs a running job: tests/e2e/test_control_cli.py",
+    "moedist ctl --run runs/long stop": "needs a running job: tests/e2e/test_control_cli.py",
 }  # fmt: skip
 
 # Relative links whose target another branch adds (remove each entry once it is merged).
