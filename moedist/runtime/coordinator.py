@@ -25,7 +25,7 @@ import torch
 
 from moedist.config import RunConfig, to_dict
 from moedist.training.evaluate import EvalResult
-from moedist.training.loop import WorkerLostError
+from moedist.training.loop import ScaleError, WorkerLostError
 
 
 class JobError(RuntimeError):
@@ -42,10 +42,6 @@ class WorkerStartError(JobError):
 
 class WorkerFailedError(JobError):
     """A worker raised an error that is not a lost worker (a bug, bad data): not retried."""
-
-
-class ScaleError(JobError):
-    """A requested change of worker count that cannot be made; the job goes on unchanged."""
 
 
 class WorkerDiedError(JobError, WorkerLostError):
@@ -95,6 +91,7 @@ class Coordinator:
         self.bundles: list[tuple[int, int]] = []  # placement-group bundle of each rank
         self.infos: list[dict[str, Any]] = []
         self.step = 0
+        self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self._spawned = 0  # actors started so far (names stay unique across replacements)
         self._actor_cls = None
 
@@ -177,7 +174,8 @@ class Coordinator:
         E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else W
         self.placement = ExpertPlacement.blocks(E, W)
         self.infos = self._get(
-            [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs) for r, w in enumerate(self.workers)],
+            [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs, to_dict(self.cfg))
+             for r, w in enumerate(self.workers)],
             "join the process group",
             WorkerStartError,
             self.start_timeout_s,
@@ -256,6 +254,7 @@ class Coordinator:
         row["compute_s"] = max(r["step_s"] - r.get("comm_s", 0.0) for r in rows)
         row["workers"] = len(self.workers)
         self.step += 1
+        self.last_row = row
         return row
 
     def evaluate(self) -> EvalResult:
@@ -387,8 +386,11 @@ class Coordinator:
         return started
 
     # --------------------------------------------------------- live scaling
-    def scale(self, workers: int | None = None, experts: int | None = None) -> dict[str, Any]:
-        """Change the worker count at a step boundary, without a checkpoint or a restart.
+    def scale(self, workers: int | None = None, experts: int | None = None, noise: float = 0.0) -> dict[str, Any]:
+        """Change the worker count and/or the expert count at a step boundary, without a
+        checkpoint or a restart.
+
+        Experts: see `_resize_experts`. Workers:
 
         New workers start in a new placement group (Ray cannot grow one); if it cannot be
         placed within the start timeout the request is refused (ScaleError) and the job goes
@@ -400,15 +402,40 @@ class Coordinator:
         workers are stopped. Batches are global, so the run's losses do not change.
         Returns what was done and how long each part took.
         """
+        report: dict[str, Any] = {}
+        if workers is not None:
+            report.update(self._scale_workers(int(workers)))
+        if experts is not None:
+            report.update(self._resize_experts(int(experts), noise))
+        return report
+
+    def _resize_experts(self, n_experts: int, noise: float) -> dict[str, Any]:
+        """Gather the whole model (as for a checkpoint, in memory), split or drop experts,
+        rebuild every worker's model for the new count and hand each its share."""
+        from moedist.training.trainer import check_resize, resize_experts
+
+        E = self.cfg.model.n_experts
+        check_resize(self.cfg, n_experts, len(self.workers))
+        if n_experts == E:
+            return {"experts_before": E, "experts_after": E, "layers": []}
+        t0 = time.perf_counter()
+        step = self.step
+        tensors, extra = self.state()
+        new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
+        self._get([w.reset.remote() for w in self.workers], "leave the old process group")
+        self.cfg.model.n_experts = new_cfg.model.n_experts
+        self._form_group()  # the new placement: contiguous blocks of the new expert count
+        self.load_state(tensors, extra, step)
+        return {"experts_before": E, "experts_after": n_experts, "layers": layers,
+                "resize_s": time.perf_counter() - t0}  # fmt: skip
+
+    def _scale_workers(self, N: int) -> dict[str, Any]:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
         from moedist.parallel.placement import ExpertPlacement
 
-        if experts is not None:
-            raise ScaleError("changing the number of experts of a running job is not supported yet")
         W = len(self.workers)
-        N = W if workers is None else int(workers)
         if N == W:
             return {"workers_before": W, "workers_after": W, "experts_moved": 0}
         if N < 1 or N not in valid_worker_counts(self.cfg, N):

@@ -78,13 +78,16 @@ class Worker:
         master_port: int,
         placement: dict[str, Any],
         nodes: list[str] | None = None,
+        cfg_dict: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Join a process group of `world` ranks as `rank`; build a fresh model shard (from
-        the seed) and the data sampler."""
+        the seed) and the data sampler; `cfg_dict` replaces the config (a resized job)."""
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
         from moedist.training.trainer import DistContext, Trainer, load_dataset
 
+        if cfg_dict is not None:
+            self.cfg = from_dict(cfg_dict)
         self.rank, self.world = rank, world
         self.cfg.workers = world
         t0 = time.perf_counter()

@@ -108,3 +108,35 @@ def test_a_count_that_cannot_be_placed_or_run_is_refused_and_the_job_goes_on(two
         coord.shutdown()
     assert_rows_match(ref, rows)
     assert_no_leftovers()
+
+
+def test_resizing_experts_of_a_running_job_equals_resizing_one_process(two_nodes, random_text):
+    """ET, 2 workers: 8 -> 11 experts (split, uneven blocks of 6 and 5) after step 3, then
+    11 -> 9 (drop) after step 6: every row equals the single-process run resized at the
+    same steps, with the same symmetry-breaking noise."""
+    cfg1 = cfg_for(1, random_text)
+    tr = Trainer(cfg1, load_dataset(cfg1))
+    ref = [tr.train_step() for _ in range(3)]
+    one_split = tr.scale(experts=11, noise=0.01)
+    ref += [tr.train_step() for _ in range(3)]
+    one_drop = tr.scale(experts=9)
+    ref += [tr.train_step() for _ in range(3)]
+
+    coord = Coordinator(cfg_for(2, random_text), strategy="SPREAD", start_timeout_s=120)
+    try:
+        coord.start()
+        rows = [coord.train_step() for _ in range(3)]
+        split = coord.scale(experts=11, noise=0.01)
+        assert [len(coord.placement.local_experts(r)) for r in range(2)] == [6, 5]
+        rows += [coord.train_step() for _ in range(3)]
+        drop = coord.scale(experts=9)
+        rows += [coord.train_step() for _ in range(3)]
+        tensors, _ = coord.state()
+    finally:
+        coord.shutdown()
+    assert split["layers"] == one_split["layers"] and drop["layers"] == one_drop["layers"]
+    assert [len(r["L1_load"]) for r in rows] == [8] * 3 + [11] * 3 + [9] * 3
+    assert_rows_match(ref, rows)
+    # the checkpointable whole model has the new shape
+    assert tensors["model"]["blocks.1.ffn.experts.w1_EDF"].shape[0] == 9
+    assert_no_leftovers()
