@@ -487,7 +487,8 @@ class Coordinator:
         for r, w in enumerate(self.workers):
             refs = [p["parts"][r] for p in pub if r in p["parts"]]
             calls.append(w.adopt.remote(refs, [dense_ref] if r >= W else []))
-        moved = sum(self._get(calls, "take over their experts"))
+        got = self._get(calls, "take over their experts")
+        moved, nbytes = sum(g["experts_in"] for g in got), sum(g["bytes_in"] for g in got)
         self.step = step
         t3 = time.perf_counter()
         for w, _ in leaving:
@@ -502,7 +503,8 @@ class Coordinator:
                     remove_placement_group(pg)
                 self.pgs[g] = None
         self.target = N
-        return {"workers_before": W, "workers_after": N, "experts_moved": moved, "actor_start_s": t1 - t0,
+        return {"workers_before": W, "workers_after": N, "experts_moved": moved, "bytes_moved": nbytes,
+                "actor_start_s": t1 - t0,
                 "group_s": t2 - t1, "move_s": t3 - t2, "total_s": time.perf_counter() - t0}  # fmt: skip
 
     # -------------------------------------------------------------- shutdown

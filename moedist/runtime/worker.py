@@ -167,10 +167,11 @@ class Worker:
         return {"parts": {dest: ray.put(part) for dest, part in parts.items()},
                 "dense": ray.put(dense) if send_dense else None}  # fmt: skip
 
-    def adopt(self, part_refs: list[Any], dense_refs: list[Any]) -> int:
+    def adopt(self, part_refs: list[Any], dense_refs: list[Any]) -> dict[str, int]:
         """After `setup` in the re-formed group: take this rank's experts (kept ones from
         the stash, moved ones from their old owners' objects) and the dense state (own, or a
-        peer's for a new worker); continue at the old group's step. Returns experts moved in.
+        peer's for a new worker); continue at the old group's step. Returns the experts and
+        bytes that came in from other workers.
         (References come in lists: Ray would resolve a bare one before the call.)"""
         import ray
 
@@ -190,7 +191,10 @@ class Worker:
         torch.set_rng_state(torch.tensor(dense["torch_rng"], dtype=torch.uint8))
         tr.skipped = int(dense["skipped"])
         tr.step = int(dense["step"])
-        return sum(len(p.experts) for p in moved)
+        nbytes = sum(t.nbytes for p in moved for t in _tensors(p.model, p.optim))
+        if dense_refs:
+            nbytes += sum(t.nbytes for t in _tensors(dense["model"], dense["optim"]))
+        return {"experts_in": sum(len(p.experts) for p in moved), "bytes_in": nbytes}
 
     def reset(self) -> None:
         """Leave the process group and drop the model (before a re-formed group's setup)."""
@@ -204,3 +208,18 @@ class Worker:
         from moedist.parallel.group import destroy_group
 
         destroy_group()
+
+
+def _tensors(*trees: Any) -> list[torch.Tensor]:
+    """Every tensor in nested dicts/lists (to count bytes moved)."""
+    out: list[torch.Tensor] = []
+    stack = list(trees)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return out

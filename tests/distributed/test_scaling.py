@@ -81,6 +81,7 @@ def test_scaling_2_to_4_to_3_workers_keeps_every_loss(two_nodes, random_text):
     # 0-1 | 2-3 | 4-5 | 6-7  ->  0-2 | 3-5 | 6-7: experts 2, 4, 5, 6, 7 change owner
     assert (shrink["workers_before"], shrink["workers_after"], shrink["experts_moved"]) == (4, 3, 5)
     assert same == {"workers_before": 3, "workers_after": 3, "experts_moved": 0}
+    assert 0 < shrink["bytes_moved"] < grow["bytes_moved"]  # 5 experts vs 6 experts + 2 dense replicas
     assert [r["workers"] for r in rows] == [2] * 4 + [4] * 4 + [3] * 4
     assert_rows_match(ref, rows)
     assert_no_leftovers()
