@@ -426,6 +426,7 @@ class Coordinator:
         self.cfg.model.n_experts = new_cfg.model.n_experts
         self._form_group()  # the new placement: contiguous blocks of the new expert count
         self.load_state(tensors, extra, step)
+        self.last_row = None  # its loads were the old experts'
         return {"experts_before": E, "experts_after": n_experts, "layers": layers,
                 "resize_s": time.perf_counter() - t0}  # fmt: skip
 

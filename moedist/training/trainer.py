@@ -232,6 +232,7 @@ class Trainer:
         self.model = build_model(self.cfg).to(self.device)  # reseeds: load_state restores the RNG
         self.opt = make_optimizer(self.model, self.cfg)
         self.load_state(tensors, extra, self.step)
+        self.last_row = None  # its loads were the old experts'
         return {"experts_before": E, "experts_after": n_experts, "layers": layers}
 
     def info(self) -> dict[str, Any]:

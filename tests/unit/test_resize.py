@@ -127,3 +127,6 @@ def test_dropping_experts_keeps_the_others_exactly(et):
         assert torch.equal(b.router.threshold_E(), a.router.threshold_E()[kept])
     row = tr2.train_step()
     assert len(row["L1_load"]) == 6
+    # twice in a row without a step between (the last loads were the old experts')
+    assert tr2.scale(experts=5)["experts_after"] == 5 and tr2.scale(experts=7)["experts_after"] == 7
+    assert len(tr2.train_step()["L1_load"]) == 7
