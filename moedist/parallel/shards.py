@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,12 +26,16 @@ from moedist.model.moe import MoEBlock
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
+    "ExpertRows",
+    "assemble_shard",
+    "dense_state",
     "expert_keys",
     "expert_slots",
     "merge_model_shards",
     "merge_optim_shards",
     "model_shard",
     "optim_shard",
+    "rows_by_new_owner",
 ]
 
 
@@ -124,3 +129,103 @@ def optim_shard(full: dict[str, Any], placement: ExpertPlacement, rank: int, slo
         }
     out["state"] = state
     return out
+
+
+# ------------------------------------------------------------------ live moves
+@dataclass
+class ExpertRows:
+    """Some experts' rows of every expert tensor and optimiser slot (what one worker sends
+    another when the placement changes). `experts` are global ids, in row order."""
+
+    experts: list[int]
+    model: dict[str, Tensor] = field(default_factory=dict)
+    optim: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def rows_by_new_owner(
+    model_state: dict[str, Tensor],
+    optim_state: dict[str, Any],
+    keys: Sequence[str],
+    slots: Sequence[int],
+    old: ExpertPlacement,
+    rank: int,
+    new: ExpertPlacement,
+) -> dict[int, ExpertRows]:
+    """Split rank `rank`'s shard (under `old`) by each expert's owner under `new`.
+
+    Returns {new owner: its rows}; the entry for `rank` itself (if it stays) holds the
+    experts it keeps, the others are what must travel.
+    """
+    if old.n_experts != new.n_experts:
+        raise ValueError(f"placements over {old.n_experts} and {new.n_experts} experts")
+    mine = old.local_experts(rank)
+    by_owner: dict[int, list[int]] = {}
+    for e in mine:
+        by_owner.setdefault(new.owner(e), []).append(e)
+    out = {}
+    for dest, experts in by_owner.items():
+        idx = torch.tensor([old.local_index(e) for e in experts], dtype=torch.int64)
+        part = ExpertRows(experts=experts)
+        for k in keys:
+            part.model[k] = model_state[k].index_select(0, idx).clone()
+        for i in slots:
+            if i in optim_state["state"]:  # slots never stepped have no state to move
+                part.optim[i] = {n: v.index_select(0, idx).clone()
+                                 for n, v in optim_state["state"][i].items() if isinstance(v, Tensor) and v.dim() > 0}
+        out[dest] = part
+    return out
+
+
+def dense_state(
+    model_state: dict[str, Tensor], optim_state: dict[str, Any], keys: Sequence[str], slots: Sequence[int]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A replica's state without its expert rows (what a new worker needs from a peer)."""
+    drop = set(keys)
+    model = {k: v for k, v in model_state.items() if k not in drop}
+    optim = copy.copy(optim_state)
+    state = dict(optim_state["state"])
+    for i in slots:
+        if i in state:
+            state[i] = {n: v for n, v in state[i].items() if not (isinstance(v, Tensor) and v.dim() > 0)}
+    optim["state"] = state
+    return model, optim
+
+
+def assemble_shard(
+    dense_model: dict[str, Tensor],
+    dense_optim: dict[str, Any],
+    parts: Sequence[ExpertRows],
+    keys: Sequence[str],
+    slots: Sequence[int],
+    new: ExpertPlacement,
+    rank: int,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Rank `rank`'s (model, optimiser) state under `new`, from a replica's dense state
+    (any rank's; its expert entries, if any, are replaced: `dense_state` strips them for
+    sending) and the rows of exactly its experts."""
+    want = new.local_experts(rank)
+    have = sorted(e for p in parts for e in p.experts)
+    if have != want:
+        raise ValueError(f"rank {rank} under the new placement owns experts {want}, was given {have}")
+    pos = {e: new.local_index(e) for e in want}
+    model = dict(dense_model)
+    for k in keys:
+        ref = parts[0].model[k]
+        full = ref.new_empty((len(want), *ref.shape[1:]))
+        for p in parts:
+            full[torch.tensor([pos[e] for e in p.experts], dtype=torch.int64)] = p.model[k]
+        model[k] = full
+    optim = copy.copy(dense_optim)
+    state = dict(dense_optim["state"])
+    for i in slots:
+        if i not in state:
+            continue
+        merged = dict(state[i])  # scalars (Adam's step) are shared by every replica
+        for name, ref in parts[0].optim.get(i, {}).items():
+            full = ref.new_empty((len(want), *ref.shape[1:]))
+            for p in parts:
+                full[torch.tensor([pos[e] for e in p.experts], dtype=torch.int64)] = p.optim[i][name]
+            merged[name] = full
+        state[i] = merged
+    optim["state"] = state
+    return model, optim

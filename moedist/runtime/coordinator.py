@@ -25,7 +25,7 @@ import torch
 
 from moedist.config import RunConfig, to_dict
 from moedist.training.evaluate import EvalResult
-from moedist.training.loop import WorkerLostError
+from moedist.training.loop import ScaleError, WorkerLostError
 
 
 class JobError(RuntimeError):
@@ -82,13 +82,16 @@ class Coordinator:
         self.start_timeout_s = start_timeout_s
         self.step_timeout_s = step_timeout_s
         self.grace_s = grace_s  # how long survivors of a lost worker get to finish failing their step
-        self.pg = None
-        self.n_bundles = 0
+        # Placement groups: the job's first one, then one per growth by live scaling (Ray
+        # cannot resize a group). A bundle is (group index, bundle index).
+        self.pgs: list[Any] = []
+        self.target = cfg.workers  # the worker count recovery restores (changed by scale)
         self.placement = None
         self.workers: list[Any] = []  # actor handles in rank order
-        self.bundles: list[int] = []  # placement-group bundle of each rank
+        self.bundles: list[tuple[int, int]] = []  # placement-group bundle of each rank
         self.infos: list[dict[str, Any]] = []
         self.step = 0
+        self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self._spawned = 0  # actors started so far (names stay unique across replacements)
         self._actor_cls = None
 
@@ -109,10 +112,9 @@ class Coordinator:
         if self.gpus is None:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= W else 0.0
         bundle = self._bundle()
-        self.pg = placement_group([dict(bundle) for _ in range(W)], strategy=self.strategy)
-        self.n_bundles = W
+        self.pgs = [placement_group([dict(bundle) for _ in range(W)], strategy=self.strategy)]
         try:
-            ray.get(self.pg.ready(), timeout=self.start_timeout_s)
+            ray.get(self.pgs[0].ready(), timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise PlacementTimeoutError(
                 f"could not place {W} workers x {{{_resources_text(bundle)}}} ({self.strategy}) within "
@@ -121,7 +123,7 @@ class Coordinator:
             ) from None
         # Ranks ordered by node so neighbouring ranks share a node (cheaper exchanges): rank r
         # runs in bundle order[r], known before any actor starts, so names can carry the rank.
-        order = self._bundles_by_node(range(W))
+        order = self._bundles_by_node([(0, b) for b in range(W)])
         self.bundles = order
         self.workers = [self._spawn(b, f"rank{rank}-of{W}") for rank, b in enumerate(order)]
         return self._form_group()
@@ -129,15 +131,18 @@ class Coordinator:
     def _bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
-    def _bundles_by_node(self, bundles) -> list[int]:
+    def _bundles_by_node(self, bundles) -> list[tuple[int, int]]:
         import ray
         from ray.util.placement_group import placement_group_table
 
         node_addr = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-        bundle_node = placement_group_table(self.pg)["bundles_to_node_id"]
-        return sorted(bundles, key=lambda b: (node_addr.get(bundle_node.get(b), ""), b))
+        tables = [placement_group_table(pg)["bundles_to_node_id"] for pg in self.pgs]
+        return sorted(bundles, key=lambda b: (node_addr.get(tables[b[0]].get(b[1]), ""), b))
 
-    def _spawn(self, bundle: int, label: str):
+    def _all_bundles(self) -> list[tuple[int, int]]:
+        return [(g, b) for g, pg in enumerate(self.pgs) if pg is not None for b in range(pg.bundle_count)]
+
+    def _spawn(self, bundle: tuple[int, int], label: str):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -148,7 +153,8 @@ class Coordinator:
         opts = {
             "num_cpus": self.cpus,
             "num_gpus": self.gpus,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[bundle[0]],
+                                                                    placement_group_bundle_index=bundle[1]),
             "name": f"moedist-worker-{label}-job{job}-{id(self):x}-{self._spawned}",
             "max_restarts": 0,  # the coordinator replaces lost workers itself (state comes from a checkpoint)
         }
@@ -168,7 +174,8 @@ class Coordinator:
         E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else W
         self.placement = ExpertPlacement.blocks(E, W)
         self.infos = self._get(
-            [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs) for r, w in enumerate(self.workers)],
+            [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs, to_dict(self.cfg))
+             for r, w in enumerate(self.workers)],
             "join the process group",
             WorkerStartError,
             self.start_timeout_s,
@@ -247,6 +254,7 @@ class Coordinator:
         row["compute_s"] = max(r["step_s"] - r.get("comm_s", 0.0) for r in rows)
         row["workers"] = len(self.workers)
         self.step += 1
+        self.last_row = row
         return row
 
     def evaluate(self) -> EvalResult:
@@ -323,7 +331,8 @@ class Coordinator:
             # Replacements in the free bundles; Ray moves a bundle whose node is gone to a node
             # with room. An actor placed before Ray noticed the node's death dies at once: retry.
             held = {b for _, b in keep}
-            keep += self._replace([b for b in range(self.n_bundles) if b not in held])
+            free = [b for b in self._all_bundles() if b not in held]
+            keep += self._replace(free[: max(0, self.target - len(keep))])
             counts = valid_worker_counts(self.cfg, len(keep))
             if not counts:
                 raise WorkerStartError(f"no worker could be started or kept after the failure ({err})")
@@ -346,7 +355,7 @@ class Coordinator:
             raise
         return {"probe_s": t1 - t0, "actor_start_s": t2 - t1, "group_s": t3 - t2, "workers_after": len(self.workers)}
 
-    def _replace(self, bundles: list[int]) -> list[tuple[Any, int]]:
+    def _replace(self, bundles: list[tuple[int, int]]) -> list[tuple[Any, tuple[int, int]]]:
         """Start a worker in each bundle, retrying actors that die while starting, until the
         start timeout; bundles still without a live worker then are left out."""
         import ray
@@ -355,7 +364,7 @@ class Coordinator:
         started: list[tuple[Any, int]] = []
         todo = list(bundles)
         while todo and time.monotonic() < deadline:
-            fresh = [(self._spawn(b, f"bundle{b}"), b) for b in todo]
+            fresh = [(self._spawn(b, f"bundle{b[0]}.{b[1]}"), b) for b in todo]
             refs = [w.address.remote() for w, _ in fresh]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             todo = []
@@ -376,6 +385,129 @@ class Coordinator:
                 time.sleep(0.5)
         return started
 
+    # --------------------------------------------------------- live scaling
+    def scale(self, workers: int | None = None, experts: int | None = None, noise: float = 0.0) -> dict[str, Any]:
+        """Change the worker count and/or the expert count at a step boundary, without a
+        checkpoint or a restart.
+
+        Experts: see `_resize_experts`. Workers:
+
+        New workers start in a new placement group (Ray cannot grow one); if it cannot be
+        placed within the start timeout the request is refused (ScaleError) and the job goes
+        on as it was. Otherwise every worker publishes, through the object store, the rows of
+        each expert whose owner changes under the new contiguous-block placement (with their
+        optimiser state); the group is re-formed with a fresh rendezvous; each worker takes
+        its experts (kept ones from its own memory, moved ones straight from their old
+        owner), new workers take the dense replica and router state from rank 0; leaving
+        workers are stopped. Batches are global, so the run's losses do not change.
+        Returns what was done and how long each part took.
+        """
+        report: dict[str, Any] = {}
+        if workers is not None:
+            report.update(self._scale_workers(int(workers)))
+        if experts is not None:
+            report.update(self._resize_experts(int(experts), noise))
+        return report
+
+    def _resize_experts(self, n_experts: int, noise: float) -> dict[str, Any]:
+        """Gather the whole model (as for a checkpoint, in memory), split or drop experts,
+        rebuild every worker's model for the new count and hand each its share."""
+        from moedist.training.trainer import check_resize, resize_experts
+
+        E = self.cfg.model.n_experts
+        check_resize(self.cfg, n_experts, len(self.workers))
+        if n_experts == E:
+            return {"experts_before": E, "experts_after": E, "layers": []}
+        t0 = time.perf_counter()
+        step = self.step
+        tensors, extra = self.state()
+        new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
+        self._get([w.reset.remote() for w in self.workers], "leave the old process group")
+        self.cfg.model.n_experts = new_cfg.model.n_experts
+        self._form_group()  # the new placement: contiguous blocks of the new expert count
+        self.load_state(tensors, extra, step)
+        self.last_row = None  # its loads were the old experts'
+        return {"experts_before": E, "experts_after": n_experts, "layers": layers,
+                "resize_s": time.perf_counter() - t0}  # fmt: skip
+
+    def _scale_workers(self, N: int) -> dict[str, Any]:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        from moedist.parallel.placement import ExpertPlacement
+
+        W = len(self.workers)
+        if N == W:
+            return {"workers_before": W, "workers_after": W, "experts_moved": 0}
+        if N < 1 or N not in valid_worker_counts(self.cfg, N):
+            t = self.cfg.train
+            raise ScaleError(
+                f"cannot run on {N} workers: each needs at least one of {self.cfg.model.n_experts} experts and an "
+                f"equal share of every micro-batch (batch_size {t.batch_size}, micro_batches {t.micro_batches}); "
+                f"possible: {valid_worker_counts(self.cfg, 4 * max(W, N))[::-1]}"
+            )
+        t0 = time.perf_counter()
+        fresh: list[tuple[Any, tuple[int, int]]] = []
+        if N > W:
+            pg = placement_group([self._bundle() for _ in range(N - W)], strategy=self.strategy)
+            try:
+                ray.get(pg.ready(), timeout=self.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                raise ScaleError(
+                    f"could not place {N - W} more workers x {{{_resources_text(self._bundle())}}} within "
+                    f"{self.start_timeout_s:g} s ({_resources_text(ray.available_resources())} free); "
+                    f"the job goes on with {W} workers"
+                ) from None
+            self.pgs.append(pg)
+            g = len(self.pgs) - 1
+            fresh = self._replace([(g, b) for b in range(N - W)])
+            if len(fresh) < N - W:
+                for w, _ in fresh:
+                    with contextlib.suppress(Exception):
+                        ray.kill(w, no_restart=True)
+                self.pgs[g] = None
+                remove_placement_group(pg)
+                raise ScaleError(f"{N - W - len(fresh)} new workers failed to start; the job goes on with {W} workers")
+        t1 = time.perf_counter()
+
+        step = self.step
+        E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else N
+        new = ExpertPlacement.blocks(E, N)
+        pub = self._get([w.publish.remote(new.to_dict(), r == 0 and N > W) for r, w in enumerate(self.workers)],
+                        "hand over their experts")  # fmt: skip
+        leaving = list(zip(self.workers[N:], self.bundles[N:], strict=True))
+        self._get([w.reset.remote() for w in self.workers], "leave the old process group")
+        # Staying workers keep their ranks (so fewer experts move); new ones come after.
+        self.workers = self.workers[:N] + [w for w, _ in fresh]
+        self.bundles = self.bundles[:N] + [b for _, b in fresh]
+        self._form_group()
+        t2 = time.perf_counter()
+        dense_ref = pub[0]["dense"]
+        calls = []
+        for r, w in enumerate(self.workers):
+            refs = [p["parts"][r] for p in pub if r in p["parts"]]
+            calls.append(w.adopt.remote(refs, [dense_ref] if r >= W else []))
+        got = self._get(calls, "take over their experts")
+        moved, nbytes = sum(g["experts_in"] for g in got), sum(g["bytes_in"] for g in got)
+        self.step = step
+        t3 = time.perf_counter()
+        for w, _ in leaving:
+            with contextlib.suppress(Exception):
+                ray.get(w.shutdown.remote(), timeout=10)
+            with contextlib.suppress(Exception):
+                ray.kill(w, no_restart=True)
+        held = {g for g, _ in self.bundles}
+        for g, pg in enumerate(self.pgs):  # a group none of whose bundles is used any more
+            if pg is not None and g not in held:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
+                self.pgs[g] = None
+        self.target = N
+        return {"workers_before": W, "workers_after": N, "experts_moved": moved, "bytes_moved": nbytes,
+                "actor_start_s": t1 - t0,
+                "group_s": t2 - t1, "move_s": t3 - t2, "total_s": time.perf_counter() - t0}  # fmt: skip
+
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
         """Stop every worker and remove the placement group (safe to call twice)."""
@@ -387,12 +519,13 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 ray.kill(w)
         self.workers = []
-        if self.pg is not None:
-            from ray.util.placement_group import remove_placement_group
+        from ray.util.placement_group import remove_placement_group
 
-            with contextlib.suppress(Exception):
-                remove_placement_group(self.pg)
-            self.pg = None
+        for pg in self.pgs:
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
+        self.pgs = []
 
 
 def _short(e: BaseException) -> str:

@@ -43,6 +43,7 @@ class Worker:
         self.rank, self.world = -1, 0
         self.trainer = None
         self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
+        self._stash: dict[str, Any] | None = None  # own state between publish and adopt (rescaling)
         # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
         # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
         threads = self.cfg.train.threads or cpu_share()
@@ -77,13 +78,16 @@ class Worker:
         master_port: int,
         placement: dict[str, Any],
         nodes: list[str] | None = None,
+        cfg_dict: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Join a process group of `world` ranks as `rank`; build a fresh model shard (from
-        the seed) and the data sampler."""
+        the seed) and the data sampler; `cfg_dict` replaces the config (a resized job)."""
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
         from moedist.training.trainer import DistContext, Trainer, load_dataset
 
+        if cfg_dict is not None:
+            self.cfg = from_dict(cfg_dict)
         self.rank, self.world = rank, world
         self.cfg.workers = world
         t0 = time.perf_counter()
@@ -138,6 +142,60 @@ class Worker:
         tr.skipped = int(extra.get("skipped_steps", 0))
         tr.step = int(step)
 
+    # ------------------------------------------------------- live rescaling
+    def publish(self, new_placement: dict[str, Any], send_dense: bool) -> dict[str, Any]:
+        """Before a change of worker count: put into the object store the rows of each
+        expert whose owner changes (one object per new owner) and, if asked, the dense
+        replica state new workers start from; keep the rest here for `adopt`. Returns
+        {"parts": {new rank: ref}, "dense": ref | None}."""
+        import ray
+
+        from moedist.parallel.placement import ExpertPlacement
+        from moedist.parallel.shards import dense_state, expert_keys, expert_slots, rows_by_new_owner
+
+        tr, d = self.trainer, self.trainer.dist
+        new = ExpertPlacement.from_dict(new_placement)
+        keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
+        model, optim = tr.model.state_dict(), tr.opt.state_dict()
+        # A dense model has no experts to move (its placement only names the ranks).
+        parts = rows_by_new_owner(model, optim, keys, slots, d.placement, d.rank, new) if keys else {}
+        kept = parts.pop(d.rank, None)
+        dense_m, dense_o = dense_state(model, optim, keys, slots)
+        dense = {"model": dense_m, "optim": dense_o, "torch_rng": torch.get_rng_state().tolist(),
+                 "skipped": tr.skipped, "step": tr.step}  # fmt: skip
+        self._stash = {"dense": dense, "kept": kept}
+        return {"parts": {dest: ray.put(part) for dest, part in parts.items()},
+                "dense": ray.put(dense) if send_dense else None}  # fmt: skip
+
+    def adopt(self, part_refs: list[Any], dense_refs: list[Any]) -> dict[str, int]:
+        """After `setup` in the re-formed group: take this rank's experts (kept ones from
+        the stash, moved ones from their old owners' objects) and the dense state (own, or a
+        peer's for a new worker); continue at the old group's step. Returns the experts and
+        bytes that came in from other workers.
+        (References come in lists: Ray would resolve a bare one before the call.)"""
+        import ray
+
+        from moedist.parallel.shards import assemble_shard, expert_keys, expert_slots
+
+        tr, d = self.trainer, self.trainer.dist
+        stash, self._stash = self._stash, None
+        dense = ray.get(dense_refs[0]) if dense_refs else stash["dense"]
+        moved = ray.get(list(part_refs))
+        parts = moved + ([stash["kept"]] if stash and stash["kept"] is not None else [])
+        keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
+        model, optim = dense["model"], dense["optim"]
+        if keys:
+            model, optim = assemble_shard(model, optim, parts, keys, slots, d.placement, d.rank)
+        tr.model.load_state_dict(model)
+        tr.opt.load_state_dict(optim)
+        torch.set_rng_state(torch.tensor(dense["torch_rng"], dtype=torch.uint8))
+        tr.skipped = int(dense["skipped"])
+        tr.step = int(dense["step"])
+        nbytes = sum(t.nbytes for p in moved for t in _tensors(p.model, p.optim))
+        if dense_refs:
+            nbytes += sum(t.nbytes for t in _tensors(dense["model"], dense["optim"]))
+        return {"experts_in": sum(len(p.experts) for p in moved), "bytes_in": nbytes}
+
     def reset(self) -> None:
         """Leave the process group and drop the model (before a re-formed group's setup)."""
         from moedist.parallel.group import destroy_group
@@ -150,3 +208,18 @@ class Worker:
         from moedist.parallel.group import destroy_group
 
         destroy_group()
+
+
+def _tensors(*trees: Any) -> list[torch.Tensor]:
+    """Every tensor in nested dicts/lists (to count bytes moved)."""
+    out: list[torch.Tensor] = []
+    stack = list(trees)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return out

@@ -61,6 +61,11 @@ class TooManyFailuresError(RuntimeError):
     """More workers were lost than --max-failures allows; the last checkpoint is intact."""
 
 
+class ScaleError(ValueError):
+    """A requested change of worker or expert count that cannot be made; the job goes on
+    unchanged."""
+
+
 class StepExecutor(Protocol):
     """What the run loop drives: one optimiser step at a time over the global batch."""
 

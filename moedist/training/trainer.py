@@ -76,6 +76,54 @@ def make_optimizer(model: MoETransformer, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=False, foreach=True)
 
 
+def check_resize(cfg: RunConfig, n_experts: int, workers: int) -> None:
+    """Refuse (ScaleError) an expert count the run cannot have."""
+    from moedist.training.loop import ScaleError
+
+    r = cfg.router
+    if r.kind == "dense":
+        raise ScaleError("a dense model has no experts to scale")
+    if r.kind in ("aoe", "etr"):
+        raise ScaleError(f"changing the number of experts is not supported for the {r.kind} router yet")
+    if n_experts < 1 or n_experts < workers:
+        raise ScaleError(f"cannot have {n_experts} experts on {workers} workers: each worker owns at least one")
+    if r.kind in ("tc", "lf") and r.top_k > n_experts:
+        raise ScaleError(f"cannot have {n_experts} experts with router.top_k = {r.top_k}")
+    if n_experts > 64 * cfg.model.n_experts:
+        raise ScaleError(f"{n_experts} experts is more than 64x the {cfg.model.n_experts} the model has")
+
+
+def resize_experts(
+    cfg: RunConfig,
+    tensors: dict[str, Any],
+    n_experts: int,
+    last_row: dict[str, Any] | None = None,
+    noise: float = 0.0,
+) -> tuple[RunConfig, dict[str, Any], list[dict[str, Any]]]:
+    """A whole-model state (model + optimiser) with every MoE layer resized to n_experts.
+
+    Each layer splits its most loaded experts or drops its least loaded, judged by the
+    loads of `last_row` (a metrics row), equal loads without one. Returns the new config,
+    the new tensors and each layer's plan (moedist.model.resize).
+    """
+    from moedist.model.resize import moe_prefixes, param_slots, plan_resize, resize_state
+
+    with torch.device("meta"):  # names and optimiser slots, without allocating a model
+        meta = MoETransformer(cfg.model, cfg.router)
+        slots = param_slots(meta, make_optimizer(meta, cfg))
+        layers = list(zip(meta.moe_layer_ids(), moe_prefixes(meta), strict=True))
+    plans = {}
+    for layer, prefix in layers:
+        load = (last_row or {}).get(f"L{layer}_load")
+        plans[prefix] = plan_resize(cfg.model.n_experts, n_experts, load)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 7919 * n_experts)
+    model, optim = resize_state(tensors["model"], tensors["optim"], slots, plans, noise, gen)
+    new_cfg = from_dict(to_dict(cfg))
+    new_cfg.model.n_experts = n_experts
+    report = [{"layer": layer, **plans[prefix].to_json()} for layer, prefix in layers]
+    return new_cfg, {"model": model, "optim": optim}, report
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync it, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -141,6 +189,7 @@ class Trainer:
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
         self.skipped = 0
+        self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
 
     # ----------------------------------------------------------------- state
@@ -156,6 +205,35 @@ class Trainer:
         torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
         self.skipped = int(extra.get("skipped_steps", 0))
         self.step = int(step)
+
+    def scale(self, workers: int | None = None, experts: int | None = None, noise: float = 0.0) -> dict[str, Any]:
+        """Change the number of routed experts per MoE layer at a step boundary (see
+        moedist.model.resize); a single-process run has exactly one worker."""
+        from moedist.training.loop import ScaleError
+
+        if workers not in (None, 1):
+            raise ScaleError(f"a single-process run cannot have {workers} workers: start it on Ray "
+                             "(--workers, --address) to scale its workers")  # fmt: skip
+        report: dict[str, Any] = {"workers_before": 1, "workers_after": 1}
+        if experts is not None:
+            report.update(self.resize_experts(experts, noise))
+        return report
+
+    def resize_experts(self, n_experts: int, noise: float = 0.0) -> dict[str, Any]:
+        """Split (most loaded first) or drop (least loaded first) experts of every MoE layer;
+        the model, its optimiser state and the router state follow; cfg is updated in place."""
+        E = self.cfg.model.n_experts
+        check_resize(self.cfg, n_experts, workers=1)
+        if n_experts == E:
+            return {"experts_before": E, "experts_after": E, "layers": []}
+        tensors, extra = self.state()
+        new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
+        self.cfg.model.n_experts = new_cfg.model.n_experts
+        self.model = build_model(self.cfg).to(self.device)  # reseeds: load_state restores the RNG
+        self.opt = make_optimizer(self.model, self.cfg)
+        self.load_state(tensors, extra, self.step)
+        self.last_row = None  # its loads were the old experts'
+        return {"experts_before": E, "experts_after": n_experts, "layers": layers}
 
     def info(self) -> dict[str, Any]:
         """Facts about where the run ran, for summary.json."""
@@ -256,6 +334,7 @@ class Trainer:
             for name, val in router.state_stats().items():
                 row[f"L{layer}_{name}"] = val.cpu().tolist()
         self.step += 1
+        self.last_row = row
         return row
 
     def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
@@ -280,6 +359,7 @@ class Trainer:
             for name, val in router.state_stats().items():
                 row[f"L{layer}_{name}"] = val.cpu().tolist()
         self.step += 1
+        self.last_row = row
         return row
 
     def _nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:

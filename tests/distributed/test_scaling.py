@@ -1,0 +1,143 @@
+"""Live scaling of the worker group on a 2-node Ray cluster (raylets on 127.0.0.2 and
+127.0.0.3): the batch is global, so changing the worker count mid-run changes where the
+experts live and how fast a step is, never the losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from moedist.config import build_config
+from moedist.runtime.coordinator import Coordinator, ScaleError
+from moedist.training.loop import TIMING_KEYS
+from moedist.training.trainer import Trainer, load_dataset
+from tests.distributed.test_runtime import SMALL, assert_no_leftovers
+
+STEPS = 12
+# Columns that measure time or say how many workers ran, not what was computed.
+NOT_COMPARED = set(TIMING_KEYS) | {"tokens_per_s", "workers", "step_s"}
+
+
+def cfg_for(workers: int, data: str, router: str = "et"):
+    over = json.loads(json.dumps(SMALL))
+    over["data"] = {"path": data}
+    over["router"]["kind"] = router
+    over["train"].update(steps=STEPS, batch_size=12)  # divisible by 1, 2, 3 and 4 workers
+    over["workers"] = workers
+    return build_config("tiny", None, over)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2})
+    try:
+        cluster.add_node(node_ip_address="127.0.0.3", num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def assert_rows_match(ref: list[dict], rows: list[dict]) -> None:
+    """Every computed column: decisions (loads) exactly, floats to 1e-4 (gradients are summed
+    in another order on another number of workers, so the last bits differ)."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for a, b in zip(ref, rows, strict=True):
+        assert set(b) - NOT_COMPARED == set(a) - NOT_COMPARED, a["step"]
+        for k in sorted(set(a) - NOT_COMPARED):
+            if k.endswith("_load") or (isinstance(a[k], list) and all(isinstance(x, int) for x in a[k])):
+                assert a[k] == b[k], (a["step"], k)
+            elif isinstance(a[k], (list, float)):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (a["step"], k)
+            else:
+                assert a[k] == b[k], (a["step"], k)
+
+
+def test_scaling_2_to_4_to_3_workers_keeps_every_loss(two_nodes, random_text):
+    cfg1 = cfg_for(1, random_text)
+    tr = Trainer(cfg1, load_dataset(cfg1))
+    ref = [tr.train_step() for _ in range(STEPS)]
+
+    coord = Coordinator(cfg_for(2, random_text), strategy="SPREAD", start_timeout_s=120)
+    try:
+        coord.start()
+        rows = [coord.train_step() for _ in range(4)]
+        grow = coord.scale(workers=4)
+        assert {i["node"] for i in coord.members()} == {"127.0.0.2", "127.0.0.3"}
+        rows += [coord.train_step() for _ in range(4)]
+        shrink = coord.scale(workers=3)
+        same = coord.scale(workers=3)
+        rows += [coord.train_step() for _ in range(4)]
+    finally:
+        coord.shutdown()
+    # experts 0-3 | 4-7  ->  0-1 | 2-3 | 4-5 | 6-7: experts 2..7 change owner
+    assert (grow["workers_before"], grow["workers_after"], grow["experts_moved"]) == (2, 4, 6)
+    # 0-1 | 2-3 | 4-5 | 6-7  ->  0-2 | 3-5 | 6-7: experts 2, 4, 5, 6, 7 change owner
+    assert (shrink["workers_before"], shrink["workers_after"], shrink["experts_moved"]) == (4, 3, 5)
+    assert same == {"workers_before": 3, "workers_after": 3, "experts_moved": 0}
+    assert 0 < shrink["bytes_moved"] < grow["bytes_moved"]  # 5 experts vs 6 experts + 2 dense replicas
+    assert [r["workers"] for r in rows] == [2] * 4 + [4] * 4 + [3] * 4
+    assert_rows_match(ref, rows)
+    assert_no_leftovers()
+
+
+def test_a_count_that_cannot_be_placed_or_run_is_refused_and_the_job_goes_on(two_nodes, random_text):
+    cfg1 = cfg_for(1, random_text, router="tc")
+    tr = Trainer(cfg1, load_dataset(cfg1))
+    ref = [tr.train_step() for _ in range(4)]
+
+    coord = Coordinator(cfg_for(2, random_text, router="tc"), strategy="SPREAD", start_timeout_s=120)
+    try:
+        coord.start()
+        rows = [coord.train_step() for _ in range(2)]
+        coord.start_timeout_s = 3  # 6 workers x 1 CPU on a 4-CPU cluster: never placed
+        with pytest.raises(ScaleError, match=r"could not place 4 more workers.*goes on with 2 workers"):
+            coord.scale(workers=6)
+        with pytest.raises(ScaleError, match="cannot run on 5 workers"):  # 12 rows do not split in 5
+            coord.scale(workers=5)
+        with pytest.raises(ScaleError, match="cannot run on 0 workers"):
+            coord.scale(workers=0)
+        rows += [coord.train_step() for _ in range(2)]
+        assert len(coord.members()) == 2
+    finally:
+        coord.shutdown()
+    assert_rows_match(ref, rows)
+    assert_no_leftovers()
+
+
+def test_resizing_experts_of_a_running_job_equals_resizing_one_process(two_nodes, random_text):
+    """ET, 2 workers: 8 -> 11 experts (split, uneven blocks of 6 and 5) after step 3, then
+    11 -> 9 (drop) after step 6: every row equals the single-process run resized at the
+    same steps, with the same symmetry-breaking noise."""
+    cfg1 = cfg_for(1, random_text)
+    tr = Trainer(cfg1, load_dataset(cfg1))
+    ref = [tr.train_step() for _ in range(3)]
+    one_split = tr.scale(experts=11, noise=0.01)
+    ref += [tr.train_step() for _ in range(3)]
+    one_drop = tr.scale(experts=9)
+    ref += [tr.train_step() for _ in range(3)]
+
+    coord = Coordinator(cfg_for(2, random_text), strategy="SPREAD", start_timeout_s=120)
+    try:
+        coord.start()
+        rows = [coord.train_step() for _ in range(3)]
+        split = coord.scale(experts=11, noise=0.01)
+        assert [len(coord.placement.local_experts(r)) for r in range(2)] == [6, 5]
+        rows += [coord.train_step() for _ in range(3)]
+        drop = coord.scale(experts=9)
+        rows += [coord.train_step() for _ in range(3)]
+        tensors, _ = coord.state()
+    finally:
+        coord.shutdown()
+    assert split["layers"] == one_split["layers"] and drop["layers"] == one_drop["layers"]
+    assert [len(r["L1_load"]) for r in rows] == [8] * 3 + [11] * 3 + [9] * 3
+    assert_rows_match(ref, rows)
+    # the checkpointable whole model has the new shape
+    assert tensors["model"]["blocks.1.ffn.experts.w1_EDF"].shape[0] == 9
+    assert_no_leftovers()
