@@ -223,13 +223,13 @@ class ControlHub:
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
             raise ControlError("FAILED_PRECONDITION", f"no step is left to scale for ({self._not_running()})")
         try:
-            out = loop.ex.scale(workers=c.args.get("workers"), experts=c.args.get("experts"))
-        except ValueError as e:  # the executor's contract: a refused request changes nothing
-            raise ControlError("INVALID_ARGUMENT", f"scale refused: {e}") from None
-        out = out if isinstance(out, dict) else {}
+            loop.ex.scale(workers=c.args.get("workers"), experts=c.args.get("experts"))
+        except ValueError as e:  # ScaleError (moedist.training.loop): refused, the job goes on unchanged
+            raise ControlError("FAILED_PRECONDITION", f"scale refused: {e}") from None
         loop.write_members()
-        cfg = loop.cfg
-        c.result = (loop.step, int(out.get("workers", cfg.workers)), int(out.get("experts", cfg.model.n_experts)))
+        members = getattr(loop.ex, "members", None)
+        # The executors update the run's config in place (it is the loop's): model.n_experts.
+        c.result = (loop.step, len(members()) if members is not None else 1, loop.cfg.model.n_experts)
 
     @staticmethod
     def _fail(c: Command, err: ControlError) -> None:
@@ -270,13 +270,14 @@ class ControlHub:
         if loop.stopped_at is not None:
             st.stopped_at_step = loop.stopped_at
         st.workers.extend(self._workers())
-        if last is not None:  # the row says how many experts each MoE layer has, and its thresholds
+        n_now = cfg.model.n_experts  # the config follows a Scale(experts=); the last row may predate it
+        if last is not None:  # the row says which layers are MoE layers, and their thresholds
             for key, val in last.items():
                 i = _layer_index(key, "_load")
                 if i is not None and val is not None:
-                    layer = st.layers.add(layer=i, n_experts=len(val))
+                    layer = st.layers.add(layer=i, n_experts=n_now)
                     thr = last.get(f"L{i}_threshold")
-                    if thr is not None:
+                    if thr is not None and len(thr) == n_now:
                         layer.thresholds.extend(float(x) for x in thr)
         elif cfg.router.kind != "dense":  # before the first step: the config's (MoETransformer's rule)
             first, n = (1 if cfg.model.first_layer_dense else 0), cfg.model.n_experts

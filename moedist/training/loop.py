@@ -354,8 +354,8 @@ def run_summary(
     fan_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_fanout")]
     load_keys = [k for k in (tail[0] if tail else {}) if k.endswith("_load")]
     ratios = []
-    for k in load_keys:
-        load = np.sum([r[k] for r in tail], axis=0)
+    for k in load_keys:  # over the rows with the last row's expert count (a live Scale may change it)
+        load = np.sum([r[k] for r in tail if len(r[k]) == len(tail[-1][k])], axis=0)
         ratios.append(float(load.max() / max(load.mean(), 1e-9)))
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     return {

@@ -40,11 +40,17 @@ def plot_load(rows: list[dict[str, Any]], path: Path) -> None:
     layers = _layers(rows)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers) + 0.8), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers, strict=True):
-        E = next(len(r[f"{layer}_load"]) for r in rows if r.get(f"{layer}_load") is not None)
-        # a skipped (non-finite) step has no loads: a blank column
-        load_SE = np.asarray([r[f"{layer}_load"] if r.get(f"{layer}_load") is not None else [np.nan] * E
-                              for r in rows], dtype=np.float64)  # fmt: skip
-        ratio_SE = load_SE / np.maximum(load_SE.mean(axis=1, keepdims=True), 1e-9)
+        # The most experts the layer had (a live Scale changes the count); a skipped (non-finite)
+        # step has no loads, and steps with fewer experts leave the rest blank.
+        key = f"{layer}_load"
+        E = max(len(r[key]) for r in rows if r.get(key) is not None)
+        load_SE = np.full((len(rows), E), np.nan)
+        for s, r in enumerate(rows):
+            if r.get(key) is not None:
+                load_SE[s, : len(r[key])] = r[key]
+        known_SE = ~np.isnan(load_SE)
+        mean_S1 = np.nansum(load_SE, axis=1, keepdims=True) / np.maximum(known_SE.sum(axis=1, keepdims=True), 1)
+        ratio_SE = load_SE / np.maximum(mean_S1, 1e-9)
         im = ax.imshow(ratio_SE.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, np.nanmax(ratio_SE)),
                        extent=(1, len(rows) + 1, ratio_SE.shape[1] - 0.5, -0.5), interpolation="nearest")
         ax.set_ylabel(f"{layer}\nexpert")

@@ -183,10 +183,28 @@ def test_bad_calls_get_their_codes_and_the_server_still_answers(job):
     assert res.returncode == 2 and "INVALID_ARGUMENT: workers must be > 0, got 0" in one_error_line(res)
     res = ctl(job["run"], "metrics", "--from", str(STEPS))
     assert res.returncode == 2 and "INVALID_ARGUMENT: from_step must be in 0 .. 99999" in one_error_line(res)
+    assert status(job["run"])["state"] == "RUNNING"
+
+
+def test_scale_changes_the_experts_of_the_live_job(job):
+    """Trainer.scale(experts=) through the API: every MoE layer goes from 4 to 8 experts at a
+    step boundary, and the job trains on; a worker count is refused (one process)."""
     res = ctl(job["run"], "scale", "--workers", "2")
     assert res.returncode == 1
-    assert one_error_line(res) == "moedist: error: ctl scale: FAILED_PRECONDITION: this job's executor cannot scale yet"
-    assert status(job["run"])["state"] == "RUNNING"
+    assert one_error_line(res).startswith("moedist: error: ctl scale: FAILED_PRECONDITION: scale refused: a "
+                                          "single-process run cannot have 2 workers")  # fmt: skip
+    res = ctl(job["run"], "--json", "scale", "--experts", "8")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["workers"] == 1 and out["experts"] == 8
+    at = out["step"]
+    st = wait_for_step(job["run"], at + 2)
+    assert st["state"] == "RUNNING" and st["workers"][0]["experts"] == list(range(8))
+    assert [(layer["n_experts"], len(layer["thresholds"])) for layer in st["layers"]] == [(8, 8)]
+    res = ctl(job["run"], "--json", "metrics", "--from", str(at - 1), "--limit", "2")
+    rows = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [len(r["L1_load"]) for r in rows] == [4, 8]  # the step before the change, the step after
+    assert [sum(r["L1_load"]) > 0 for r in rows] == [True, True]
 
 
 def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):

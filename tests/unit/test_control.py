@@ -27,7 +27,8 @@ from moedist.control.server import serve
 from moedist.control.v1 import control_pb2 as pb
 from moedist.training.checkpoint import list_checkpoints
 from moedist.training.evaluate import EvalResult
-from moedist.training.loop import RunLoop, write_config
+from moedist.training.loop import RunLoop, ScaleError, write_config
+from moedist.training.plots import write_plots as _real_write_plots
 
 E = 4  # experts per MoE layer of the fake rows
 
@@ -77,15 +78,23 @@ class GatedExecutor:
 class ScalingExecutor(GatedExecutor):
     """An executor that can scale: records each call and the step it came at."""
 
-    def __init__(self):
+    def __init__(self, cfg):
         super().__init__()
+        self.cfg = cfg  # the run's config: a scale changes it in place, as the real executors do
         self.scaled: list[tuple[int, int | None, int | None]] = []
+        self.n_workers = 1
 
     def scale(self, workers=None, experts=None):
         if workers == 3:
-            raise ValueError("3 workers cannot share 4 experts evenly")
+            raise ScaleError("3 workers cannot share 4 experts evenly")
         self.scaled.append((self.step, workers, experts))
-        return {"workers": workers or 1, "experts": experts or E}
+        self.n_workers = workers or self.n_workers
+        if experts is not None:
+            self.cfg.model.n_experts = experts
+        return {"workers_after": self.n_workers}
+
+    def members(self):
+        return [{"rank": r, "node": "127.0.0.1", "pid": 100 + r, "backend": "gloo"} for r in range(self.n_workers)]
 
 
 def make_cfg(steps: int = 50, ckpt_every: int = 0):
@@ -97,9 +106,9 @@ def make_cfg(steps: int = 50, ckpt_every: int = 0):
 class Job:
     """A RunLoop over `ex` running in a thread, with the control API served around it."""
 
-    def __init__(self, run_dir: Path, ex, steps: int = 50, ckpt_every: int = 0):
-        self.ex = ex
+    def __init__(self, run_dir: Path, ex, steps: int = 50, ckpt_every: int = 0, executor_needs_cfg: bool = False):
         cfg = make_cfg(steps, ckpt_every)
+        self.ex = ex = ex(cfg) if executor_needs_cfg else ex
         write_config(run_dir, cfg)
         self.loop = RunLoop(cfg, run_dir, ex, {"kind": "byte"})
         self.run_dir = run_dir
@@ -298,7 +307,7 @@ def test_scale_is_refused_when_the_executor_cannot_scale(job):
 
 
 def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
-    job = Job(tmp_path / "run", ScalingExecutor())
+    job = Job(tmp_path / "run", ScalingExecutor, executor_needs_cfg=True)
     job.ex.release(2)
     job.wait_step(2)
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=2)))
@@ -309,21 +318,60 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     assert job.ex.scaled == [(3, 2, None)]  # at the boundary after step 2, only the field given
     res = out["result"]
     assert (res.step, res.workers, res.experts) == (3, 2, E)
+    st = job.hub.status()
+    assert [(w.rank, w.backend) for w in st.workers] == [(0, "gloo"), (1, "gloo")]
+    assert json.loads((job.run_dir / "workers.json").read_text())[1]["pid"] == 101  # rewritten after the change
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(experts=8)))
     time.sleep(0.2)
     job.ex.release(1)
     t.join(20)
     assert job.ex.scaled[-1] == (4, None, 8) and out["result"].experts == 8
-    # the executor refusing a request (ValueError) -> INVALID_ARGUMENT, and training goes on
+    # the status follows at once: 8 experts per layer (the last row's 4 thresholds are not shown as theirs)
+    assert [(x.n_experts, len(x.thresholds)) for x in job.hub.status().layers] == [(8, 0)]
+    # the executor refusing a request (ScaleError) -> FAILED_PRECONDITION, and training goes on
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=3)))
     time.sleep(0.2)
     job.ex.release(1)
     t.join(20)
-    assert out["error"].code() == grpc.StatusCode.INVALID_ARGUMENT and "evenly" in out["error"].details()
+    assert out["error"].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert out["error"].details() == "scale refused: 3 workers cannot share 4 experts evenly"
     job.ex.release(1)
     job.wait_step(6)
     job.finish()
     assert job.error is None
+
+
+class ResizingExecutor(ScalingExecutor):
+    """Rows whose per-expert columns have the run's current expert count."""
+
+    def train_step(self) -> dict:
+        row = super().train_step()
+        n = self.cfg.model.n_experts
+        row["L1_load"] = [row["step"] + e for e in range(n)]
+        row["L1_threshold"] = [0.01 * e for e in range(n)]
+        row["skipped"] = False  # every step counts in the summary's tail
+        return row
+
+
+def test_a_run_whose_experts_change_writes_its_outputs(tmp_path, monkeypatch):
+    """After Scale(experts=) near the end (the summary's last 10% of steps spans the change),
+    the run still writes its metrics, summary and plots (real matplotlib here)."""
+    monkeypatch.setattr("moedist.training.plots.write_plots", _real_write_plots)
+    job = Job(tmp_path / "run", ResizingExecutor, steps=20, executor_needs_cfg=True)
+    job.ex.release(18)
+    job.wait_step(18)
+    t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(experts=6)))
+    time.sleep(0.3)
+    job.ex.release(1)
+    t.join(20)
+    assert (out["result"].step, out["result"].experts) == (19, 6)
+    job.finish()
+    assert job.error is None, job.error
+    rows = pq.read_table(job.run_dir / "metrics.parquet").to_pylist()
+    assert [len(r["L1_load"]) for r in rows] == [4] * 19 + [6]
+    assert (job.run_dir / "plots" / "expert_load.png").stat().st_size > 0
+    # the load ratio of the rows with the final expert count: step 19's loads 19..24
+    assert job.summary["max_load_ratio"] == pytest.approx(24 / 21.5)
 
 
 # ------------------------------------------------------------------- metrics
