@@ -130,7 +130,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             except ValueError as e:  # beyond int32
                 raise ConfigError(f"ctl scale: {e}") from None
             res = client.call("Scale", req)
-            text = f"rescaled at step {res.step}: {res.workers} workers, {res.experts} experts per MoE layer"
+            workers = f"{res.workers} worker{'s' if res.workers != 1 else ''}"
+            text = f"rescaled at step {res.step}: {workers}, {res.experts} experts per MoE layer"
             out = {"step": res.step, "workers": res.workers, "experts": res.experts}
             print(json.dumps(out) if args.json else text)
         elif what == "checkpoint":
