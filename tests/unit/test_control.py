@@ -215,11 +215,20 @@ def call_in_thread(fn):
     return t, out
 
 
+def wait_queued(job: Job, n: int = 1, timeout: float = 20) -> None:
+    """Until `n` commands wait for the next step boundary (the call has reached the hub)."""
+    deadline = time.monotonic() + timeout
+    while len(job.hub._pending) < n:
+        assert time.monotonic() < deadline, "the command never reached the hub"
+        time.sleep(0.01)
+    time.sleep(0.1)  # and a little longer: nothing may happen before the boundary
+
+
 def test_checkpoint_waits_for_the_step_boundary_and_reports_what_was_written(job):
     job.ex.release(2)
     job.wait_step(2)  # step 2 is now blocked inside train_step
     t, out = call_in_thread(lambda: job.client.call("Checkpoint", pb.CheckpointRequest()))
-    time.sleep(0.5)
+    wait_queued(job)
     assert t.is_alive() and job.ex.saves == []  # nothing is saved in the middle of a step
     job.ex.release(1)
     t.join(20)
@@ -230,7 +239,7 @@ def test_checkpoint_waits_for_the_step_boundary_and_reports_what_was_written(job
     assert (st.checkpoint_step, st.checkpoint_path) == (3, res.path)
     # a second request at the same boundary reuses that checkpoint
     t, out = call_in_thread(lambda: job.client.call("Checkpoint", pb.CheckpointRequest()))
-    time.sleep(0.3)
+    wait_queued(job)
     job.ex.release(1)
     t.join(20)
     assert out["result"].step == 4 and job.ex.saves == [3, 4]
@@ -241,7 +250,7 @@ def test_stop_ends_the_run_after_the_current_step_with_a_final_checkpoint(tmp_pa
     job.ex.release(4)
     job.wait_step(4)
     t, out = call_in_thread(lambda: job.client.call("Stop", pb.StopRequest()))
-    time.sleep(0.3)
+    wait_queued(job)
     assert t.is_alive()  # accepted only at the boundary
     job.ex.release(1)
     t.join(20)
@@ -266,7 +275,10 @@ def test_a_command_that_misses_its_deadline_is_withdrawn(job):
     job.wait_step(1)
     code = code_of(lambda: job.client.call("Checkpoint", pb.CheckpointRequest(), timeout_s=0.5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(0.3)  # the server notices the deadline within 0.1 s
+    deadline = time.monotonic() + 10
+    while job.hub._pending:  # the server notices the deadline within 0.1 s (more on a loaded machine)
+        assert time.monotonic() < deadline, "the command was never withdrawn"
+        time.sleep(0.01)
     job.ex.release(1)
     job.wait_step(2)
     assert job.ex.saves == [] and not list_checkpoints(job.run_dir)  # withdrawn: never carried out
@@ -311,7 +323,7 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     job.ex.release(2)
     job.wait_step(2)
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=2)))
-    time.sleep(0.3)
+    wait_queued(job)
     assert t.is_alive() and job.ex.scaled == []
     job.ex.release(1)
     t.join(20)
@@ -322,7 +334,7 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     assert [(w.rank, w.backend) for w in st.workers] == [(0, "gloo"), (1, "gloo")]
     assert json.loads((job.run_dir / "workers.json").read_text())[1]["pid"] == 101  # rewritten after the change
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(experts=8)))
-    time.sleep(0.2)
+    wait_queued(job)
     job.ex.release(1)
     t.join(20)
     assert job.ex.scaled[-1] == (4, None, 8) and out["result"].experts == 8
@@ -330,7 +342,7 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     assert [(x.n_experts, len(x.thresholds)) for x in job.hub.status().layers] == [(8, 0)]
     # the executor refusing a request (ScaleError) -> FAILED_PRECONDITION, and training goes on
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=3)))
-    time.sleep(0.2)
+    wait_queued(job)
     job.ex.release(1)
     t.join(20)
     assert out["error"].code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -361,7 +373,7 @@ def test_a_run_whose_experts_change_writes_its_outputs(tmp_path, monkeypatch):
     job.ex.release(18)
     job.wait_step(18)
     t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(experts=6)))
-    time.sleep(0.3)
+    wait_queued(job)
     job.ex.release(1)
     t.join(20)
     assert (out["result"].step, out["result"].experts) == (19, 6)
