@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -128,6 +129,8 @@ def main() -> None:
     if state["proc"] is not None:  # the last phase's clients: their streams ended with the run
         state["proc"].send_signal(signal.SIGTERM)
         received.append(json.loads(state["proc"].communicate(timeout=60)[0]))
+
+    shutil.rmtree(run.parent, ignore_errors=True)  # the run folder is scratch
 
     base, with_c = times[0], times[args.clients]
     med0, med1 = statistics.median(base), statistics.median(with_c)
