@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = csub.add_parser("scale", help="change the number of workers and/or experts at the next step boundary")
     s.add_argument("--workers", type=int)
     s.add_argument("--experts", type=int, help="routed experts per MoE layer")
+    s.add_argument("--noise", type=float, help="growth: noise on the copies' input projections, relative to "
+                   "each tensor's std, in [0, 1] (default 0.01; 0 = an exact split)")  # fmt: skip
     csub.add_parser("checkpoint", help="write a checkpoint at the next step boundary")
     csub.add_parser("stop", help="end the run after the current step (final checkpoint, evaluation, summary)")
 
@@ -126,7 +128,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
                     break
         elif what == "scale":
             try:
-                req = pb.ScaleRequest(workers=args.workers, experts=args.experts)
+                req = pb.ScaleRequest(workers=args.workers, experts=args.experts, noise=args.noise)
             except ValueError as e:  # beyond int32
                 raise ConfigError(f"ctl scale: {e}") from None
             res = client.call("Scale", req)

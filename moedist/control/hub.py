@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moedist.control.v1 import control_pb2 as pb
-from moedist.training.loop import WorkerLostError
+from moedist.training.loop import ScaleError, WorkerLostError
 
 if TYPE_CHECKING:
     from moedist.training.loop import RunLoop
@@ -223,13 +223,13 @@ class ControlHub:
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
             raise ControlError("FAILED_PRECONDITION", f"no step is left to scale for ({self._not_running()})")
         try:
-            loop.ex.scale(workers=c.args.get("workers"), experts=c.args.get("experts"))
-        except ValueError as e:  # ScaleError (moedist.training.loop): refused, the job goes on unchanged
+            loop.scale(**c.args)
+        except ScaleError as e:  # refused: the job goes on unchanged
             raise ControlError("FAILED_PRECONDITION", f"scale refused: {e}") from None
-        loop.write_members()
         members = getattr(loop.ex, "members", None)
         # The executors update the run's config in place (it is the loop's): model.n_experts.
         c.result = (loop.step, len(members()) if members is not None else 1, loop.cfg.model.n_experts)
+        self._status = self._build_status()  # before the caller hears back: status shows the new size
 
     @staticmethod
     def _fail(c: Command, err: ControlError) -> None:

@@ -155,6 +155,10 @@ class ControlService(pb_grpc.ControlServicer):
                 args[name] = getattr(request, name)
         if not args:
             _invalid(context, "give workers and/or experts")
+        if request.HasField("noise"):
+            if not 0.0 <= request.noise <= 1.0:  # also refuses NaN
+                _invalid(context, f"noise must be in [0, 1], got {request.noise}")
+            args["noise"] = request.noise
         if not self.hub.can_scale():
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job's executor cannot scale yet")
         step, workers, experts = self._run(Command("scale", args), context)

@@ -61,6 +61,10 @@ class TooManyFailuresError(RuntimeError):
     """More workers were lost than --max-failures allows; the last checkpoint is intact."""
 
 
+# Relative noise on split copies' input projections (breaks their symmetry; 0 = exact).
+DEFAULT_SPLIT_NOISE = 0.01
+
+
 class ScaleError(ValueError):
     """A requested change of worker or expert count that cannot be made; the job goes on
     unchanged."""
@@ -239,6 +243,21 @@ class RunLoop:
                 hook(self)
             if self.stopped_at is not None:
                 return
+
+    def scale(self, workers: int | None = None, experts: int | None = None, noise: float | None = None) -> dict:
+        """Scale the executor at this step boundary (ScaleError: refused, nothing changed),
+        then keep the run folder true to it: config.toml and workers.json; after a change of
+        expert count also a checkpoint, so resume and recovery find the new shape."""
+        before = self.cfg.model.n_experts
+        kwargs: dict[str, Any] = {"workers": workers, "experts": experts}
+        if experts is not None:
+            kwargs["noise"] = DEFAULT_SPLIT_NOISE if noise is None else noise
+        report = self.ex.scale(**kwargs)
+        write_config(self.run_dir, self.cfg)
+        self.write_members()
+        if self.cfg.model.n_experts != before:
+            self.save()
+        return report
 
     def request_stop(self) -> None:
         """End the run after the current step (call at a step boundary): the final

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -205,6 +206,10 @@ def test_scale_changes_the_experts_of_the_live_job(job):
     rows = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [len(r["L1_load"]) for r in rows] == [4, 8]  # the step before the change, the step after
     assert [sum(r["L1_load"]) > 0 for r in rows] == [True, True]
+    # the run folder follows: config.toml has the new count and a checkpoint of the new shape
+    # was written at the change (resume and recovery find it)
+    assert tomllib.loads((job["run"] / "config.toml").read_text())["model"]["n_experts"] == 8
+    assert at in [step for step, _ in list_checkpoints(job["run"])]
 
 
 def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):
@@ -225,6 +230,12 @@ def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):
     assert [r["step"] for r in rows] == list(range(stop_step))
     assert rows[-1]["val_loss"] == summary["final_val_loss"]
     assert not (run / "control.json").exists()  # removed on exit
+    # the run (resized to 8 experts by the test before) evaluates and resumes from its checkpoint
+    res = moedist("eval", "--run", str(run), "--tokens", "1024")
+    assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["val_loss"] > 0, res.stderr
+    res = moedist("train", "--resume", str(run), "--steps", str(stop_step + 1), "--no-progress", "--no-control")
+    assert res.returncode == 0, res.stderr
+    assert pq.read_table(run / "metrics.parquet").num_rows == stop_step + 1
     res = ctl(run, "status")
     assert res.returncode == 2 and "job not running" in one_error_line(res)
 

@@ -84,7 +84,7 @@ class ScalingExecutor(GatedExecutor):
         self.scaled: list[tuple[int, int | None, int | None]] = []
         self.n_workers = 1
 
-    def scale(self, workers=None, experts=None):
+    def scale(self, workers=None, experts=None, noise=0.0):
         if workers == 3:
             raise ScaleError("3 workers cannot share 4 experts evenly")
         self.scaled.append((self.step, workers, experts))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moedist/control/v1/control.proto\x12\nmoedist.v1\"\x12\n\x10GetStatusRequest\"S\n\x06Worker\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"@\n\x08MoELayer\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x11\n\tn_experts\x18\x02 \x01(\x05\x12\x12\n\nthresholds\x18\x03 \x03(\x01\"\xea\x03\n\x06Status\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.moedist.v1.RunState\x12\x0f\n\x07run_dir\x18\x02 \x01(\t\x12\x0e\n\x06router\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x17\n\ntrain_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08val_loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rval_loss_step\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12#\n\x07workers\x18\n \x03(\x0b\x32\x12.moedist.v1.Worker\x12$\n\x06layers\x18\x0b \x03(\x0b\x32\x14.moedist.v1.MoELayer\x12\x1c\n\x0f\x63heckpoint_step\x18\x0c \x01(\x03H\x03\x88\x01\x01\x12\x17\n\x0f\x63heckpoint_path\x18\r \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x0e \x01(\x05\x12\x1c\n\x0fstopped_at_step\x18\x0f \x01(\x03H\x04\x88\x01\x01\x12\r\n\x05\x65rror\x18\x10 \x01(\tB\r\n\x0b_train_lossB\x0b\n\t_val_lossB\x10\n\x0e_val_loss_stepB\x12\n\x10_checkpoint_stepB\x12\n\x10_stopped_at_step\"9\n\x14StreamMetricsRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\x1d\n\x0b\x44oubleArray\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\xf9\x01\n\nMetricsRow\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x32\n\x06values\x18\x02 \x03(\x0b\x32\".moedist.v1.MetricsRow.ValuesEntry\x12\x32\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\".moedist.v1.MetricsRow.ArraysEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x46\n\x0b\x41rraysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.moedist.v1.DoubleArray:\x02\x38\x01\"R\n\x0cScaleRequest\x12\x14\n\x07workers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07\x65xperts\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_workersB\n\n\x08_experts\"?\n\rScaleResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\"\x13\n\x11\x43heckpointRequest\"0\n\x12\x43heckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"\r\n\x0bStopRequest\"1\n\x0cStopResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03*\x82\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x16\n\x12RUN_STATE_STOPPING\x10\x02\x12\x16\n\x12RUN_STATE_FINISHED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x32\xdb\x02\n\x07\x43ontrol\x12=\n\tGetStatus\x12\x1c.moedist.v1.GetStatusRequest\x1a\x12.moedist.v1.Status\x12K\n\rStreamMetrics\x12 .moedist.v1.StreamMetricsRequest\x1a\x16.moedist.v1.MetricsRow0\x01\x12<\n\x05Scale\x12\x18.moedist.v1.ScaleRequest\x1a\x19.moedist.v1.ScaleResponse\x12K\n\nCheckpoint\x12\x1d.moedist.v1.CheckpointRequest\x1a\x1e.moedist.v1.CheckpointResponse\x12\x39\n\x04Stop\x12\x17.moedist.v1.StopRequest\x1a\x18.moedist.v1.StopResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moedist/control/v1/control.proto\x12\nmoedist.v1\"\x12\n\x10GetStatusRequest\"S\n\x06Worker\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"@\n\x08MoELayer\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x11\n\tn_experts\x18\x02 \x01(\x05\x12\x12\n\nthresholds\x18\x03 \x03(\x01\"\xea\x03\n\x06Status\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.moedist.v1.RunState\x12\x0f\n\x07run_dir\x18\x02 \x01(\t\x12\x0e\n\x06router\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x17\n\ntrain_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08val_loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rval_loss_step\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12#\n\x07workers\x18\n \x03(\x0b\x32\x12.moedist.v1.Worker\x12$\n\x06layers\x18\x0b \x03(\x0b\x32\x14.moedist.v1.MoELayer\x12\x1c\n\x0f\x63heckpoint_step\x18\x0c \x01(\x03H\x03\x88\x01\x01\x12\x17\n\x0f\x63heckpoint_path\x18\r \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x0e \x01(\x05\x12\x1c\n\x0fstopped_at_step\x18\x0f \x01(\x03H\x04\x88\x01\x01\x12\r\n\x05\x65rror\x18\x10 \x01(\tB\r\n\x0b_train_lossB\x0b\n\t_val_lossB\x10\n\x0e_val_loss_stepB\x12\n\x10_checkpoint_stepB\x12\n\x10_stopped_at_step\"9\n\x14StreamMetricsRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\x1d\n\x0b\x44oubleArray\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\xf9\x01\n\nMetricsRow\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x32\n\x06values\x18\x02 \x03(\x0b\x32\".moedist.v1.MetricsRow.ValuesEntry\x12\x32\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\".moedist.v1.MetricsRow.ArraysEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x46\n\x0b\x41rraysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.moedist.v1.DoubleArray:\x02\x38\x01\"p\n\x0cScaleRequest\x12\x14\n\x07workers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07\x65xperts\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05noise\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\n\n\x08_workersB\n\n\x08_expertsB\x08\n\x06_noise\"?\n\rScaleResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\"\x13\n\x11\x43heckpointRequest\"0\n\x12\x43heckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"\r\n\x0bStopRequest\"1\n\x0cStopResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03*\x82\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x16\n\x12RUN_STATE_STOPPING\x10\x02\x12\x16\n\x12RUN_STATE_FINISHED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x32\xdb\x02\n\x07\x43ontrol\x12=\n\tGetStatus\x12\x1c.moedist.v1.GetStatusRequest\x1a\x12.moedist.v1.Status\x12K\n\rStreamMetrics\x12 .moedist.v1.StreamMetricsRequest\x1a\x16.moedist.v1.MetricsRow0\x01\x12<\n\x05Scale\x12\x18.moedist.v1.ScaleRequest\x1a\x19.moedist.v1.ScaleResponse\x12K\n\nCheckpoint\x12\x1d.moedist.v1.CheckpointRequest\x1a\x1e.moedist.v1.CheckpointResponse\x12\x39\n\x04Stop\x12\x17.moedist.v1.StopRequest\x1a\x18.moedist.v1.StopResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICSROW_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_METRICSROW_ARRAYSENTRY']._loaded_options = None
   _globals['_METRICSROW_ARRAYSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1341
-  _globals['_RUNSTATE']._serialized_end=1471
+  _globals['_RUNSTATE']._serialized_start=1371
+  _globals['_RUNSTATE']._serialized_end=1501
   _globals['_GETSTATUSREQUEST']._serialized_start=48
   _globals['_GETSTATUSREQUEST']._serialized_end=66
   _globals['_WORKER']._serialized_start=68
@@ -56,17 +56,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICSROW_ARRAYSENTRY']._serialized_start=982
   _globals['_METRICSROW_ARRAYSENTRY']._serialized_end=1052
   _globals['_SCALEREQUEST']._serialized_start=1054
-  _globals['_SCALEREQUEST']._serialized_end=1136
-  _globals['_SCALERESPONSE']._serialized_start=1138
-  _globals['_SCALERESPONSE']._serialized_end=1201
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1203
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1222
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1224
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1272
-  _globals['_STOPREQUEST']._serialized_start=1274
-  _globals['_STOPREQUEST']._serialized_end=1287
-  _globals['_STOPRESPONSE']._serialized_start=1289
-  _globals['_STOPRESPONSE']._serialized_end=1338
-  _globals['_CONTROL']._serialized_start=1474
-  _globals['_CONTROL']._serialized_end=1821
+  _globals['_SCALEREQUEST']._serialized_end=1166
+  _globals['_SCALERESPONSE']._serialized_start=1168
+  _globals['_SCALERESPONSE']._serialized_end=1231
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1233
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1252
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1254
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1302
+  _globals['_STOPREQUEST']._serialized_start=1304
+  _globals['_STOPREQUEST']._serialized_end=1317
+  _globals['_STOPRESPONSE']._serialized_start=1319
+  _globals['_STOPRESPONSE']._serialized_end=1368
+  _globals['_CONTROL']._serialized_start=1504
+  _globals['_CONTROL']._serialized_end=1851
 # @@protoc_insertion_point(module_scope)

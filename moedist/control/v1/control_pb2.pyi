@@ -123,12 +123,14 @@ class MetricsRow(_message.Message):
     def __init__(self, step: _Optional[int] = ..., values: _Optional[_Mapping[str, float]] = ..., arrays: _Optional[_Mapping[str, DoubleArray]] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("workers", "experts")
+    __slots__ = ("workers", "experts", "noise")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
     workers: int
     experts: int
-    def __init__(self, workers: _Optional[int] = ..., experts: _Optional[int] = ...) -> None: ...
+    noise: float
+    def __init__(self, workers: _Optional[int] = ..., experts: _Optional[int] = ..., noise: _Optional[float] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
     __slots__ = ("step", "workers", "experts")
