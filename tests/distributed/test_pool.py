@@ -1,4 +1,4 @@
-"""Global pool statistics over real gloo process groups (2 and 4 processes, loopback only).
+"""Global pool statistics over real gloo process groups (2, 3 and 4 processes, loopback only).
 
 Legend: T local tokens, N global pool tokens, E experts, W ranks.
 Each world size is spawned ONCE (module fixture); every rank runs all cases and saves what
@@ -27,7 +27,7 @@ from moedist.routing.ec import pool_topk_mask
 from moedist.routing.et import ExpertThresholdRouter, guard_bounds
 
 LOOPBACK = "127.0.0.1"
-WORLDS = (2, 4)
+WORLDS = (2, 3, 4)
 SPAWN_TIMEOUT_S = 90.0
 INF = float("inf")
 DENORM_MIN = 2.0**-149
@@ -157,6 +157,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         (y * c).sum().backward()
         res["sum/value"], res["sum/grad"] = y.detach(), x.grad
         res["sum/int"] = radix.sum(torch.tensor([rank, 1]))  # ET's guard sums integer counts
+        res.update(tie_selection(rank, world, radix))
 
         # A subgroup of the odd ranks ([1] or [1, 3]): only members call; ranks are renumbered.
         members = list(range(1, world, 2))
@@ -266,10 +267,9 @@ def test_subgroup(world_results):
 # pool_topk_mask (EC's selection, ET's warm-up and capacity guard, ETR's capacity) takes,
 # per expert, exactly min(k, N) tokens of the global pool: those above the shared cutoff,
 # then tokens tied AT the cutoff in global token order (lower rank first, then local
-# position). Heavy ties and all-equal logits, split unevenly over 2 and 3 ranks, must give
-# the single-process mask of the concatenation, bit for bit.
-
-TIE_WORLDS = (2, 3)
+# position). Heavy ties and all-equal logits, split unevenly over 2, 3 and 4 ranks, must
+# give the single-process mask of the concatenation, bit for bit. Every rank computes the
+# cases in _rank_main (tie_selection); the tests below check what it saved.
 
 
 def tie_cases(world: int) -> dict[str, tuple[list[torch.Tensor], torch.Tensor]]:
@@ -320,16 +320,13 @@ def guard_router(E: int):
     return router
 
 
-def _rank_tie_selection(rank: int, world: int) -> dict[str, torch.Tensor]:
+def tie_selection(rank: int, world: int, pool: PoolOps) -> dict[str, torch.Tensor]:
     """On each rank: the distributed mask of every tie case, its k-th values, and ET's guarded
     mask on the heavy-tie rows."""
-    from moedist.parallel.pool import DistributedPoolOps
-
-    pool = DistributedPoolOps()
     out: dict[str, torch.Tensor] = {}
     for name, (parts, k_E) in tie_cases(world).items():
-        out[f"{name}/mask"] = pool_topk_mask(parts[rank], k_E, pool)
-        out[f"{name}/kth"] = pool.kth_largest(parts[rank], k_E)
+        out[f"ties/{name}/mask"] = pool_topk_mask(parts[rank], k_E, pool)
+        out[f"ties/{name}/kth"] = pool.kth_largest(parts[rank], k_E)
     parts, _ = tie_cases(world)["heavy_ties"]
     router = guard_router(parts[rank].shape[1])
     router.attach(pool)
@@ -337,9 +334,8 @@ def _rank_tie_selection(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("world", TIE_WORLDS, ids=[f"W{w}" for w in TIE_WORLDS])
-def test_exact_k_selection_breaks_ties_by_global_token_order(gloo_pools, world):
-    results = gloo_pools.run(world, _rank_tie_selection)
+def test_exact_k_selection_breaks_ties_by_global_token_order(world_results):
+    world, results = world_results
     for name, (parts, k_E) in tie_cases(world).items():
         pool_NE = torch.cat(parts)
         N = pool_NE.shape[0]
@@ -348,16 +344,15 @@ def test_exact_k_selection_breaks_ties_by_global_token_order(gloo_pools, world):
         # token order), and the ranks' masks put together are that mask.
         assert torch.equal(pool_topk_mask(pool_NE, k_E, PoolOps()), want), name
         assert torch.equal(want.sum(0), k_E.clamp(max=N)), name
-        got = torch.cat([res[f"{name}/mask"] for res in results])
+        got = torch.cat([res[f"ties/{name}/mask"] for res in results])
         assert torch.equal(got, want), (name, (got != want).nonzero().tolist()[:5])
         kth = topk_reference(parts, k_E)
         for res in results:
-            assert torch.equal(canon_bits(res[f"{name}/kth"]), canon_bits(kth)), name
+            assert torch.equal(canon_bits(res[f"ties/{name}/kth"]), canon_bits(kth)), name
 
 
-@pytest.mark.parametrize("world", TIE_WORLDS, ids=[f"W{w}" for w in TIE_WORLDS])
-def test_et_capacity_guard_across_ranks_is_the_single_process_guard(gloo_pools, world):
-    results = gloo_pools.run(world, _rank_tie_selection)
+def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_results):
+    world, results = world_results
     parts, _ = tie_cases(world)["heavy_ties"]
     pool_NE = torch.cat(parts)
     N, E = pool_NE.shape
