@@ -175,7 +175,9 @@ def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     assert len(rows) == 6
     # every step exchanged tokens and pool statistics and synced gradients, and said how long
     assert all(r["a2a_s"] > 0 and r["pool_s"] > 0 and r["grad_sync_s"] > 0 for r in rows)
-    assert all(r["comm_s"] >= r["a2a_s"] + r["pool_s"] - 1e-9 and r["compute_s"] > 0 for r in rows)
+    # Each column is the slowest rank's, maybe not the same rank's: comm_s (the largest sum)
+    # bounds each part, not the sum of the parts' maxima (under load that sum was larger).
+    assert all(r["comm_s"] >= max(r["a2a_s"], r["pool_s"], r["grad_sync_s"]) and r["compute_s"] > 0 for r in rows)
     assert summary["nodes"] == 1 and summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
     # The checkpoint holds the whole model, like a single-process run's: evaluating it in
