@@ -94,6 +94,7 @@ class ExpertThresholdRouter(Router):
         logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = logits_TE.shape
+        stats: dict[str, Tensor] = {}
         with torch.no_grad():
             r_TE = logits_TE.detach()
             if self.training:
@@ -109,9 +110,11 @@ class ExpertThresholdRouter(Router):
                     capped_E = (mask_TE != above_TE).sum(0)
                 self._pending.append(r_TE)
                 self._pending_N.append(N)
-                return plan_from_mask(mask_TE, probs_TE, stats={"capped": capped_E})
-            mask_TE = self.above_threshold(r_TE)
-        return plan_from_mask(mask_TE, probs_TE)
+                stats["capped"] = capped_E
+            else:
+                mask_TE = self.above_threshold(r_TE)
+        # outside no_grad: the gate weights carry the router's gradient
+        return plan_from_mask(mask_TE, probs_TE, stats=stats)
 
     @torch.no_grad()
     def step_end(self) -> None:

@@ -236,6 +236,8 @@ def test_capped_counts_the_decisions_a_capacity_changed(kind, cfg_kw):
             scores = r.logits(x) if kind == "etr" else r.select_scores(gate_probs(r.logits(x), r.gate))
             uncapped_E = scores.topk(1, dim=-1).indices.flatten().bincount(minlength=4)
     capped_E = plan.stats["capped"]
+    # counting is a side product: the gate weights still carry the router's gradient
+    assert plan.weight_A.requires_grad == (kind != "etr")  # ETR's affinity has no parameters
     assert capped_E.dtype == torch.int64 and int(capped_E.sum()) > 0
     assert torch.equal(capped_E, (uncapped_E - plan.load_E).abs())
     # without a capacity there is nothing to count, and no column
