@@ -60,10 +60,11 @@ WORKERS_KEY = "workers"
 # Step 0 runs on identical weights and EP's forward pass is bitwise that of one process;
 # later weights differ in the last bits (gradients are summed in another order), and
 # losses are means of per-worker sums: floats match to a relative tolerance. Measured
-# worst over every case (10 steps): 2.8e-7 (grad_norm), 1.4e-7 (loss), 1.8e-7 (aux_loss);
-# thresholds 2e-8 absolute (6.5e-6 relative on a threshold of 0.0018).
+# worst over every case (10 steps): 2.8e-7 (grad_norm), 1.8e-7 (loss), 1.8e-7 (aux_loss);
+# thresholds 5.4e-7 absolute on 0.119 (4.5e-6 relative), 1.9e-5 relative on 0.00053 (1e-8
+# absolute).
 FLOAT_TOL = {"rel": 2e-6, "abs": 0.0}
-THRESHOLD_TOL = {"rel": 1e-5, "abs": 1e-7}
+THRESHOLD_TOL = {"rel": 2e-5, "abs": 2e-7}
 
 
 def column_rule(key: str) -> str:
