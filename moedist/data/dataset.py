@@ -475,18 +475,27 @@ class BatchSampler:
             out[rows] = self._shards[s][offsets[:, None] + self._window]
         return out
 
-    def local_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
-        """Rows of `global_batch(step)` owned by `rank` of `world_size` (contiguous block)."""
+    def local_batch(self, step: int, rank: int, world_size: int, micro_batches: int = 1) -> np.ndarray:
+        """Rows of `global_batch(step)` owned by `rank` of `world_size`: its contiguous block
+        of every micro-batch, micro-batch after micro-batch.
+
+        Splitting the result into `micro_batches` equal parts gives this rank's share of each
+        global micro-batch (np.split(global_batch, micro_batches)[m]), so the workers route
+        micro-batch m over the same pool of rows, in the same global order, as one process.
+        """
         world_size = _positive_int(world_size, "world_size")
         rank = _positive_int(rank, "rank", minimum=0)
+        micro_batches = _positive_int(micro_batches, "micro_batches")
         if rank >= world_size:
             raise DataError(f"rank must be < world_size = {world_size}, got {rank}")
-        if self.batch_size % world_size:
+        if self.batch_size % (micro_batches * world_size):
             raise DataError(
-                f"batch_size {self.batch_size} is not divisible by world_size {world_size}"
+                f"batch_size {self.batch_size} is not divisible by micro_batches x world_size "
+                f"({micro_batches} x {world_size})"
             )
-        per = self.batch_size // world_size
-        return self.global_batch(step)[rank * per : (rank + 1) * per]
+        per = self.batch_size // (micro_batches * world_size)
+        batch_MRS1 = self.global_batch(step).reshape(micro_batches, world_size * per, self.seq_len + 1)
+        return batch_MRS1[:, rank * per : (rank + 1) * per].reshape(micro_batches * per, self.seq_len + 1)
 
 
 def val_batches(

@@ -35,7 +35,9 @@ class RoutingPlan:
     n_tokens: int
     n_experts: int
     aux_loss: Tensor | None = None  # scalar added to the LM loss
-    stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+    # Detached int64 [E] counts over this process's tokens, named by Router.plan_stat_names
+    # (in every training plan); the trainer sums them over micro-batches and workers.
+    stats: dict[str, Tensor] = field(default_factory=dict)
     # Extra features per assignment [A, P] that travel with the token to its expert and are
     # appended to its row (AoE: the expert's low-rank gate activation, computed once by the
     # router and reused). Differentiable; None for routers whose experts need only x.
@@ -183,6 +185,12 @@ class Router(nn.Module, abc.ABC):
     def state_stats(self) -> dict[str, Tensor]:
         """Per-expert state worth logging (thresholds, biases)."""
         return {}
+
+    def plan_stat_names(self) -> tuple[str, ...]:
+        """Per-expert counts every training plan of this router carries in `stats`, logged
+        per step as L<layer>_<name>. "capped": (token, expert) decisions a capacity limit
+        changed (tokens dropped over capacity, or added/removed by ET's guard)."""
+        return ()
 
     def capacity(self, n_pool: int) -> float:
         """Tokens per expert at perfect balance: N * top_k / E."""

@@ -64,16 +64,19 @@ class ExpertThresholdRouter(Router):
     def state_stats(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold_E().detach().clone()}
 
+    def plan_stat_names(self) -> tuple[str, ...]:
+        return ("capped",)
+
     # ---------------------------------------------------------------- routing
     def above_threshold(self, logits_TE: Tensor) -> Tensor:
         """z_TE = r > c (paper) or r >= c (official code)."""
         c_1E = self.threshold_E().unsqueeze(0)
         return logits_TE >= c_1E if self.cfg.et_inclusive else logits_TE > c_1E
 
-    def guarded_mask(self, logits_TE: Tensor) -> tuple[Tensor, int]:
+    def guarded_mask(self, logits_TE: Tensor, above_TE: Tensor | None = None) -> tuple[Tensor, int]:
         """Threshold routing, with each expert's global count clamped to the guard bounds;
         also returns the pool size N (counted in the same all-reduce as the experts' loads)."""
-        above_TE = self.above_threshold(logits_TE)
+        above_TE = self.above_threshold(logits_TE) if above_TE is None else above_TE
         local = torch.cat([above_TE.sum(0), above_TE.new_tensor([logits_TE.shape[0]], dtype=torch.int64)])
         summed = self.pool.sum(local)
         n_above_E, N = summed[:-1], int(summed[-1])
@@ -91,6 +94,7 @@ class ExpertThresholdRouter(Router):
         logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = logits_TE.shape
+        stats: dict[str, Tensor] = {}
         with torch.no_grad():
             r_TE = logits_TE.detach()
             if self.training:
@@ -98,13 +102,19 @@ class ExpertThresholdRouter(Router):
                     N = self.pool.total(T)
                     k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_TE.device)
                     mask_TE = pool_topk_mask(r_TE, k_E, self.pool)
+                    capped_E = torch.zeros(E, dtype=torch.int64, device=r_TE.device)
                 else:
-                    mask_TE, N = self.guarded_mask(r_TE)
+                    above_TE = self.above_threshold(r_TE)
+                    mask_TE, N = self.guarded_mask(r_TE, above_TE)
+                    # The guard only adds (too few above) or only drops (too many) per expert.
+                    capped_E = (mask_TE != above_TE).sum(0)
                 self._pending.append(r_TE)
                 self._pending_N.append(N)
+                stats["capped"] = capped_E
             else:
                 mask_TE = self.above_threshold(r_TE)
-        return plan_from_mask(mask_TE, probs_TE)
+        # outside no_grad: the gate weights carry the router's gradient
+        return plan_from_mask(mask_TE, probs_TE, stats=stats)
 
     @torch.no_grad()
     def step_end(self) -> None:

@@ -74,14 +74,20 @@ class ResonanceRouter(Router):
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         delta_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(delta_TE, self.gate)
+        stats: dict[str, Tensor] = {}
         with torch.no_grad():
             mask_TE = topk_mask(delta_TE, self.top_k)
             if self.training:
-                mask_TE = self._expert_side_capacity(delta_TE, mask_TE)
-        plan = plan_from_mask(mask_TE, probs_TE)
+                chosen_TE = mask_TE
+                mask_TE = self._expert_side_capacity(delta_TE, chosen_TE)
+                stats["capped"] = (chosen_TE & ~mask_TE).sum(0)  # dropped over capacity
+        plan = plan_from_mask(mask_TE, probs_TE, stats=stats)
         if self.training and self.cfg.locality_loss_coef > 0:
             plan.aux_loss = self.cfg.locality_loss_coef * self._locality_loss(probs_TE)
         return plan
+
+    def plan_stat_names(self) -> tuple[str, ...]:
+        return ("capped",)
 
     def capacity(self, n_pool: int, delta_max: float = 0.0) -> float:  # type: ignore[override]
         """Tokens each expert may keep: configured factor, or the paper's lower bound."""

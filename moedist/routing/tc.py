@@ -51,16 +51,22 @@ class TokenChoiceRouter(Router):
         """Scores used for the top-k selection (LF adds its bias here)."""
         return probs_TE
 
+    def plan_stat_names(self) -> tuple[str, ...]:
+        return ("capped",) if self.cfg.capacity_factor > 0 else ()
+
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         T, E = probs_TE.shape
         N = self.pool.total(T)
+        stats: dict[str, Tensor] = {}
         with torch.no_grad():
             mask_TE = topk_mask(self.select_scores(probs_TE), self.top_k)
             if self.cfg.capacity_factor > 0:
                 cap = math.ceil(self.cfg.capacity_factor * self.capacity(N))
-                mask_TE = apply_capacity(mask_TE, cap, self.pool.exclusive_prefix(mask_TE.sum(0)))
+                chosen_TE = mask_TE
+                mask_TE = apply_capacity(chosen_TE, cap, self.pool.exclusive_prefix(chosen_TE.sum(0)))
+                stats["capped"] = (chosen_TE & ~mask_TE).sum(0)  # dropped over capacity
         weights_TE = probs_TE
         if self.cfg.normalize_weights and self.top_k > 1:
             # Renormalise over the SELECTED experts (before capacity drops, as Mixtral does).
@@ -76,6 +82,7 @@ class TokenChoiceRouter(Router):
             n_tokens=T,
             n_experts=E,
             aux_loss=aux,
+            stats=stats,
         )
 
     def aux_losses(self, logits_TE: Tensor, probs_TE: Tensor, mask_TE: Tensor, N: int) -> Tensor | None:

@@ -257,7 +257,7 @@ class Trainer:
         if d is None:
             batch_BS1 = self.sampler.global_batch(self.step)
         else:
-            batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world)
+            batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world, cfg.train.micro_batches)
         n_micro = cfg.train.micro_batches
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
@@ -266,6 +266,10 @@ class Trainer:
         n_moe = len(model.moe_blocks())
         load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
         assigned_L = torch.zeros(n_moe, dtype=torch.int64)
+        # Per-expert counts the routers' plans carry (e.g. "capped"), summed like the loads.
+        stat_names = [router.plan_stat_names() for router in model.routers()]
+        stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
+                   for i, names in enumerate(stat_names) for name in names}  # fmt: skip
         try:
             for mb in np.split(batch_BS1, n_micro):
                 b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
@@ -279,6 +283,8 @@ class Trainer:
                 for i, plan in enumerate(out.plans):
                     load_LE[i] += plan.load_E.cpu()
                     assigned_L[i] += plan.token_idx_A.numel()
+                    for name in stat_names[i]:
+                        stat_LE[i, name] += plan.stats[name].cpu()
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
         if d is not None:
@@ -291,6 +297,9 @@ class Trainer:
             ce_sum, aux_sum = float(stats[0]), float(stats[1])
             load_LE = all_reduce_sum(load_LE, d.group)
             assigned_L = all_reduce_sum(assigned_L, d.group)
+            if stat_LE:
+                summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
+                stat_LE = dict(zip(stat_LE, summed, strict=True))
         grad_norm = self.clip_gradients()
         # Loss and norm are global (all-reduced), so every worker takes the same branch.
         skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))
@@ -331,6 +340,8 @@ class Trainer:
         for i, (layer, router) in enumerate(zip(model.moe_layer_ids(), model.routers(), strict=True)):
             row[f"L{layer}_load"] = load_LE[i].tolist()
             row[f"L{layer}_fanout"] = float(assigned_L[i]) / n_tokens
+            for name in stat_names[i]:
+                row[f"L{layer}_{name}"] = stat_LE[i, name].tolist()
             for name, val in router.state_stats().items():
                 row[f"L{layer}_{name}"] = val.cpu().tolist()
         self.step += 1
@@ -356,6 +367,8 @@ class Trainer:
         for layer, router in zip(self.model.moe_layer_ids(), self.model.routers(), strict=True):
             row[f"L{layer}_load"] = None  # nothing was routed to completion
             row[f"L{layer}_fanout"] = None
+            for name in router.plan_stat_names():
+                row[f"L{layer}_{name}"] = None
             for name, val in router.state_stats().items():
                 row[f"L{layer}_{name}"] = val.cpu().tolist()
         self.step += 1

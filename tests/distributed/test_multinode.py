@@ -6,13 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
-ray = pytest.importorskip("ray")
-
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from moedist.runtime.coordinator import Coordinator  # noqa: E402
-from tests.distributed.test_runtime import assert_no_leftovers, cfg_for  # noqa: E402
+from moedist.runtime.coordinator import Coordinator
+from tests.distributed.test_runtime import assert_no_leftovers, cfg_for
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Global pool statistics over real gloo process groups (2 and 4 processes, loopback only).
+"""Global pool statistics over real gloo process groups (2, 3 and 4 processes, loopback only).
 
 Legend: T local tokens, N global pool tokens, E experts, W ranks.
 Each world size is spawned ONCE (module fixture); every rank runs all cases and saves what
@@ -21,10 +21,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from moedist.config import RouterConfig
 from moedist.routing.base import PoolOps
+from moedist.routing.ec import pool_topk_mask
+from moedist.routing.et import ExpertThresholdRouter, guard_bounds
 
 LOOPBACK = "127.0.0.1"
-WORLDS = (2, 4)
+WORLDS = (2, 3, 4)
 SPAWN_TIMEOUT_S = 90.0
 INF = float("inf")
 DENORM_MIN = 2.0**-149
@@ -154,6 +157,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         (y * c).sum().backward()
         res["sum/value"], res["sum/grad"] = y.detach(), x.grad
         res["sum/int"] = radix.sum(torch.tensor([rank, 1]))  # ET's guard sums integer counts
+        res.update(tie_selection(rank, world, radix))
 
         # A subgroup of the odd ranks ([1] or [1, 3]): only members call; ranks are renumbered.
         members = list(range(1, world, 2))
@@ -256,3 +260,110 @@ def test_subgroup(world_results):
         below = sum((count_inputs(m) for m in members[:i]), torch.zeros(6, dtype=torch.int64))
         assert torch.equal(results[r]["subgroup/prefix"], below)
     assert "subgroup/radix" not in results[0]
+
+
+# ----------------------------------------------------------------------------- exact-k selection across ranks
+#
+# pool_topk_mask (EC's selection, ET's warm-up and capacity guard, ETR's capacity) takes,
+# per expert, exactly min(k, N) tokens of the global pool: those above the shared cutoff,
+# then tokens tied AT the cutoff in global token order (lower rank first, then local
+# position). Heavy ties and all-equal logits, split unevenly over 2, 3 and 4 ranks, must
+# give the single-process mask of the concatenation, bit for bit. Every rank computes the
+# cases in _rank_main (tie_selection); the tests below check what it saved.
+
+
+def tie_cases(world: int) -> dict[str, tuple[list[torch.Tensor], torch.Tensor]]:
+    """name -> (rows of each rank [T_r, E] float32, k_E). Deterministic in (world, name)."""
+    g = torch.Generator().manual_seed(2000 + world)
+    sizes = [11 + 29 * r for r in range(world)]  # uneven T on purpose
+    n = sum(sizes)
+    cases: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    def put(name: str, parts: list[torch.Tensor], k: list[int]) -> None:
+        cases[name] = (parts, torch.tensor(k, dtype=torch.int64))
+
+    # 3 distinct values in 6 columns: almost every cutoff falls inside a run of ties
+    put("heavy_ties", [torch.randint(-1, 2, (t, 6), generator=g).float() for t in sizes],
+        [1, n // 5, n // 3 + 1, n // 2, n - 1, n])  # fmt: skip
+    put("all_equal", [torch.full((t, 4), 0.75) for t in sizes], [1, n // 3, n - 2, n])
+    zeros = torch.tensor([0.0, -0.0, 1.0])  # -0.0 == +0.0: one run of ties, however the signs fall
+    put("signed_zeros", [zeros[torch.randint(0, 3, (t, 3), generator=g)] for t in sizes], [n // 4, n // 2, n - 3])
+    # rank 1 holds no rows: the ties of the ranks after it still come after rank 0's
+    empty = [torch.randint(0, 2, (0 if r == 1 else 17 + 5 * r, 3), generator=g).float() for r in range(world)]
+    m = sum(p.shape[0] for p in empty)
+    put("a_rank_with_no_rows", empty, [1, m // 2, m + 4])
+    put("k_zero", [torch.zeros(t, 2) for t in sizes], [0, 3])
+    return cases
+
+
+def ordered_topk_mask(pool_NE: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
+    """The definition, written plainly: per expert, the first min(k, N) tokens sorted by
+    value (largest first), ties in token order."""
+    N, E = pool_NE.shape
+    mask = torch.zeros(N, E, dtype=torch.bool)
+    for e in range(E):
+        col = pool_NE[:, e].tolist()
+        order = sorted(range(N), key=lambda i: (-col[i], i))
+        mask[order[: min(int(k_E[e]), N)], e] = True
+    return mask
+
+
+def guard_router(E: int):
+    """An ET router past warm-up with fixed thresholds, chosen so that on 3-valued logits
+    (-1, 0, 1) the guard binds in both directions: too many tokens above a threshold of
+    -2 (clamped down to ceil(1.2k)), none above 5 (filled up to floor(0.8k))."""
+    cfg = RouterConfig(kind="et", top_k=1, et_beta=0.5, et_warmup_steps=0, et_capacity=0.2)
+    router = ExpertThresholdRouter(d_model=4, n_experts=E, cfg=cfg)
+    thresholds_E = torch.tensor([-2.0, 5.0, 0.5, -0.5, 0.0, 1.0])[:E]
+    router.ema_E.copy_(thresholds_E * (1 - cfg.et_beta))  # one update: c = ema / (1 - beta)
+    router.n_updates.fill_(1)
+    return router
+
+
+def tie_selection(rank: int, world: int, pool: PoolOps) -> dict[str, torch.Tensor]:
+    """On each rank: the distributed mask of every tie case, its k-th values, and ET's guarded
+    mask on the heavy-tie rows."""
+    out: dict[str, torch.Tensor] = {}
+    for name, (parts, k_E) in tie_cases(world).items():
+        out[f"ties/{name}/mask"] = pool_topk_mask(parts[rank], k_E, pool)
+        out[f"ties/{name}/kth"] = pool.kth_largest(parts[rank], k_E)
+    parts, _ = tie_cases(world)["heavy_ties"]
+    router = guard_router(parts[rank].shape[1])
+    router.attach(pool)
+    out["guard/mask"], out["guard/N"] = router.guarded_mask(parts[rank])
+    return out
+
+
+def test_exact_k_selection_breaks_ties_by_global_token_order(world_results):
+    world, results = world_results
+    for name, (parts, k_E) in tie_cases(world).items():
+        pool_NE = torch.cat(parts)
+        N = pool_NE.shape[0]
+        want = ordered_topk_mask(pool_NE, k_E)
+        # The single-process mask is the definition (exactly min(k, N) per expert, ties in
+        # token order), and the ranks' masks put together are that mask.
+        assert torch.equal(pool_topk_mask(pool_NE, k_E, PoolOps()), want), name
+        assert torch.equal(want.sum(0), k_E.clamp(max=N)), name
+        got = torch.cat([res[f"ties/{name}/mask"] for res in results])
+        assert torch.equal(got, want), (name, (got != want).nonzero().tolist()[:5])
+        kth = topk_reference(parts, k_E)
+        for res in results:
+            assert torch.equal(canon_bits(res[f"ties/{name}/kth"]), canon_bits(kth)), name
+
+
+def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_results):
+    world, results = world_results
+    parts, _ = tie_cases(world)["heavy_ties"]
+    pool_NE = torch.cat(parts)
+    N, E = pool_NE.shape
+    router = guard_router(E)
+    want, n = router.guarded_mask(pool_NE)
+    assert n == N and all(res["guard/N"] == N for res in results)
+    lo, hi = guard_bounds(router.capacity(N), router.cfg.et_capacity, N)
+    above_E = router.above_threshold(pool_NE).sum(0)
+    # The case is built so that the guard binds both ways (else this test would not test it).
+    assert int(above_E[0]) > hi and int(above_E[1]) < lo, (above_E, lo, hi)
+    assert torch.equal(want.sum(0), above_E.clamp(lo, hi))
+    assert torch.equal(want[:, :2], ordered_topk_mask(pool_NE[:, :2], torch.tensor([hi, lo])))
+    got = torch.cat([res["guard/mask"] for res in results])
+    assert torch.equal(got, want), (got != want).nonzero().tolist()[:5]

@@ -443,6 +443,19 @@ def test_sampler_deterministic_in_seed_and_step():
     assert np.array_equal(np.concatenate(local), x)
 
 
+@pytest.mark.parametrize(("micro", "world"), [(1, 4), (2, 2), (2, 4), (4, 2), (8, 1), (1, 1)])
+def test_local_batches_are_each_ranks_share_of_every_micro_batch(micro, world):
+    """Workers route micro-batch m over the rows one process routes in micro-batch m, in the
+    same global order (rank 0's rows first): rank r's m-th micro-batch is its block of it."""
+    a = BatchSampler(_arange_dataset([1000, 300, 5, 700]), seq_len=16, batch_size=16, seed=3)
+    x = a.global_batch(2)
+    local = [np.split(a.local_batch(2, rank, world, micro), micro) for rank in range(world)]
+    for m, want in enumerate(np.split(x, micro)):
+        assert np.array_equal(np.concatenate([local[r][m] for r in range(world)]), want), (m, micro, world)
+    with pytest.raises(DataError, match=r"micro_batches x world_size \(4 x 8\)"):
+        a.local_batch(2, 0, 8, 4)
+
+
 def test_sampler_windows_are_substrings_within_one_shard():
     lengths = [1000, 300, 5, 700]
     ds = _arange_dataset(lengths)

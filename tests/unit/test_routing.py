@@ -9,6 +9,7 @@ import torch
 
 from moedist.config import RouterConfig
 from moedist.routing import PoolOps, make_router
+from moedist.routing.base import gate_probs
 from moedist.routing.ec import ec_k
 from moedist.routing.et import guard_bounds
 from moedist.routing.tc import apply_capacity
@@ -205,3 +206,39 @@ def test_et_threshold_state_is_in_state_dict():
     keys = set(r.state_dict())
     assert {"ema_E", "n_updates"} <= keys
     assert math.isclose(r.beta, 0.999)
+
+
+# ------------------------------------------------------------- capped counts
+@pytest.mark.parametrize(("kind", "cfg_kw"), [("tc", {"capacity_factor": 1.0}), ("lf", {"capacity_factor": 1.0}),
+                                              ("et", {"et_warmup_steps": 0, "et_capacity": 0.2, "et_beta": 0.5}),
+                                              ("etr", {"etr_capacity_factor": 1.0})])  # fmt: skip
+def test_capped_counts_the_decisions_a_capacity_changed(kind, cfg_kw):
+    """plan.stats["capped"] (logged as L<i>_capped): per expert, the tokens a capacity
+    dropped (TC, LF, ETR) or ET's guard added or removed, against the uncapped choice."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 4, generator=g)
+    logits[:, 0] += 2.0  # a popular expert, so every capacity binds
+    if kind == "etr":
+        r = make_router(RouterConfig(kind=kind, top_k=1, **cfg_kw), d_model=4, n_experts=4)
+        x = logits
+    else:
+        r, x = router_with_logits(kind, logits, top_k=1, **cfg_kw)
+    r.train()
+    if kind == "et":  # past warm-up, every threshold at 0.5
+        r.ema_E.fill_(0.5 * (1 - r.beta))
+        r.n_updates.fill_(1)
+    assert r.plan_stat_names() == ("capped",)
+    plan = r(x)
+    with torch.no_grad():
+        if kind == "et":
+            uncapped_E = r.above_threshold(r.logits(x)).sum(0)
+        else:
+            scores = r.logits(x) if kind == "etr" else r.select_scores(gate_probs(r.logits(x), r.gate))
+            uncapped_E = scores.topk(1, dim=-1).indices.flatten().bincount(minlength=4)
+    capped_E = plan.stats["capped"]
+    # counting is a side product: the gate weights still carry the router's gradient
+    assert plan.weight_A.requires_grad == (kind != "etr")  # ETR's affinity has no parameters
+    assert capped_E.dtype == torch.int64 and int(capped_E.sum()) > 0
+    assert torch.equal(capped_E, (uncapped_E - plan.load_E).abs())
+    # without a capacity there is nothing to count, and no column
+    assert make_router(RouterConfig(kind="tc"), d_model=4, n_experts=4).plan_stat_names() == ()
