@@ -82,6 +82,24 @@ def test_forward_backward_every_router(kind):
         assert router.proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_router_scores_and_logits_are_at_least_float32(kind):
+    """bf16 autocast: router scores and LM logits in float32; a float64 model keeps float64
+    (the oracle tests compare it to 1e-10)."""
+    idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(kind, top_k=2).float().eval()
+    router = model.blocks[1].ffn.router
+    x_TD = torch.randn(16, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router.logits(x_TD.bfloat16()).dtype == torch.float32
+        assert model(idx).logits_BSV.dtype == torch.float32
+    with torch.no_grad():
+        assert router.logits(x_TD).dtype == torch.float32
+        model.double()
+        assert router.logits(x_TD.double()).dtype == torch.float64
+        assert model(idx).logits_BSV.dtype == torch.float64
+
+
 def _prefix_outputs(model, idx, t):
     out = model(idx)
     return out.logits_BSV[0, : t + 1], [p.mask_TE().view(idx.shape[0], idx.shape[1], -1)[0, : t + 1] for p in out.plans]
