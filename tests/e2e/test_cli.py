@@ -118,8 +118,9 @@ def _assert_tensors_equal(a, b, where: str) -> None:
 def _assert_checkpoints_equal(want: Path, got: Path) -> None:
     """model.pt and optim.pt bitwise (every tensor and optimiser entry) and state.json
     whole (step, config, tokenizer, torch RNG state, skipped steps: no timings). Not
-    compared byte for byte: metrics.parquet (holds the step timings; its rows are
-    compared by column in the caller) and manifest.json (the sha256 of metrics.parquet)."""
+    compared byte for byte: metrics.parquet (holds the step timings; its rows are compared
+    by column) and manifest.json (it holds the sha256 of metrics.parquet; the other files'
+    hashes must agree)."""
     files = {p.name for p in want.iterdir()}
     assert files == {p.name for p in got.iterdir()} == {"model.pt", "optim.pt", "state.json", "metrics.parquet",
                                                          "manifest.json"}  # fmt: skip
@@ -127,6 +128,11 @@ def _assert_checkpoints_equal(want: Path, got: Path) -> None:
         _assert_tensors_equal(torch.load(want / name, weights_only=True), torch.load(got / name, weights_only=True),
                               f"{got.name}/{name}")  # fmt: skip
     assert json.loads((want / "state.json").read_text()) == json.loads((got / "state.json").read_text())
+    # torch.save writes equal state dicts to equal bytes: the manifests' hashes agree as well
+    hashes = [{n: f["sha256"] for n, f in json.loads((c / "manifest.json").read_text())["files"].items()}
+              for c in (want, got)]  # fmt: skip
+    for name in ("model.pt", "optim.pt", "state.json"):
+        assert hashes[0][name] == hashes[1][name], f"{got.name}/{name}: sha256 differs"
     _assert_rows_equal(pq.read_table(want / "metrics.parquet").to_pylist(),
                        pq.read_table(got / "metrics.parquet").to_pylist(), f"{got.name}/metrics.parquet")  # fmt: skip
 
