@@ -201,13 +201,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _apply_expert_selection(model, args: argparse.Namespace) -> int | None:
-    """--experts-from/--task/--keep: restrict the routers to the task's most-used experts."""
+    """--experts-from/--task/--keep (checked by cli_checks.check_selection_flags): restrict
+    the routers to the task's most-used experts."""
     if args.experts_from is None:
-        if args.task is not None:
-            raise ConfigError("--task needs --experts-from (a `moedist signatures` output folder)")
         return None
-    if args.task is None:
-        raise ConfigError("--experts-from needs --task (which task's experts to keep)")
     from moedist.analysis.signatures import restrict_experts, task_expert_mask
 
     keep_LE = task_expert_mask(args.experts_from, args.task, args.keep)

@@ -180,6 +180,8 @@ def training_memory(cfg: RunConfig, vocab_size: int | None = None) -> tuple[int,
     try:
         with torch.device("meta"):
             model = MoETransformer(small, cfg.router)
+    except ConfigError:
+        raise  # a field the model cannot be built with: its own message names it
     except (RuntimeError, OverflowError, ValueError) as e:
         raise ConfigError(f"model is too large to build: its tensor sizes overflow ({one_line(e)})") from None
 
@@ -305,8 +307,18 @@ def check_resume_step(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
+def check_selection_flags(args: argparse.Namespace) -> None:
+    """--experts-from, --task and --keep (eval, generate) go together."""
+    if args.experts_from is None and args.task is not None:
+        raise ConfigError("--task needs --experts-from (a `moedist signatures` output folder)")
+    if args.experts_from is not None and args.task is None:
+        raise ConfigError("--experts-from needs --task (which task's experts to keep)")
+    if args.experts_from is not None and not (math.isfinite(args.keep) and 0 < args.keep <= 1):
+        raise ConfigError(f"--keep: must be in (0, 1], got {args.keep}")
+
+
 def check_generate_flags(args: argparse.Namespace) -> None:
-    """`moedist generate`: counts, temperature, seed and prompt."""
+    """`moedist generate`: counts, temperature, seed, prompt and expert selection."""
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
     check_number("--temperature", args.temperature, strict=False)
@@ -315,6 +327,7 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     check_seed("--seed", args.seed)
     if not args.prompt:
         raise ConfigError("--prompt: is empty; give at least one character to continue from")
+    check_selection_flags(args)
 
 
 def check_signatures_flags(args: argparse.Namespace) -> None:
@@ -325,9 +338,10 @@ def check_signatures_flags(args: argparse.Namespace) -> None:
 
 
 def check_eval_flags(args: argparse.Namespace) -> None:
-    """`moedist eval`: the token count."""
+    """`moedist eval`: the token count and expert selection."""
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"--tokens: must be >= 1, got {args.tokens}")
+    check_selection_flags(args)
 
 
 def check_prepare_flags(args: argparse.Namespace) -> None:

@@ -264,6 +264,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if r.kind != "dense" and r.top_k > m.n_experts:
         raise ConfigError(f"router.top_k ({r.top_k}) must be <= model.n_experts ({m.n_experts})")
+    if r.kind == "etr" and m.n_experts > m.d_model:
+        raise ConfigError(
+            f"model.n_experts ({m.n_experts}) must be <= model.d_model ({m.d_model}) for router.kind etr "
+            "(each expert's fixed affinity averages its own slice of the dimensions)"
+        )
+    if r.kind == "aoe":
+        from moedist.routing.aoe import aoe_dims  # imports this module: only when needed
+
+        aoe_dims(m.d_model, m.resolved_expert_width, r, m.mlp)  # raises ConfigError naming the fields
     if t.batch_size % t.micro_batches:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batches ({t.micro_batches})"

@@ -140,7 +140,10 @@ class MoETransformer(nn.Module):
                 plans.append(plan)
         if cache is not None:
             cache.length += idx_BS.shape[1]
-        logits_BSV = self.lm_head(self.norm(x_BSD)).float()
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        # float32 for the loss under bf16 autocast; a float64 model keeps its precision
+        if logits_BSV.dtype != torch.float64:
+            logits_BSV = logits_BSV.float()
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits_BSV.view(-1, logits_BSV.shape[-1]), targets_BS.reshape(-1), ignore_index=-1)

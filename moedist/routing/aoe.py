@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moedist.config import ConfigError, RouterConfig
-from moedist.routing.base import Router, RoutingPlan, plan_from_mask
+from moedist.routing.base import Router, RoutingPlan, plan_from_mask, routing_dtype
 from moedist.routing.tc import switch_aux_loss, topk_mask
 
 
@@ -43,8 +43,8 @@ def aoe_dims(d_model: int, width: int, cfg: RouterConfig, activation: str = "swi
         d_wide = cfg.aoe_d_wide or width
     if d_wide < 1:
         raise ConfigError(
-            f"router.aoe_d_low = {d_low} leaves no room for the expert (param-matched d_wide = {d_wide} "
-            f"for d_model {d_model}, expert width {width}); lower aoe_d_low"
+            f"router.aoe_d_low ({d_low}) leaves no room for the expert with model.d_model ({d_model}) and "
+            f"expert width {width} (param-matched d_wide = {d_wide}); lower router.aoe_d_low"
         )
     return d_low, d_wide
 
@@ -67,12 +67,13 @@ class AutonomyRouter(Router):
         return self.w_down(x_TD).view(x_TD.shape[0], self.n_experts, self.d_low)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Scores ||a_i|| in float32 (what signatures and analysis read as logits)."""
-        return self.activations(x_TD).float().norm(dim=-1)
+        """Scores ||a_i|| in routing_dtype (what signatures and analysis read as logits)."""
+        a_TEL = self.activations(x_TD)
+        return a_TEL.to(routing_dtype(a_TEL)).norm(dim=-1)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         a_TEL = self.activations(x_TD)
-        scores_TE = self.restrict(a_TEL.float().norm(dim=-1))
+        scores_TE = self.restrict(a_TEL.to(routing_dtype(a_TEL)).norm(dim=-1))
         with torch.no_grad():
             mask_TE = topk_mask(scores_TE, self.top_k)
         # softmax over the selected scores only

@@ -31,7 +31,7 @@ class RoutingPlan:
 
     token_idx_A: Tensor  # int64 [A]
     expert_idx_A: Tensor  # int64 [A]
-    weight_A: Tensor  # float32 [A], differentiable w.r.t. the router
+    weight_A: Tensor  # [A] in routing_dtype (float32, float64 in a float64 model), differentiable
     n_tokens: int
     n_experts: int
     aux_loss: Tensor | None = None  # scalar added to the LM loss
@@ -58,6 +58,12 @@ class RoutingPlan:
         m = torch.zeros(self.n_tokens, self.n_experts, dtype=torch.bool, device=self.token_idx_A.device)
         m[self.token_idx_A, self.expert_idx_A] = True
         return m
+
+
+def routing_dtype(x: Tensor) -> torch.dtype:
+    """The dtype routers score in: at least float32 (routing decisions need precision, also
+    under bf16 autocast); a float64 model keeps float64, so its routing is exact as well."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class NonFiniteLogitsError(FloatingPointError, ValueError):
@@ -165,9 +171,10 @@ class Router(nn.Module, abc.ABC):
         self.on_node_E = on_node_E
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Router logits in float32 (also under autocast: routing decisions need precision)."""
+        """Router logits in routing_dtype (float32 also under autocast; float64 in a float64 model)."""
+        dt = routing_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return nn.functional.linear(x_TD.float(), self.proj.weight.float())
+            return nn.functional.linear(x_TD.to(dt), self.proj.weight.to(dt))
 
     def restrict(self, scores_TE: Tensor) -> Tensor:
         """Scores with the experts outside `allowed_E` at -inf (never chosen, gate 0)."""

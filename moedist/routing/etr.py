@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from moedist.config import RouterConfig
-from moedist.routing.base import Router, RoutingPlan, gate_probs, plan_from_mask
+from moedist.routing.base import Router, RoutingPlan, gate_probs, plan_from_mask, routing_dtype
 from moedist.routing.ec import pool_topk_mask
 from moedist.routing.tc import topk_mask
 
@@ -66,10 +66,10 @@ class ResonanceRouter(Router):
         self.last_capacity = 0
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Affinities delta_TE = cos(x_t, w_i), in float32."""
+        """Affinities delta_TE = cos(x_t, w_i), in routing_dtype (float32 or float64)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x = x_TD.float()
-            return (x @ self.w_ED.float().T) / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = x_TD.to(routing_dtype(x_TD))
+            return (x @ self.w_ED.to(x.dtype).T) / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         delta_TE = self.restrict(self.logits(x_TD))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from moedist.cli import main
 
@@ -70,21 +72,133 @@ def test_generate_prints_continuation(trained: Path, capsys):
     assert text.startswith("def main(") and len(text) > len("def main(") + 10
 
 
-def test_resume_continues_exactly(tmp_path: Path):
+# Metric columns a resumed run must reproduce bit for bit, and the ones it cannot.
+RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped"}
+RESUME_EQUAL_PER_LAYER = re.compile(r"^L\d+_(load|fanout|threshold)$")
+# Wall-clock measurements of the step (and its throughput): they differ between any two runs.
+RESUME_TIMING = {"step_s", "tokens_per_s"}
+# summary.json keys that measure time, or count what this invocation did (the resumed run
+# saved one checkpoint, the uninterrupted one two).
+SUMMARY_NOT_EQUAL = {"wall_s", "tokens_per_s", "step_s_per_step", "checkpoints_saved", "checkpoint_s_per_save"}
+
+
+def _assert_rows_equal(want: list[dict], got: list[dict], what: str) -> None:
+    """Every metric column equal (NaN == NaN), except the wall-clock ones; a column this
+    test does not know fails it (decide whether a resume must reproduce it)."""
+    assert [r["step"] for r in got] == [r["step"] for r in want], what
+    cols = set(want[0])
+    assert set(got[0]) == cols, f"{what}: columns differ: {sorted(cols ^ set(got[0]))}"
+    unknown = {c for c in cols if c not in RESUME_EQUAL | RESUME_TIMING and not RESUME_EQUAL_PER_LAYER.match(c)}
+    assert not unknown, f"{what}: unknown metric columns {sorted(unknown)}: add them to RESUME_EQUAL or RESUME_TIMING"
+    assert any(RESUME_EQUAL_PER_LAYER.match(c) and c.endswith("_threshold") for c in cols)  # ET's state is logged
+    for ra, rb in zip(want, got, strict=True):
+        for c in sorted(cols - RESUME_TIMING):
+            a, b = ra[c], rb[c]
+            same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+            assert same, f"{what}: step {ra['step']} column {c}: {a!r} (uninterrupted) != {b!r} (resumed)"
+
+
+def _assert_tensors_equal(a, b, where: str) -> None:
+    """Nested dicts/lists of tensors and numbers: same structure, bitwise-equal tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            _assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _assert_checkpoints_equal(want: Path, got: Path) -> None:
+    """model.pt and optim.pt bitwise (every tensor and optimiser entry) and state.json
+    whole (step, config, tokenizer, torch RNG state, skipped steps: no timings). Not
+    compared byte for byte: metrics.parquet (holds the step timings; its rows are compared
+    by column) and manifest.json (it holds the sha256 of metrics.parquet; the other files'
+    hashes must agree)."""
+    files = {p.name for p in want.iterdir()}
+    assert files == {p.name for p in got.iterdir()} == {"model.pt", "optim.pt", "state.json", "metrics.parquet",
+                                                         "manifest.json"}  # fmt: skip
+    for name in ("model.pt", "optim.pt"):
+        _assert_tensors_equal(torch.load(want / name, weights_only=True), torch.load(got / name, weights_only=True),
+                              f"{got.name}/{name}")  # fmt: skip
+    assert json.loads((want / "state.json").read_text()) == json.loads((got / "state.json").read_text())
+    # torch.save writes equal state dicts to equal bytes: the manifests' hashes agree as well
+    hashes = [{n: f["sha256"] for n, f in json.loads((c / "manifest.json").read_text())["files"].items()}
+              for c in (want, got)]  # fmt: skip
+    for name in ("model.pt", "optim.pt", "state.json"):
+        assert hashes[0][name] == hashes[1][name], f"{got.name}/{name}: sha256 differs"
+    _assert_rows_equal(pq.read_table(want / "metrics.parquet").to_pylist(),
+                       pq.read_table(got / "metrics.parquet").to_pylist(), f"{got.name}/metrics.parquet")  # fmt: skip
+
+
+def test_resume_after_ctrl_c_continues_exactly(tmp_path: Path, monkeypatch, capsys):
+    """Ctrl-C during step 8 of 14 (checkpoints every 7 steps), then --resume: every metric,
+    the summary and both checkpoints equal those of an uninterrupted run.
+
+    The interrupt is raised in-process, deterministically, where a SIGINT/SIGTERM (which
+    the CLI turns into KeyboardInterrupt) would land: after step 8's update has changed the
+    model, the optimiser and the ET thresholds, but before the loop records or saves it.
+    The resumed run must continue from the cut run's own checkpoint of step 7 and its own
+    metric rows.
+    """
+    from moedist.training.trainer import Trainer
+
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["--steps", "14", "--set", "train.checkpoint_every=7", "--set", "train.eval_every=0", *SMALL]
+    # eval at 5 (before the cut) and 10 (after it); ET leaves its expert-choice warm-up at step 10
+    args = ["--steps", "14", "--set", "train.checkpoint_every=7", "--set", "train.eval_every=5", *SMALL]
     assert run_cli("train", "--out", str(full), *args) == 0
-    assert run_cli("train", "--out", str(cut), *args) == 0
-    # Simulate a crash after step 7: drop the final checkpoint and the outputs.
-    shutil.rmtree(cut / "checkpoints" / "step_000014")
-    (cut / "summary.json").unlink()
-    assert run_cli("train", "--resume", str(cut), "--no-progress") == 0
-    a = pq.read_table(full / "metrics.parquet").to_pylist()
-    b = pq.read_table(cut / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in b] == list(range(14))
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["loss"] == rb["loss"], ra["step"]
-        assert ra["L1_threshold"] == rb["L1_threshold"]
+
+    real_step = Trainer.train_step
+    stepped: list[int] = []
+
+    def recording_step(self: Trainer) -> dict:
+        stepped.append(self.step)
+        return real_step(self)
+
+    def interrupted_step(self: Trainer) -> dict:
+        stepped.append(self.step)
+        row = real_step(self)
+        if self.step == 8:  # step 8 (index 7) is done in memory: Ctrl-C arrives now
+            raise KeyboardInterrupt
+        return row
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupted_step)
+        capsys.readouterr()
+        assert run_cli("train", "--out", str(cut), *args) == 130
+    assert "moedist: interrupted" in capsys.readouterr().err
+    assert stepped == list(range(8))
+    # what the interrupted run left: the checkpoint of step 7 and the rows of steps 0..6
+    assert [p.name for p in sorted((cut / "checkpoints").iterdir())] == ["step_000007"]
+    assert not (cut / "summary.json").exists()
+    assert [r["step"] for r in pq.read_table(cut / "metrics.parquet").to_pylist()] == list(range(7))
+
+    stepped.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", recording_step)
+        assert run_cli("train", "--resume", str(cut), "--no-progress") == 0
+    assert f"Resuming {cut} at step 7 of 14" in capsys.readouterr().out
+    assert stepped == list(range(7, 14))  # only what was lost: a resume from step 0 would reproduce every row
+
+    want = pq.read_table(full / "metrics.parquet").to_pylist()
+    got = pq.read_table(cut / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in got] == list(range(14))
+    assert want[4]["val_loss"] is not None and want[9]["val_loss"] is not None and want[13]["val_loss"] is not None
+    _assert_rows_equal(want, got, "metrics.parquet")
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert ckpts == ["step_000007", "step_000014"] == sorted(p.name for p in (cut / "checkpoints").iterdir())
+    for name in ckpts:
+        _assert_checkpoints_equal(full / "checkpoints" / name, cut / "checkpoints" / name)
+    sa, sb = (json.loads((run / "summary.json").read_text()) for run in (full, cut))
+    assert set(sa) == set(sb)
+    for key in sorted(set(sa) - SUMMARY_NOT_EQUAL):
+        assert sa[key] == sb[key], f"summary.json {key}: {sa[key]!r} (uninterrupted) != {sb[key]!r} (resumed)"
 
 
 @pytest.mark.parametrize("router", ["dense", "tc", "lf", "ec"])

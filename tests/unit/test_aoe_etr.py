@@ -46,8 +46,8 @@ def test_aoe_outputs_equal_a_from_scratch_computation():
     ex = block.experts
     y_ref = torch.zeros_like(x)
     for t in range(30):
-        # scores in float32, as every router's (routing decisions need a fixed precision)
-        norms = torch.stack([(x[t] @ Wd[:, e]).float().norm() for e in range(6)])
+        # scores in the routing dtype: float64 here (float32 for float32 and bf16 inputs)
+        norms = torch.stack([(x[t] @ Wd[:, e]).norm() for e in range(6)])
         top = torch.topk(norms, 2).indices
         w = torch.softmax(norms[top], 0).double()  # softmax over the selected norms
         for j, e in enumerate(top.tolist()):
