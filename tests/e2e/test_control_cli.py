@@ -7,6 +7,7 @@ stops it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -212,6 +213,30 @@ def test_scale_changes_the_experts_of_the_live_job(job):
     assert at in [step for step, _ in list_checkpoints(job["run"])]
 
 
+def test_scale_with_a_checkpoint_at_the_same_boundary_twice_and_to_the_current_size(job):
+    """A checkpoint and two identical resizes requested at once, then a resize to the size
+    the job already has: all answered, carried out one after the other at step boundaries
+    (the checkpoint is never cut by a resize), and the job trains on."""
+    run = job["run"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        # separate processes, as users would run them (ctl in this process redirects stdout)
+        base = ("ctl", "--run", str(run), "--json")
+        futs = [pool.submit(moedist, *base, "checkpoint"), pool.submit(moedist, *base, "scale", "--experts", "6"),
+                pool.submit(moedist, *base, "scale", "--experts", "6")]  # fmt: skip
+        ck, first, second = [f.result() for f in futs]
+    for res in (ck, first, second):
+        assert res.returncode == 0, res.stderr
+    ck, first, second = (json.loads(r.stdout) for r in (ck, first, second))
+    assert first["experts"] == second["experts"] == 6
+    _, state = load_checkpoint(Path(ck["path"]), [])  # whole: its manifest's sums verify
+    # written before the resize, or re-saved by it at the same step (then with the new shape)
+    assert state["step"] == ck["step"] and state["config"]["model"]["n_experts"] in (8, 6)
+    same = ctl(run, "--json", "scale", "--experts", "6")
+    assert same.returncode == 0 and json.loads(same.stdout)["experts"] == 6, same.stderr
+    st = wait_for_step(run, json.loads(same.stdout)["step"] + 1)
+    assert st["state"] == "RUNNING" and [layer["n_experts"] for layer in st["layers"]] == [6]
+
+
 def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):
     run, proc = job["run"], job["proc"]
     res = moedist("ctl", "--run", str(run), "--json", "stop")
@@ -230,7 +255,7 @@ def test_stop_ends_the_run_early_with_its_final_checkpoint_and_summary(job):
     assert [r["step"] for r in rows] == list(range(stop_step))
     assert rows[-1]["val_loss"] == summary["final_val_loss"]
     assert not (run / "control.json").exists()  # removed on exit
-    # the run (resized to 8 experts by the test before) evaluates and resumes from its checkpoint
+    # the run (resized live by the tests before) evaluates and resumes from its checkpoint
     res = moedist("eval", "--run", str(run), "--tokens", "1024")
     assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["val_loss"] > 0, res.stderr
     res = moedist("train", "--resume", str(run), "--steps", str(stop_step + 1), "--no-progress", "--no-control")
