@@ -304,6 +304,12 @@ def test_address_auto_refuses_another_users_ray_record(tmp_path, monkeypatch):
     """Ray's fallback record (a file in a world-writable folder) is not followed when it is
     someone else's or writable by anyone."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's resolution would take it first
+    # With exactly one Ray instance running on the machine (this module's cluster, in a quiet
+    # CI run) Ray's "auto" takes that one and ignores the record: hide running instances so
+    # that the record is what Ray follows, as it is when several run.
+    import ray._private.services as services
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
     record = tmp_path / "ray_current_cluster"
     record.write_text("127.0.0.9:6379")
     record.chmod(0o644)

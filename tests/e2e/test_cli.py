@@ -74,7 +74,7 @@ def test_generate_prints_continuation(trained: Path, capsys):
 
 # Metric columns a resumed run must reproduce bit for bit, and the ones it cannot.
 RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped"}
-RESUME_EQUAL_PER_LAYER = re.compile(r"^L\d+_(load|fanout|threshold)$")
+RESUME_EQUAL_PER_LAYER = re.compile(r"^L\d+_(load|fanout|threshold|capped)$")
 # Wall-clock measurements of the step (and its throughput): they differ between any two runs.
 RESUME_TIMING = {"step_s", "tokens_per_s"}
 # summary.json keys that measure time, or count what this invocation did (the resumed run
