@@ -24,7 +24,7 @@ The loss curve across a live expert split: one more job (2 workers throughout) s
 16 -> 32 live after 30 steps and runs 30 steps past it; the same job unsplit runs
 to the same step. Until the split the two are the same job (identical losses).
 
-    python benchmarks/elastic.py [--quick]
+    python benchmarks/elastic.py [--quick] [--plot-only]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import target, write_results
+from common import RESULTS, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT, DASHBOARD = 6461, 8461
@@ -291,7 +291,7 @@ def plot(results: list[dict], curve: dict, path: Path) -> None:
         for key, alpha in (("total_s", 0.3), ("pause_s", 1.0)):
             meds = [statistics.median(r[key] for r in results if r["mode"] == mode and r["change"] == n)
                     for n in names]  # fmt: skip
-            label = ("live (moedist ctl scale)", "stop + restart (--resume)")[j]
+            label = ("live", "stop + restart")[j]
             ax.bar(xs, meds, width=0.38, color=color, alpha=alpha,
                    label=f"{label}: {'pause' if key == 'pause_s' else 'from the ctl request'}")  # fmt: skip
             for i, n in enumerate(names):
@@ -301,9 +301,10 @@ def plot(results: list[dict], curve: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("seconds to the first step done after the change")
     ax.set_title("Live scaling vs checkpoint + restart (median; dots: runs)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
     split = curve["split_step"]
-    steps = sorted(s for s in curve["live"] if s in curve["unscaled"])
+    steps = sorted(s for s in curve["live"] if s in curve["unscaled"] and s >= split - 15)
     bx.plot(steps, [curve["unscaled"][s] for s in steps], color="tab:gray", label=f"unsplit ({E0} experts)")
     bx.plot(steps, [curve["live"][s] for s in steps], color="tab:green", lw=1,
             label=f"live split {E0} -> {E1} at step {split}")  # fmt: skip
@@ -311,7 +312,16 @@ def plot(results: list[dict], curve: dict, path: Path) -> None:
     bx.set_xlabel("step")
     bx.set_ylabel("training loss")
     bx.set_title("Training loss across a live expert split (2 workers, same seed and batches)", fontsize=10)
-    bx.legend(fontsize=8)
+    cx = bx.twinx()  # the difference, which the two curves hide
+    cx.bar(steps, [curve["live"][s] - curve["unscaled"][s] for s in steps], color="tab:orange", alpha=0.5,
+           label="split - unsplit (right axis)")  # fmt: skip
+    cx.axhline(0, color="tab:orange", lw=0.5)
+    cx.set_ylabel("loss difference")
+    lim = max(abs(v) for v in cx.get_ylim())
+    cx.set_ylim(-3 * lim, lim)  # the bars below the curves
+    h1, l1 = bx.get_legend_handles_labels()
+    h2, l2 = cx.get_legend_handles_labels()
+    bx.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -321,10 +331,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON")
     ap.add_argument("--resize-offline", nargs=2, metavar=("RUN", "EXPERTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.resize_offline:
         resize_offline(Path(args.resize_offline[0]), int(args.resize_offline[1]))
+        return
+    if args.plot_only:  # the PNG again from the JSON
+        path = RESULTS / ("elastic-quick.json" if args.quick else "elastic.json")
+        rows = json.loads(path.read_text())["results"]
+        lc = next(r for r in rows if r["mode"] == "loss_curve")
+        curve = {"split_step": lc["split_step"], "live": {int(k): v for k, v in lc["live"].items()},
+                 "unscaled": {int(k): v for k, v in lc["unsplit"].items()}}  # fmt: skip
+        plot([r for r in rows if r["mode"] in ("live", "restart")], curve, path.with_suffix(".png"))
         return
     reps = args.reps or (1 if args.quick else 3)
     warm, gap, split_at, after_split = (3, 2, 3, 6) if args.quick else (5, 4, 30, 30)
