@@ -21,7 +21,8 @@ streaming the job's metrics). The parts of each live change come from the run's
 summary.json ("scales"). Three changes x reps, the live and restart chains interleaved.
 
 The loss curve across a live expert split: one more job (2 workers throughout) splits
-16 -> 32 live after 30 steps and runs 30 steps past it; the same job unsplit runs
+16 -> 32 live after step 110 (past ET's 100-step expert-choice warm-up) and runs 30 steps
+past it; the same job unsplit runs
 to the same step. Until the split the two are the same job (identical losses).
 
     python benchmarks/elastic.py [--quick] [--plot-only]
@@ -55,6 +56,9 @@ JOB = ["--preset", "tiny", "--steps", str(STEPS), "--set", f"model.n_experts={E0
        "--set", "train.eval_tokens=4096"]  # fmt: skip
 CHANGES = [("workers 2 -> 4", {"workers": 4}), ("workers 4 -> 2", {"workers": 2}),
            ("experts 16 -> 32", {"experts": E1})]  # fmt: skip
+# The split (requested after this step, then this many steps run past it): after ET's
+# 100-step expert-choice warm-up, where a split preserves the function (docs/scaling.md).
+SPLIT_AT, SPLIT_AT_QUICK = (110, 30), (3, 6)
 TARGET = 0.2  # the issue's target: live time / checkpoint-and-restart time
 
 
@@ -277,6 +281,50 @@ def loss_pair(tmp: Path, warm: int, after: int, jobs: list) -> tuple[dict[int, f
     return {s: v["loss"] for s, v in rows.rows.items()}, {s: v["loss"] for s, v in ref.rows.items()}, split
 
 
+def loss_summary(live_l: dict[int, float], ref_l: dict[int, float], split: int) -> dict[str, Any]:
+    common_steps = sorted(s for s in live_l if s in ref_l)
+    before = [abs(live_l[s] - ref_l[s]) / abs(ref_l[s]) for s in common_steps if s < split]
+    after = [s for s in common_steps if s >= split]
+    return {
+        "split_step": split, "max_rel_diff_before_split": max(before),
+        "loss_at_split": {"live": live_l[split], "unsplit": ref_l[split]},
+        "mean_diff_after_split": statistics.mean(live_l[s] - ref_l[s] for s in after),
+        "mean_diff_first_10": statistics.mean(live_l[s] - ref_l[s] for s in after[:10]),
+        "mean_diff_last_10": statistics.mean(live_l[s] - ref_l[s] for s in after[-10:]),
+        "steps_after_split": len(after),
+        "live": {str(k): v for k, v in sorted(live_l.items())},
+        "unsplit": {str(k): v for k, v in sorted(ref_l.items())},
+    }  # fmt: skip
+
+
+def loss_only(quick: bool) -> None:
+    """The loss pair alone; its row replaces the JSON's "loss_curve" (the one before is
+    kept as "loss_curve_before")."""
+    split_at, after = SPLIT_AT_QUICK if quick else SPLIT_AT
+    tmp = Path(tempfile.mkdtemp(prefix="moedist-elastic-"))
+    jobs: list[subprocess.Popen] = []
+    cluster_local(tmp / "cluster", "up", "--nodes", "2", "--cpus-per-node", "2", "--port", str(PORT),
+                  "--dashboard-port", str(DASHBOARD))  # fmt: skip
+    try:
+        live_l, ref_l, split = loss_pair(tmp, split_at, after, jobs)
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+        cluster_local(tmp / "cluster", "down")
+    path = RESULTS / ("elastic-quick.json" if quick else "elastic.json")
+    doc = json.loads(path.read_text())
+    for r in doc["results"]:
+        if r["mode"] == "loss_curve":
+            r["mode"] = "loss_curve_before"
+    doc["results"].append({"mode": "loss_curve", "split_requested_after_step": split_at, "date":
+                           time.strftime("%Y-%m-%d %H:%M:%S"), **loss_summary(live_l, ref_l, split)})  # fmt: skip
+    path.write_text(json.dumps(doc, indent=1))
+    print(json.dumps({k: v for k, v in doc["results"][-1].items() if k not in ("live", "unsplit")}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def plot(results: list[dict], curve: dict, path: Path) -> None:
     import matplotlib
 
@@ -331,6 +379,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--loss-only", action="store_true", help="only the loss curve across a split, added to the JSON")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON")
     ap.add_argument("--resize-offline", nargs=2, metavar=("RUN", "EXPERTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -345,8 +394,12 @@ def main() -> None:
                  "unscaled": {int(k): v for k, v in lc["unsplit"].items()}}  # fmt: skip
         plot([r for r in rows if r["mode"] in ("live", "restart")], curve, path.with_suffix(".png"))
         return
+    if args.loss_only:  # only the loss pair, added to the results JSON of a full run
+        loss_only(args.quick)
+        return
     reps = args.reps or (1 if args.quick else 3)
-    warm, gap, split_at, after_split = (3, 2, 3, 6) if args.quick else (5, 4, 30, 30)
+    warm, gap = (3, 2) if args.quick else (5, 4)
+    split_at, after_split = SPLIT_AT_QUICK if args.quick else SPLIT_AT
     tmp = Path(tempfile.mkdtemp(prefix="moedist-elastic-"))
     state = tmp / "cluster"
     jobs: list[subprocess.Popen] = []
@@ -386,16 +439,7 @@ def main() -> None:
             "bytes_moved_of_state": statistics.median(r["bytes_moved"] for r in lv) / model_state,
             "restart_checkpoint_bytes": statistics.median(r["checkpoint_bytes"] for r in rs),
         })  # fmt: skip
-    common_steps = sorted(s for s in live_l if s in ref_l)
-    before = [abs(live_l[s] - ref_l[s]) / abs(ref_l[s]) for s in common_steps if s < split]
-    after = [s for s in common_steps if s >= split]
-    loss_cmp = {
-        "split_step": split, "max_rel_diff_before_split": max(before),
-        "loss_at_split": {"live": live_l[split], "unsplit": ref_l[split]},
-        "mean_diff_after_split": statistics.mean(live_l[s] - ref_l[s] for s in after),
-        "mean_diff_last_10": statistics.mean(live_l[s] - ref_l[s] for s in after[-10:]),
-        "steps_after_split": len(after),
-    }
+    loss_cmp = loss_summary(live_l, ref_l, split)
     targets = [target(f"live / restart pause in training, {c['change']} (median)", c["pause_ratio"], "<=", TARGET)
                for c in per_change]  # fmt: skip
     targets += [target(f"live / restart time from the ctl request, {c['change']} (median)", c["ratio"], "<=", TARGET)
@@ -413,12 +457,11 @@ def main() -> None:
               "restart": "moedist ctl stop (final checkpoint, final eval of 4096 tokens, exit), [experts: a process "
                          "that loads the checkpoint, resize_experts, saves it, rewrites config.toml], then "
                          "moedist train --resume RUN --workers N"}  # fmt: skip
-    extra = {**loss_cmp, "live": {str(k): v for k, v in sorted(live_l.items())},
-             "unsplit": {str(k): v for k, v in sorted(ref_l.items())}}  # fmt: skip
-    rows_out = results + [{"mode": "median", **c} for c in per_change] + [{"mode": "loss_curve", **extra}]
+    rows_out = results + [{"mode": "median", **c} for c in per_change] + [{"mode": "loss_curve", **loss_cmp}]
     path = write_results("elastic", config, rows_out, targets, args.quick)
     plot(results, {"live": live_l, "unscaled": ref_l, "split_step": split}, path.with_suffix(".png"))
-    print(json.dumps({"per_change": per_change, "loss": loss_cmp}, indent=1))
+    loss_brief = {k: v for k, v in loss_cmp.items() if k not in ("live", "unsplit")}
+    print(json.dumps({"per_change": per_change, "loss": loss_brief}, indent=1))
     print(f"-> {path}")
     shutil.rmtree(tmp, ignore_errors=True)
 
