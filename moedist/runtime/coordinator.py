@@ -421,14 +421,23 @@ class Coordinator:
         t0 = time.perf_counter()
         step = self.step
         tensors, extra = self.state()
+        old_model, old_optim = tensors["model"], tensors["optim"]
         new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
         self._get([w.reset.remote() for w in self.workers], "leave the old process group")
         self.cfg.model.n_experts = new_cfg.model.n_experts
         self._form_group()  # the new placement: contiguous blocks of the new expert count
         self.load_state(tensors, extra, step)
         self.last_row = None  # its loads were the old experts'
+        # Bytes through the object store: the whole old state gathered here (a lower bound:
+        # each worker also sends its copy of the dense part), then the whole new state,
+        # fetched by every worker (each keeps its share of it).
+        from moedist.runtime.worker import _tensors
+
+        gathered = sum(t.nbytes for t in _tensors(old_model, old_optim))
+        whole = sum(t.nbytes for t in _tensors(tensors["model"], tensors["optim"]))
         return {"experts_before": E, "experts_after": n_experts, "layers": layers,
-                "resize_s": time.perf_counter() - t0}  # fmt: skip
+                "bytes_moved": gathered + whole * len(self.workers), "state_bytes_before": gathered,
+                "state_bytes_after": whole, "resize_s": time.perf_counter() - t0}  # fmt: skip
 
     def _scale_workers(self, N: int) -> dict[str, Any]:
         import ray

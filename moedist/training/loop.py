@@ -142,6 +142,7 @@ class RunLoop:
         self.max_failures = max_failures
         self.rows: list[dict[str, Any]] = []
         self.failures: list[Failure] = []
+        self.scales: list[dict[str, Any]] = []  # live changes of worker/expert count (RunLoop.scale)
         self.saved_step: int | None = None
         self.last_eval: EvalResult | None = None
         self.on_row: list[Any] = []  # callables(row), e.g. a metrics stream
@@ -252,11 +253,16 @@ class RunLoop:
         kwargs: dict[str, Any] = {"workers": workers, "experts": experts}
         if experts is not None:
             kwargs["noise"] = DEFAULT_SPLIT_NOISE if noise is None else noise
+        t0 = time.perf_counter()
         report = self.ex.scale(**kwargs)
         write_config(self.run_dir, self.cfg)
         self.write_members()
+        t1 = time.perf_counter()
         if self.cfg.model.n_experts != before:
             self.save()
+        # summary.json's "scales": what each change did and cost (its checkpoint apart)
+        self.scales.append({"step": self.ex.step, **{k: v for k, v in report.items() if k != "layers"},
+                            "scale_s": t1 - t0, "save_s": time.perf_counter() - t1})  # fmt: skip
         return report
 
     def request_stop(self) -> None:
@@ -332,6 +338,7 @@ class RunLoop:
         out["checkpoints_saved"] = len(self.save_s)
         out["checkpoint_s_per_save"] = float(np.mean(self.save_s)) if self.save_s else None
         out["failures"] = [f.to_json() for f in self.failures]
+        out["scales"] = self.scales
         out["stopped_at_step"] = self.stopped_at  # None unless stopped early (moedist ctl stop)
         return out
 

@@ -12,6 +12,7 @@ from ray.cluster_utils import Cluster
 
 from moedist.config import build_config
 from moedist.runtime.coordinator import Coordinator, ScaleError
+from moedist.runtime.worker import _tensors
 from moedist.training.loop import TIMING_KEYS
 from moedist.training.trainer import Trainer, load_dataset
 from tests.distributed.test_runtime import SMALL, assert_no_leftovers
@@ -140,4 +141,10 @@ def test_resizing_experts_of_a_running_job_equals_resizing_one_process(two_nodes
     assert_rows_match(ref, rows)
     # the checkpointable whole model has the new shape
     assert tensors["model"]["blocks.1.ffn.experts.w1_EDF"].shape[0] == 9
+    # bytes moved: the whole old state gathered, the whole new state to each of the 2 workers
+    whole = sum(t.nbytes for t in _tensors(tensors["model"], tensors["optim"]))
+    assert drop["state_bytes_after"] == whole and split["state_bytes_after"] == drop["state_bytes_before"]
+    assert split["state_bytes_before"] < split["state_bytes_after"]  # 8 -> 11 experts
+    for r in (split, drop):
+        assert r["bytes_moved"] == r["state_bytes_before"] + 2 * r["state_bytes_after"]
     assert_no_leftovers()

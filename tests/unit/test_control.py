@@ -351,6 +351,10 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     job.wait_step(6)
     job.finish()
     assert job.error is None
+    # summary.json lists the changes made (not the refused one), each with what it cost
+    scales = job.summary["scales"]
+    assert [(s["step"], s["workers_after"]) for s in scales] == [(3, 2), (4, 2)]
+    assert all(set(s) == {"step", "workers_after", "scale_s", "save_s"} and s["scale_s"] >= 0 for s in scales)
 
 
 class ResizingExecutor(ScalingExecutor):
