@@ -441,7 +441,20 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run
     if not cfg_path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a run folder (no config.toml)")
     cfg = from_dict(tomllib.loads(cfg_path.read_text()))
-    return from_dict(deep_update(to_dict(cfg), overrides)) if overrides else cfg
+    if not overrides:
+        return cfg
+    new = from_dict(deep_update(to_dict(cfg), overrides))
+    # The checkpoint holds the model's tensors: a resumed run keeps their shapes and the router.
+    old_m, new_m = to_dict(cfg)["model"], to_dict(new)["model"]
+    for key in sorted(old_m):
+        if key != "seq_len" and old_m[key] != new_m[key]:
+            hint = " (a running job changes them with `moedist ctl scale --experts`)" if key == "n_experts" else ""
+            raise ConfigError(f"model.{key}: a resumed run keeps the model of its checkpoint ({old_m[key]} in "
+                              f"{cfg_path}), cannot change to {new_m[key]}{hint}")  # fmt: skip
+    if new.router.kind != cfg.router.kind:
+        raise ConfigError(f"router.kind: a resumed run keeps its router ({cfg.router.kind}), cannot change to "
+                          f"{new.router.kind}")  # fmt: skip
+    return new
 
 
 def read_resume_checkpoint(

@@ -353,6 +353,17 @@ def test_resume_refuses_config_and_preset(run_copy: Path, tmp_path: Path, capsys
     )
 
 
+def test_resume_refuses_a_new_model_shape_or_router_before_ray_starts(run_copy: Path, capsys, no_training, no_ray):
+    """The checkpoint's tensors fix the model: another expert count, width or router is
+    refused in one line, before Ray or a worker starts (a running job resizes through ctl)."""
+    line = _fails(capsys, "train", "--resume", str(run_copy), "--workers", "2", "--set", "model.n_experts=32",
+                  match="model.n_experts: a resumed run keeps the model of its checkpoint")  # fmt: skip
+    assert "cannot change to 32" in line and "moedist ctl scale --experts" in line
+    _fails(capsys, "train", "--resume", str(run_copy), "--set", "model.d_model=64", match="model.d_model: a resumed")
+    _fails(capsys, "train", "--resume", str(run_copy), "--set", "router.kind=tc",
+           match="router.kind: a resumed run keeps its router (et)")  # fmt: skip
+
+
 def test_resume_with_fewer_steps_than_the_run_has_is_an_error(run_copy: Path, capsys, no_training):
     before = (run_copy / "summary.json").read_text()
     line = _fails(capsys, "train", "--resume", str(run_copy), "--steps", "3", match="is already past step 3")
