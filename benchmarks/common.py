@@ -10,12 +10,15 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_info() -> dict[str, Any]:
@@ -78,3 +81,16 @@ def write_results(name: str, config: dict[str, Any], results: list[dict[str, Any
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def moedist(*args: str) -> list[str]:
+    """The `moedist` command line, run by this interpreter."""
+    return [sys.executable, "-m", "moedist.cli", *args]
+
+
+def cluster_local(state: Path, *args: str) -> None:
+    """`cluster/local ARGS --state-dir STATE`; exits with its error if it fails."""
+    res = subprocess.run([sys.executable, str(ROOT / "cluster" / "local"), *args, "--state-dir", str(state)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit(f"cluster/local {args[0]} failed: {res.stderr.strip()}")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, target, write_results
+from common import RESULTS, cluster_local, moedist, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT, DASHBOARD = 6461, 8461
@@ -60,17 +60,6 @@ CHANGES = [("workers 2 -> 4", {"workers": 4}), ("workers 4 -> 2", {"workers": 2}
 # 100-step expert-choice warm-up, where a split preserves the function (docs/scaling.md).
 SPLIT_AT, SPLIT_AT_QUICK = (110, 30), (3, 6)
 TARGET = 0.2  # the target: live time / checkpoint-and-restart time
-
-
-def moedist(*args: str) -> list[str]:
-    return [sys.executable, "-m", "moedist.cli", *args]
-
-
-def cluster_local(state: Path, *args: str) -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "cluster" / "local"), *args, "--state-dir", str(state)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    if res.returncode != 0:
-        raise SystemExit(f"cluster/local {args[0]} failed: {res.stderr.strip()}")
 
 
 def ctl(run: Path, *args: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import target, write_results
+from common import cluster_local, moedist, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT, DASHBOARD = 6441, 8441
@@ -44,17 +44,6 @@ JOB = ["--preset", "tiny", "--workers", "2", "--placement", "SPREAD", "--no-prog
        "--set", f"train.checkpoint_every={CKPT}", "--set", "train.eval_every=0",
        "--set", "train.eval_tokens=4096"]  # fmt: skip
 TARGET_S = 30.0  # the issue's target for a 2-node local cluster
-
-
-def moedist(*args: str) -> list[str]:
-    return [sys.executable, "-m", "moedist.cli", *args]
-
-
-def cluster_local(state: Path, *args: str) -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "cluster" / "local"), *args, "--state-dir", str(state)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    if res.returncode != 0:
-        raise SystemExit(f"cluster/local {args[0]} failed: {res.stderr.strip()}")
 
 
 def wait_for(path: Path, job: subprocess.Popen, timeout: float = 600) -> None:

@@ -6,6 +6,8 @@ import string
 
 import numpy as np
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
 from moedist.data.dataset import prepare_dataset
 from tests.distributed._mp import GlooPools
@@ -38,3 +40,19 @@ def random_text(tmp_path_factory) -> str:
     out = src.parent / "random-text-ds"
     prepare_dataset([src], out, tokenizer="byte", val_fraction=0.1)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A 2-node Ray cluster for the module (raylets on 127.0.0.2 and 127.0.0.3, 2 CPUs
+    each), this process its driver."""
+    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2})
+    try:
+        cluster.add_node(node_ip_address="127.0.0.3", num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -6,25 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from moedist.runtime.coordinator import Coordinator
 from tests.distributed.test_runtime import assert_no_leftovers, cfg_for
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2})
-    try:
-        cluster.add_node(node_ip_address="127.0.0.3", num_cpus=2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_workers_span_both_nodes_and_train(two_nodes, tmp_path):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from moedist.config import build_config
 from moedist.runtime.coordinator import Coordinator, ScaleError
@@ -29,20 +27,6 @@ def cfg_for(workers: int, data: str, router: str = "et"):
     over["train"].update(steps=STEPS, batch_size=12)  # divisible by 1, 2, 3 and 4 workers
     over["workers"] = workers
     return build_config("tiny", None, over)
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2})
-    try:
-        cluster.add_node(node_ip_address="127.0.0.3", num_cpus=2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def assert_rows_match(ref: list[dict], rows: list[dict]) -> None:
