@@ -485,7 +485,7 @@ class Coordinator:
         new = ExpertPlacement.blocks(E, N)
         pub = self._get([w.publish.remote(new.to_dict(), r == 0 and N > W) for r, w in enumerate(self.workers)],
                         "hand over their experts")  # fmt: skip
-        leaving = list(zip(self.workers[N:], self.bundles[N:], strict=True))
+        leaving = self.workers[N:]
         self._get([w.reset.remote() for w in self.workers], "leave the old process group")
         # Staying workers keep their ranks (so fewer experts move); new ones come after.
         self.workers = self.workers[:N] + [w for w, _ in fresh]
@@ -501,11 +501,8 @@ class Coordinator:
         moved, nbytes = sum(g["experts_in"] for g in got), sum(g["bytes_in"] for g in got)
         self.step = step
         t3 = time.perf_counter()
-        for w, _ in leaving:
-            with contextlib.suppress(Exception):
-                ray.get(w.shutdown.remote(), timeout=10)
-            with contextlib.suppress(Exception):
-                ray.kill(w, no_restart=True)
+        for w in leaving:
+            _stop(w)
         held = {g for g, _ in self.bundles}
         for g, pg in enumerate(self.pgs):  # a group none of whose bundles is used any more
             if pg is not None and g not in held:
@@ -520,13 +517,9 @@ class Coordinator:
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
         """Stop every worker and remove the placement group (safe to call twice)."""
-        import ray
 
         for w in self.workers:
-            with contextlib.suppress(Exception):  # a dead worker cannot say goodbye
-                ray.get(w.shutdown.remote(), timeout=10)
-            with contextlib.suppress(Exception):
-                ray.kill(w)
+            _stop(w)
         self.workers = []
         from ray.util.placement_group import remove_placement_group
 
@@ -535,6 +528,16 @@ class Coordinator:
                 with contextlib.suppress(Exception):
                     remove_placement_group(pg)
         self.pgs = []
+
+
+def _stop(worker: Any) -> None:
+    """Let a worker leave its process group, then end its actor (a dead one cannot say goodbye)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.get(worker.shutdown.remote(), timeout=10)
+    with contextlib.suppress(Exception):
+        ray.kill(worker, no_restart=True)
 
 
 def _short(e: BaseException) -> str:
