@@ -125,6 +125,10 @@ class ControlHub:
         self.max_streams = max_streams
         self._lock = threading.Lock()
         self._pending: list[Command] = []
+        # A scale-up whose new workers are starting while the job trains on (executors with
+        # prepare_scale): carried out at the first boundary after they are warm. Other scale
+        # requests wait behind it; checkpoint and stop do not.
+        self._staged: Command | None = None
         self._subs: tuple[Subscriber, ...] = ()
         self._history: list[dict[str, Any]] = list(loop.rows)  # the same row objects as the loop's
         self._state = pb.RUN_STATE_RUNNING
@@ -155,12 +159,16 @@ class ControlHub:
                     s.offer(msg)
 
     def at_boundary(self, loop: RunLoop) -> None:
-        """Carry out the queued commands, then publish the new status."""
-        with self._lock:
-            cmds, self._pending = self._pending, []
-            for c in cmds:
+        """Carry out a staged scale-up whose workers are ready and the queued commands (in
+        order; scale requests wait while one is staged), then publish the new status."""
+        self._advance_staged(loop)
+        while True:
+            with self._lock:
+                c = next((c for c in self._pending if not (c.kind == "scale" and self._staged is not None)), None)
+                if c is None:
+                    break
+                self._pending.remove(c)
                 c.taken = True
-        for c in cmds:
             self._execute(c)
         with self._lock:
             if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
@@ -168,9 +176,34 @@ class ControlHub:
                 late, self._pending = self._pending, []
             else:
                 late = []
+        if late or self._state == pb.RUN_STATE_STOPPING:
+            self._drop_staged()
         for c in late:
             self._fail(c, ControlError("FAILED_PRECONDITION", self._not_running()))
         self._status = self._build_status()
+
+    def _advance_staged(self, loop: RunLoop) -> None:
+        """Switch to a staged scale-up's new workers once they are warm (never waits)."""
+        c = self._staged
+        if c is None:
+            return
+        try:
+            ready = loop.ex.scale_ready()
+        except ScaleError as e:  # they could not be placed or started: the job goes on as it was
+            self._staged = None
+            self._fail(c, ControlError("FAILED_PRECONDITION", f"scale refused: {e}"))
+            return
+        if ready:
+            self._staged = None
+            self._execute(c, stage=False)
+
+    def _drop_staged(self) -> None:
+        """The run ends before a staged scale-up could happen: stop its new workers."""
+        c, self._staged = self._staged, None
+        if c is not None:
+            with contextlib.suppress(Exception):
+                self.loop.ex.cancel_scale()
+            self._fail(c, ControlError("FAILED_PRECONDITION", self._not_running()))
 
     def finish(self, error: BaseException | None = None) -> None:
         """The run ended (its summary is written, or it failed): answer what is left and
@@ -180,6 +213,7 @@ class ControlHub:
             self._error = "" if error is None else _one_line(error)
             late, self._pending = self._pending, []
             subs = self._subs
+        self._drop_staged()
         for c in late:
             self._fail(c, ControlError("FAILED_PRECONDITION", self._not_running()))
         for s in subs:
@@ -189,7 +223,7 @@ class ControlHub:
             self._last_val = (ev.val_loss, self.loop.step)
         self._status = self._build_status()
 
-    def _execute(self, c: Command) -> None:
+    def _execute(self, c: Command, stage: bool = True) -> None:
         loop = self.loop
         try:
             if c.kind == "checkpoint":
@@ -201,7 +235,7 @@ class ControlHub:
                     loop.request_stop()
                 c.result = loop.stopped_at
             elif c.kind == "scale":
-                self._scale(c)
+                self._scale(c, stage)
             else:  # pragma: no cover - the server only submits the kinds above
                 raise ControlError("INTERNAL", f"unknown command {c.kind!r}")
         except ControlError as e:
@@ -216,17 +250,26 @@ class ControlHub:
             # a failed extra checkpoint leaves the run as it was (checkpoints are written
             # atomically); the periodic and final ones still run
         finally:
-            c.done.set()
+            if c is not self._staged:
+                c.done.set()
 
-    def _scale(self, c: Command) -> None:
+    def _scale(self, c: Command, stage: bool) -> None:
         loop = self.loop
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
             raise ControlError("FAILED_PRECONDITION", f"no step is left to scale for ({self._not_running()})")
+        members = getattr(loop.ex, "members", None)
+        prepare = getattr(loop.ex, "prepare_scale", None)
+        grow = c.args.get("workers") is not None and members is not None and c.args["workers"] > len(members())
         try:
+            if stage and grow and prepare is not None:
+                # New workers start and warm up while the job trains on; the switch happens
+                # at the first boundary after they are ready (at_boundary), a short pause.
+                prepare(c.args["workers"])
+                self._staged = c
+                return
             loop.scale(**c.args)
         except ScaleError as e:  # refused: the job goes on unchanged
             raise ControlError("FAILED_PRECONDITION", f"scale refused: {e}") from None
-        members = getattr(loop.ex, "members", None)
         # The executors update the run's config in place (it is the loop's): model.n_experts.
         c.result = (loop.step, len(members()) if members is not None else 1, loop.cfg.model.n_experts)
         self._status = self._build_status()  # before the caller hears back: status shows the new size

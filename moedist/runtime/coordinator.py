@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +94,7 @@ class Coordinator:
         self.step = 0
         self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self._spawned = 0  # actors started so far (names stay unique across replacements)
+        self._growth: _Growth | None = None  # new workers starting ahead of a live scale-up
         self._actor_cls = None
 
     # ------------------------------------------------------------------ start
@@ -309,6 +311,9 @@ class Coordinator:
         """
         import ray
 
+        # A scale-up in preparation was sized for the old group and holds resources a
+        # replacement may need: drop it (its requester hears why at the next poll).
+        self.cancel_scale("a worker was lost while the new workers started; ask again")
         try:
             t0 = time.perf_counter()
             pings = [w.ping.remote() for w in self.workers]
@@ -365,7 +370,7 @@ class Coordinator:
         todo = list(bundles)
         while todo and time.monotonic() < deadline:
             fresh = [(self._spawn(b, f"bundle{b[0]}.{b[1]}"), b) for b in todo]
-            refs = [w.address.remote() for w, _ in fresh]
+            refs = [w.warm.remote() for w, _ in fresh]  # started and warmed up, or dead
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             todo = []
             for (w, b), ref in zip(fresh, refs, strict=True):
@@ -439,15 +444,8 @@ class Coordinator:
                 "bytes_moved": gathered + whole * len(self.workers), "state_bytes_before": gathered,
                 "state_bytes_after": whole, "resize_s": time.perf_counter() - t0}  # fmt: skip
 
-    def _scale_workers(self, N: int) -> dict[str, Any]:
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        from moedist.parallel.placement import ExpertPlacement
-
+    def _check_count(self, N: int) -> None:
         W = len(self.workers)
-        if N == W:
-            return {"workers_before": W, "workers_after": W, "experts_moved": 0}
         if N < 1 or N not in valid_worker_counts(self.cfg, N):
             t = self.cfg.train
             raise ScaleError(
@@ -455,29 +453,124 @@ class Coordinator:
                 f"equal share of every micro-batch (batch_size {t.batch_size}, micro_batches {t.micro_batches}); "
                 f"possible: {valid_worker_counts(self.cfg, 4 * max(W, N))[::-1]}"
             )
+
+    def prepare_scale(self, workers: int) -> None:
+        """Start, without waiting, what a scale-up to `workers` needs: a placement group for
+        the new workers, their actors, and their warm-up (imports, dataset, a throwaway
+        step). The job trains on meanwhile; `scale_ready` tells when `scale(workers=...)`
+        can switch to them with a short pause. A count the job cannot run with raises
+        ScaleError at once; nothing is prepared for a shrink (it needs no new workers)."""
+        from ray.util.placement_group import placement_group
+
+        N = int(workers)
+        self._check_count(N)
+        g = self._growth
+        if g is not None and g.workers == N and g.from_workers == len(self.workers):
+            return
+        self.cancel_scale()  # a request for another count replaces it
+        if len(self.workers) >= N:
+            return
+        pg = placement_group([self._bundle() for _ in range(N - len(self.workers))], strategy=self.strategy)
+        self.pgs.append(pg)
+        self._growth = _Growth(N, len(self.workers), len(self.pgs) - 1, pg.ready(),
+                               time.monotonic() + self.start_timeout_s)  # fmt: skip
+
+    def scale_ready(self) -> bool:
+        """True when no scale-up is in preparation or its new workers are up and warm (never
+        blocks). Raises ScaleError, and drops the preparation, if they could not be placed or
+        started within the start timeout."""
+        import ray
+
+        g = self._growth
+        if g is None:
+            return True
+        if g.error:
+            self._growth = None
+            raise ScaleError(g.error)
+        late = time.monotonic() > g.deadline
+        if g.warm_refs is None:  # waiting for the placement group
+            if not ray.wait([g.pg_ready], timeout=0)[0]:
+                if late:
+                    self.cancel_scale()
+                    raise ScaleError(
+                        f"could not place {g.workers - g.from_workers} more workers x "
+                        f"{{{_resources_text(self._bundle())}}} within {self.start_timeout_s:g} s "
+                        f"({_resources_text(ray.available_resources())} free); the job goes on with "
+                        f"{len(self.workers)} workers"
+                    )
+                return False
+            g.started_s = time.monotonic()
+            g.fresh = [self._spawn((g.group, b), f"bundle{g.group}.{b}") for b in range(g.workers - g.from_workers)]
+            g.warm_refs = [w.warm.remote() for w in g.fresh]
+        ready, _ = ray.wait(g.warm_refs, num_returns=len(g.warm_refs), timeout=0)
+        for i, ref in enumerate(g.warm_refs):
+            if ref in ready and not isinstance(g.warm_s[i], float):
+                try:
+                    g.warm_s[i] = float(ray.get(ref))
+                except Exception as e:  # died while starting (its node lost?): start another
+                    g.failures += 1
+                    if g.failures > 2 * len(g.fresh):
+                        self.cancel_scale()
+                        raise ScaleError(f"new workers keep failing to start ({_short(e)}); the job goes on "
+                                         f"with {len(self.workers)} workers") from None  # fmt: skip
+                    with contextlib.suppress(Exception):
+                        ray.kill(g.fresh[i], no_restart=True)
+                    g.fresh[i] = self._spawn((g.group, i), f"bundle{g.group}.{i}")
+                    g.warm_refs[i] = g.fresh[i].warm.remote()
+        if all(isinstance(x, float) for x in g.warm_s):
+            return True
+        if late:
+            self.cancel_scale()
+            raise ScaleError(f"new workers did not start within {self.start_timeout_s:g} s; the job goes on "
+                             f"with {len(self.workers)} workers")  # fmt: skip
+        return False
+
+    def cancel_scale(self, why: str = "") -> None:
+        """Drop a scale-up in preparation: stop its actors, free its placement group. With a
+        reason, the next `scale_ready` raises ScaleError with it."""
+        from ray.util.placement_group import remove_placement_group
+
+        g = self._growth
+        if g is None:
+            return
+        for w in g.fresh or []:
+            _stop(w)
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.pgs[g.group])
+        self.pgs[g.group] = None
+        if why:
+            g.error, g.fresh, g.warm_refs = f"the scale-up to {g.workers} workers was cancelled: {why}", [], []
+        else:
+            self._growth = None
+
+    def _scale_workers(self, N: int) -> dict[str, Any]:
+        from ray.util.placement_group import remove_placement_group
+
+        from moedist.parallel.placement import ExpertPlacement
+
+        W = len(self.workers)
+        g = self._growth
+        if g is not None and g.error:  # a cancelled preparation is replaced by this request
+            self._growth = None
+        if N == W:
+            self.cancel_scale()
+            return {"workers_before": W, "workers_after": W, "experts_moved": 0}
+        self._check_count(N)
         t0 = time.perf_counter()
         fresh: list[tuple[Any, tuple[int, int]]] = []
+        prepared = {}
         if N > W:
-            pg = placement_group([self._bundle() for _ in range(N - W)], strategy=self.strategy)
-            try:
-                ray.get(pg.ready(), timeout=self.start_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                remove_placement_group(pg)
-                raise ScaleError(
-                    f"could not place {N - W} more workers x {{{_resources_text(self._bundle())}}} within "
-                    f"{self.start_timeout_s:g} s ({_resources_text(ray.available_resources())} free); "
-                    f"the job goes on with {W} workers"
-                ) from None
-            self.pgs.append(pg)
-            g = len(self.pgs) - 1
-            fresh = self._replace([(g, b) for b in range(N - W)])
-            if len(fresh) < N - W:
-                for w, _ in fresh:
-                    with contextlib.suppress(Exception):
-                        ray.kill(w, no_restart=True)
-                self.pgs[g] = None
-                remove_placement_group(pg)
-                raise ScaleError(f"{N - W - len(fresh)} new workers failed to start; the job goes on with {W} workers")
+            # Started ahead (the control API asks for it and switches once they are warm),
+            # or now, waiting here.
+            self.prepare_scale(N)
+            while not self.scale_ready():
+                time.sleep(0.02)
+            g, self._growth = self._growth, None
+            fresh = [(w, (g.group, b)) for b, w in enumerate(g.fresh)]
+            prepared = {"prepared_s": (g.started_s or 0.0) - (g.deadline - self.start_timeout_s),
+                        "warm_s": max(g.warm_s)}  # fmt: skip
+        else:
+            self.cancel_scale()
         t1 = time.perf_counter()
 
         step = self.step
@@ -504,20 +597,22 @@ class Coordinator:
         for w in leaving:
             _stop(w)
         held = {g for g, _ in self.bundles}
-        for g, pg in enumerate(self.pgs):  # a group none of whose bundles is used any more
-            if pg is not None and g not in held:
+        for i, pg in enumerate(self.pgs):  # a group none of whose bundles is used any more
+            if pg is not None and i not in held:
                 with contextlib.suppress(Exception):
                     remove_placement_group(pg)
-                self.pgs[g] = None
+                self.pgs[i] = None
         self.target = N
         return {"workers_before": W, "workers_after": N, "experts_moved": moved, "bytes_moved": nbytes,
-                "actor_start_s": t1 - t0,
+                "actor_start_s": t1 - t0, **prepared,
                 "group_s": t2 - t1, "move_s": t3 - t2, "total_s": time.perf_counter() - t0}  # fmt: skip
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
         """Stop every worker and remove the placement group (safe to call twice)."""
-
+        with contextlib.suppress(Exception):
+            self.cancel_scale()
+        self._growth = None
         for w in self.workers:
             _stop(w)
         self.workers = []
@@ -528,6 +623,26 @@ class Coordinator:
                 with contextlib.suppress(Exception):
                     remove_placement_group(pg)
         self.pgs = []
+
+
+@dataclass
+class _Growth:
+    """A scale-up in preparation: its placement group, then its actors warming up."""
+
+    workers: int  # the worker count it grows to
+    from_workers: int  # the count it was sized for
+    group: int  # index of its placement group in Coordinator.pgs
+    pg_ready: Any  # ObjectRef of the group's ready()
+    deadline: float  # time.monotonic() by which it must be ready
+    started_s: float | None = None  # when the group was placed and the actors started
+    fresh: list[Any] | None = None
+    warm_refs: list[Any] | None = None
+    warm_s: list[float | None] = field(default_factory=list)
+    failures: int = 0
+    error: str = ""  # set when cancelled with a reason: the next scale_ready raises it
+
+    def __post_init__(self) -> None:
+        self.warm_s = [None] * (self.workers - self.from_workers)
 
 
 def _stop(worker: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moedist.config import RunConfig, from_dict
+from moedist.config import RunConfig, from_dict, to_dict
 
 
 def node_address() -> str:
@@ -44,6 +44,7 @@ class Worker:
         self.trainer = None
         self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
         self._stash: dict[str, Any] | None = None  # own state between publish and adopt (rescaling)
+        self._dataset: tuple[tuple[str, int], Any] | None = None  # (data path, seq_len) -> dataset, kept across setups
         # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
         # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
         threads = self.cfg.train.threads or cpu_share()
@@ -66,6 +67,34 @@ class Worker:
         self._listen = listen_socket(node_address())
         return int(self._listen.getsockname()[1])
 
+    def warm(self) -> float:
+        """Do now, before joining a group, what a fresh process would otherwise do in its
+        first setup and step: import the training code (torch's optimiser pulls in
+        torch._dynamo, over a second), open the dataset and run one throwaway step of a
+        one-layer copy of the model (compiling the numba kernels). A worker started ahead of
+        a live scale-up does this while the job still trains, so the pause at the switch is
+        only the rendezvous and the hand-over. Returns the seconds it took."""
+        from moedist.training.trainer import Trainer
+
+        t0 = time.perf_counter()
+        cfg = from_dict(to_dict(self.cfg))
+        cfg.workers = 1
+        cfg.model.n_layers = 2 if cfg.model.first_layer_dense else 1  # one MoE layer is enough
+        cfg.train.micro_batches = 1
+        cfg.train.batch_size = 1
+        # The throwaway step must not trip the run's own guards: no eval, no checkpoint.
+        Trainer(cfg, self._load_dataset()).train_step()
+        return time.perf_counter() - t0
+
+    def _load_dataset(self):
+        """The run's dataset, opened once per worker process (a re-formed group reuses it)."""
+        from moedist.training.trainer import load_dataset
+
+        key = (self.cfg.data.path, self.cfg.model.seq_len)
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = (key, load_dataset(self.cfg))
+        return self._dataset[1]
+
     def ping(self) -> int:
         """Answers once any task in flight has finished (the coordinator's liveness probe)."""
         return os.getpid()
@@ -84,7 +113,7 @@ class Worker:
         the seed) and the data sampler; `cfg_dict` replaces the config (a resized job)."""
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
-        from moedist.training.trainer import DistContext, Trainer, load_dataset
+        from moedist.training.trainer import DistContext, Trainer
 
         if cfg_dict is not None:
             self.cfg = from_dict(cfg_dict)
@@ -93,7 +122,7 @@ class Worker:
         t0 = time.perf_counter()
         listen, self._listen = self._listen, None
         backend = init_group(rank, self.world, master_addr, master_port, node_address(), listen=listen)
-        dataset = load_dataset(self.cfg)
+        dataset = self._load_dataset()
         ctx = DistContext(rank=rank, world=self.world, placement=ExpertPlacement.from_dict(placement), nodes=nodes)
         self.trainer = Trainer(self.cfg, dataset, ctx)
         return {

@@ -357,6 +357,78 @@ def test_scale_calls_the_executors_scale_at_a_step_boundary(tmp_path):
     assert all(set(s) == {"step", "workers_after", "scale_s", "save_s"} and s["scale_s"] >= 0 for s in scales)
 
 
+class PreparingExecutor(ScalingExecutor):
+    """An executor that starts new workers ahead (as the Ray coordinator does): a scale-up is
+    prepared, polled at each boundary, and carried out once the test says it is ready."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prepared: list[tuple[int, int]] = []
+        self.cancelled = 0
+        self.ready = False
+        self.fail = ""
+
+    def prepare_scale(self, workers):
+        self.prepared.append((self.step, workers))
+        self.ready, self.fail = False, ""
+
+    def scale_ready(self):
+        if self.fail:
+            raise ScaleError(self.fail)
+        return self.ready
+
+    def cancel_scale(self, why=""):
+        self.cancelled += 1
+
+
+def test_a_scale_up_trains_on_while_its_workers_start_and_switches_when_they_are_ready(tmp_path):
+    job = Job(tmp_path / "run", PreparingExecutor, executor_needs_cfg=True)
+    ex = job.ex
+    job.ex.release(2)
+    job.wait_step(2)
+    t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=4)))
+    wait_queued(job)
+    ex.release(1)
+    job.wait_step(3)
+    assert ex.prepared == [(3, 4)] and ex.scaled == [] and t.is_alive()  # started, not switched
+    t2, out2 = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=2)))
+    wait_queued(job)
+    ex.release(2)  # two more steps on the old workers; the second request waits behind the first
+    job.wait_step(5)
+    assert ex.scaled == [] and t.is_alive() and t2.is_alive() and len(job.hub._pending) == 1
+    ex.ready = True
+    ex.release(1)
+    t.join(20)
+    t2.join(20)
+    assert ex.scaled == [(6, 4, None), (6, 2, None)]  # the switch, then the request that waited
+    assert (out["result"].step, out["result"].workers) == (6, 4) and out2["result"].workers == 2
+    # new workers that cannot be started: refused, the job goes on
+    t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=8)))
+    wait_queued(job)
+    ex.release(1)
+    job.wait_step(7)
+    ex.fail = "could not place 6 more workers"
+    ex.release(1)
+    t.join(20)
+    assert out["error"].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert out["error"].details() == "scale refused: could not place 6 more workers"
+    # a run that stops before the new workers are ready drops them and says so
+    t, out = call_in_thread(lambda: job.client.call("Scale", pb.ScaleRequest(workers=8)))
+    wait_queued(job)
+    ex.release(1)
+    job.wait_step(9)
+    assert ex.prepared[-1] == (9, 8) and t.is_alive()
+    ts, outs = call_in_thread(lambda: job.client.call("Stop", pb.StopRequest()))
+    wait_queued(job)
+    ex.release(1)
+    t.join(20)
+    ts.join(20)
+    assert out["error"].code() == grpc.StatusCode.FAILED_PRECONDITION and ex.cancelled == 1
+    assert "error" not in outs  # the stop itself was carried out
+    job.finish()
+    assert job.error is None and [s["workers_after"] for s in job.summary["scales"]] == [4, 2]
+
+
 class ResizingExecutor(ScalingExecutor):
     """Rows whose per-expert columns have the run's current expert count."""
 
