@@ -7,7 +7,9 @@ one torch thread per worker. Every job has the same 10,000-step schedule and is 
 `moedist ctl stop`; nothing is checkpointed periodically.
 
 - live: one job; `moedist ctl --run RUN --json scale --workers 4`, then `--workers 2`, then
-  `--experts 32`, a few steps apart. Each change happens at the next step boundary.
+  `--experts 32`, a few steps apart. A shrink or an expert change happens at the next step
+  boundary; a scale-up first starts and warms up its new workers while the job trains on,
+  and switches at the first boundary after they are ready (the pause is the switch only).
 - restart: one job; for each change `moedist ctl stop` (the final checkpoint, a small final
   evaluation of 4096 tokens, exit), then `moedist train --resume RUN --workers N`. `--resume`
   cannot change the expert count (the checkpoint's shape must fit config.toml), so for
@@ -183,7 +185,7 @@ def live_chain(run: Path, warm: int, gap: int, jobs: list) -> tuple[list[dict], 
     summary = json.loads((run / "summary.json").read_text())
     for r in out:  # the coordinator's parts of each change (RunLoop.scale writes them)
         sc = next(x for x in summary["scales"] if x["step"] == r["step"])
-        r.update({k: sc.get(k) for k in ("actor_start_s", "group_s", "move_s", "resize_s", "scale_s", "save_s",
+        r.update({k: sc.get(k) for k in ("prepared_s", "warm_s", "actor_start_s", "group_s", "move_s", "resize_s", "scale_s", "save_s",
                                          "experts_moved", "bytes_moved", "state_bytes_before",
                                          "state_bytes_after")})  # fmt: skip
     return out, summary
@@ -441,8 +443,10 @@ def main() -> None:
               "model_state_bytes": model_state, "wall_s": wall,
               "timing": "pause_s: the last step before the change done -> the first step after it done (their "
                         "metrics rows reaching a client that streams them; the training that did not happen, plus "
-                        "one step); total_s: from the moment `moedist ctl` is launched (its start-up, ~4 s on this "
-                        "loaded machine, and the wait for the step in flight included) to the first step after",
+                        "one step); total_s: from the moment `moedist ctl` is launched (its start-up, the wait for "
+                        "the step in flight and, for a scale-up, the steps trained while the new workers started "
+                        "included) to the first step after; prepared_s/warm_s: a scale-up's placement and actor "
+                        "start, and the slowest new worker's warm-up, both while the job trained on",
               "restart": "moedist ctl stop (final checkpoint, final eval of 4096 tokens, exit), [experts: a process "
                          "that loads the checkpoint, resize_experts, saves it, rewrites config.toml], then "
                          "moedist train --resume RUN --workers N"}  # fmt: skip
