@@ -185,7 +185,8 @@ def live_chain(run: Path, warm: int, gap: int, jobs: list) -> tuple[list[dict], 
     summary = json.loads((run / "summary.json").read_text())
     for r in out:  # the coordinator's parts of each change (RunLoop.scale writes them)
         sc = next(x for x in summary["scales"] if x["step"] == r["step"])
-        r.update({k: sc.get(k) for k in ("prepared_s", "warm_s", "actor_start_s", "group_s", "move_s", "resize_s", "scale_s", "save_s",
+        r.update({k: sc.get(k) for k in ("prepared_s", "warm_s", "actor_start_s", "group_s", "move_s", "resize_s",
+                                         "scale_s", "save_s",
                                          "experts_moved", "bytes_moved", "state_bytes_before",
                                          "state_bytes_after")})  # fmt: skip
     return out, summary
