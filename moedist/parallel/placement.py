@@ -70,6 +70,44 @@ class ExpertPlacement:
         owner = [w for w in range(world_size) for _ in range(base + (w < extra))]
         return cls(n_experts, world_size, owner)
 
+    @classmethod
+    def rebalance(cls, old: ExpertPlacement, world_size: int) -> ExpertPlacement:
+        """A placement over `world_size` ranks, as balanced as `blocks`, that moves the fewest
+        experts away from their owner under `old` (for changing the worker count live).
+
+        Ranks 0..min(old.world_size, world_size) - 1 stay (same rank numbers); ranks from
+        old.world_size on are new, ranks from world_size on leave. Every rank owns
+        floor(E / N) or ceil(E / N) experts. A staying rank r can keep at most
+        min(old count, quota) of its experts and others keep none, so the fewest moves are
+        E - sum_r min(count_r, quota_r), reached by giving the E mod N larger quotas first to
+        staying ranks that hold more than floor(E / N). Deterministic: ties go to the lower
+        rank, a rank keeps its lowest expert ids, and the released experts (ascending id)
+        fill the ranks that lack experts in rank order.
+        """
+        E, W, N = old.n_experts, old.world_size, world_size
+        if not 1 <= N <= E:
+            raise ValueError(f"{N} workers cannot each own one of {E} experts")
+        base, extra = divmod(E, N)
+        count = [old.n_local(r) if r < W else 0 for r in range(N)]
+        # Which ranks get base + 1: those that would keep one more expert first, then by rank.
+        ceil = set(sorted(range(N), key=lambda r: (count[r] <= base, r))[:extra])
+        quota = [base + (r in ceil) for r in range(N)]
+        owner = [-1] * E
+        released: list[int] = []
+        for r in range(W):
+            experts = old.local_experts(r)
+            keep = min(len(experts), quota[r]) if r < N else 0
+            for e in experts[:keep]:
+                owner[e] = r
+            released += experts[keep:]
+        released.sort()
+        held = [min(count[r], quota[r]) for r in range(N)]
+        it = iter(released)
+        for r in range(N):
+            for _ in range(quota[r] - held[r]):
+                owner[next(it)] = r
+        return cls(E, N, owner)
+
     # ----------------------------------------------------------------- queries
     def local_experts(self, rank: int) -> list[int]:
         """Global ids of the experts `rank` owns, in local order (ascending global id)."""
