@@ -30,12 +30,14 @@ __all__ = [
     "assemble_shard",
     "dense_state",
     "expert_keys",
+    "expert_part",
     "expert_slots",
     "merge_model_shards",
     "merge_optim_shards",
     "model_shard",
     "optim_shard",
     "rows_by_new_owner",
+    "split_rows",
 ]
 
 
@@ -189,6 +191,36 @@ def dense_state(
             state[i] = {n: v for n, v in state[i].items() if not (isinstance(v, Tensor) and v.dim() > 0)}
     optim["state"] = state
     return model, optim
+
+
+def expert_part(
+    model_state: dict[str, Tensor], optim_state: dict[str, Any], keys: Sequence[str], slots: Sequence[int]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Only a shard's expert rows (the complement of `dense_state`): what ranks other than
+    0 send for a checkpoint, since merge_model_shards / merge_optim_shards take everything
+    else from rank 0's shard."""
+    model = {k: model_state[k] for k in keys}
+    state = {i: {n: v for n, v in optim_state["state"][i].items() if isinstance(v, Tensor) and v.dim() > 0}
+             for i in slots if i in optim_state["state"]}  # fmt: skip
+    return model, {"state": state}
+
+
+def split_rows(
+    model_state: dict[str, Tensor],
+    optim_state: dict[str, Any],
+    keys: Sequence[str],
+    slots: Sequence[int],
+    placement: ExpertPlacement,
+) -> list[ExpertRows]:
+    """Every rank's expert rows (rank order) of a whole-model state; with `dense_state` of the
+    same state, `assemble_shard` turns them into the rank's shard. A whole model is the one
+    shard of a single-worker placement, so this is `rows_by_new_owner` from that placement."""
+    for k in keys:
+        if model_state[k].shape[0] != placement.n_experts:
+            raise ValueError(f"{k} has {model_state[k].shape[0]} experts, the placement places {placement.n_experts}")
+    one = ExpertPlacement(placement.n_experts, 1)
+    by_rank = rows_by_new_owner(model_state, optim_state, keys, slots, one, 0, placement)
+    return [by_rank[r] for r in range(placement.world_size)]
 
 
 def assemble_shard(

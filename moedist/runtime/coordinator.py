@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from moedist.config import RunConfig, to_dict
+from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
 
@@ -93,6 +94,8 @@ class Coordinator:
         self.infos: list[dict[str, Any]] = []
         self.step = 0
         self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
+        self.last_state_bytes = 0  # tensor bytes the workers sent for the last state()
+        self.last_load_bytes = 0  # tensor bytes the workers fetched in the last load_state()
         self._spawned = 0  # actors started so far (names stay unique across replacements)
         self._growth: _Growth | None = None  # new workers starting ahead of a live scale-up
         self._actor_cls = None
@@ -164,17 +167,23 @@ class Coordinator:
             self._actor_cls = ray.remote(Worker)
         return self._actor_cls.options(**opts).remote(to_dict(self.cfg))
 
-    def _form_group(self) -> list[dict[str, Any]]:
-        """Rendezvous of the current workers (in rank order) and a fresh model on each."""
+    def _form_group(self, placement: Any = None) -> list[dict[str, Any]]:
+        """Rendezvous of the current workers (in rank order) and a fresh model on each, its
+        experts placed by `placement` (an ExpertPlacement; None: contiguous blocks)."""
         from moedist.parallel.placement import ExpertPlacement
 
         W = len(self.workers)
         self.cfg.workers = W
+        E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else W
+        if placement is None:
+            placement = ExpertPlacement.blocks(E, W)
+        if (placement.n_experts, placement.world_size) != (E, W):
+            raise ValueError(f"placement of {placement.n_experts} experts on {placement.world_size} workers for a "
+                             f"group of {W} workers with {E} experts")  # fmt: skip
         addrs = self._get([w.address.remote() for w in self.workers], "start", WorkerStartError,
                           self.start_timeout_s)  # fmt: skip
         port = self._get(self.workers[0].rendezvous_port.remote(), "start", WorkerStartError, self.start_timeout_s)
-        E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else W
-        self.placement = ExpertPlacement.blocks(E, W)
+        self.placement = placement
         self.infos = self._get(
             [w.setup.remote(r, W, addrs[0], port, self.placement.to_dict(), addrs, to_dict(self.cfg))
              for r, w in enumerate(self.workers)],
@@ -268,7 +277,10 @@ class Coordinator:
         single-process checkpoint, so eval, generate and resume work with any worker count)."""
         from moedist.parallel.shards import merge_model_shards, merge_optim_shards
 
-        shards = self._get([w.shard_state.remote() for w in self.workers], "save a checkpoint")
+        # Rank 0 sends its whole shard, the others only their expert rows (the merge takes
+        # everything else from rank 0), so the whole state crosses the object store once.
+        shards = self._get([w.shard_state.remote(r == 0) for r, w in enumerate(self.workers)], "save a checkpoint")
+        self.last_state_bytes = sum(t.nbytes for t in _tensors([(s["model"], s["optim"]) for s in shards]))
         tensors = {
             "model": merge_model_shards([s["model"] for s in shards], self.placement, shards[0]["expert_keys"]),
             "optim": merge_optim_shards([s["optim"] for s in shards], self.placement, shards[0]["expert_slots"]),
@@ -278,13 +290,38 @@ class Coordinator:
                          "workers": len(self.workers)}  # fmt: skip
 
     def load_state(self, tensors: dict[str, Any], extra: dict[str, Any], step: int) -> None:
-        """Every worker takes its share of a whole-model checkpoint and continues at `step`."""
+        """Every worker takes its share of a whole-model checkpoint and continues at `step`.
+
+        The state is cut here into one dense part (everything but the routed experts' rows,
+        put once, the same for every worker) and each rank's expert rows (one object per
+        rank), so a worker fetches the dense part and its own experts only.
+        `last_load_bytes` is the sum of what the workers fetched."""
         import ray
 
-        model_ref, optim_ref = ray.put(tensors["model"]), ray.put(tensors["optim"])  # one copy for all workers
-        self._get([w.load_state.remote(model_ref, optim_ref, step, extra) for w in self.workers],
+        from moedist.parallel.shards import dense_state, split_rows
+
+        keys, slots = self._expert_layout()
+        model, optim = tensors["model"], tensors["optim"]
+        dense_m, dense_o = dense_state(model, optim, keys, slots)
+        rows = split_rows(model, optim, keys, slots, self.placement) if keys else [None] * len(self.workers)
+        dense_ref = ray.put({"model": dense_m, "optim": dense_o})
+        self._get([w.load_state.remote(dense_ref, ray.put(rows[r]), step, extra) for r, w in enumerate(self.workers)],
                   "load the checkpoint")  # fmt: skip
+        dense_bytes = sum(t.nbytes for t in _tensors(dense_m, dense_o))
+        row_bytes = sum(t.nbytes for r in rows if r is not None for t in _tensors(r.model, r.optim))
+        self.last_load_bytes = dense_bytes * len(self.workers) + row_bytes
         self.step = int(step)
+
+    def _expert_layout(self) -> tuple[list[str], list[int]]:
+        """State-dict keys and optimiser slots of the routed experts (sharded entries) of the
+        current model, read off a model on the meta device (nothing allocated)."""
+        from moedist.model.transformer import MoETransformer
+        from moedist.parallel.shards import expert_keys, expert_slots
+        from moedist.training.trainer import make_optimizer
+
+        with torch.device("meta"):
+            meta = MoETransformer(self.cfg.model, self.cfg.router)
+            return expert_keys(meta), expert_slots(meta, make_optimizer(meta, self.cfg))
 
     def info(self) -> dict[str, Any]:
         return {"workers": len(self.workers), "nodes": len({i["node"] for i in self.infos}),
@@ -400,8 +437,9 @@ class Coordinator:
         New workers start in a new placement group (Ray cannot grow one); if it cannot be
         placed within the start timeout the request is refused (ScaleError) and the job goes
         on as it was. Otherwise every worker publishes, through the object store, the rows of
-        each expert whose owner changes under the new contiguous-block placement (with their
-        optimiser state); the group is re-formed with a fresh rendezvous; each worker takes
+        each expert whose owner changes under the new placement (ExpertPlacement.rebalance:
+        balanced, and the fewest experts change owner; staying workers keep their ranks) with
+        their optimiser state; the group is re-formed with a fresh rendezvous; each worker takes
         its experts (kept ones from its own memory, moved ones straight from their old
         owner), new workers take the dense replica and router state from rank 0; leaving
         workers are stopped. Batches are global, so the run's losses do not change.
@@ -416,7 +454,8 @@ class Coordinator:
 
     def _resize_experts(self, n_experts: int, noise: float) -> dict[str, Any]:
         """Gather the whole model (as for a checkpoint, in memory), split or drop experts,
-        rebuild every worker's model for the new count and hand each its share."""
+        rebuild every worker's model for the new count and hand each its share (the dense
+        part and its own expert rows, see `load_state`)."""
         from moedist.training.trainer import check_resize, resize_experts
 
         E = self.cfg.model.n_experts
@@ -425,23 +464,25 @@ class Coordinator:
             return {"experts_before": E, "experts_after": E, "layers": []}
         t0 = time.perf_counter()
         step = self.step
-        tensors, extra = self.state()
+        tensors, extra = self.state()  # merged by the current placement, whatever its table
         old_model, old_optim = tensors["model"], tensors["optim"]
+        gathered = self.last_state_bytes
         new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
         self._get([w.reset.remote() for w in self.workers], "leave the old process group")
         self.cfg.model.n_experts = new_cfg.model.n_experts
-        self._form_group()  # the new placement: contiguous blocks of the new expert count
+        # Expert ids change (copies are appended, dropped ones renumber the rest), and every
+        # worker takes its rows from the driver anyway: contiguous blocks of the new count.
+        self._form_group()
         self.load_state(tensors, extra, step)
         self.last_row = None  # its loads were the old experts'
-        # Bytes through the object store: the whole old state gathered here (a lower bound:
-        # each worker also sends its copy of the dense part), then the whole new state,
-        # fetched by every worker (each keeps its share of it).
-        from moedist.runtime.worker import _tensors
-
-        gathered = sum(t.nbytes for t in _tensors(old_model, old_optim))
+        # Bytes through the object store: what the workers sent here (rank 0's whole shard,
+        # the others' expert rows: the whole old state once), then what they fetched (the
+        # dense part each, its own expert rows each).
+        before = sum(t.nbytes for t in _tensors(old_model, old_optim))
         whole = sum(t.nbytes for t in _tensors(tensors["model"], tensors["optim"]))
         return {"experts_before": E, "experts_after": n_experts, "layers": layers,
-                "bytes_moved": gathered + whole * len(self.workers), "state_bytes_before": gathered,
+                "bytes_moved": gathered + self.last_load_bytes, "bytes_gathered": gathered,
+                "bytes_loaded": self.last_load_bytes, "state_bytes_before": before,
                 "state_bytes_after": whole, "resize_s": time.perf_counter() - t0}  # fmt: skip
 
     def _check_count(self, N: int) -> None:
@@ -575,7 +616,9 @@ class Coordinator:
 
         step = self.step
         E = self.cfg.model.n_experts if self.cfg.router.kind != "dense" else N
-        new = ExpertPlacement.blocks(E, N)
+        # The fewest experts change owner (a dense model's placement only names the ranks).
+        new = ExpertPlacement.rebalance(self.placement, N) if self.cfg.router.kind != "dense" else \
+            ExpertPlacement.blocks(E, N)  # fmt: skip
         pub = self._get([w.publish.remote(new.to_dict(), r == 0 and N > W) for r, w in enumerate(self.workers)],
                         "hand over their experts")  # fmt: skip
         leaving = self.workers[N:]
@@ -583,7 +626,7 @@ class Coordinator:
         # Staying workers keep their ranks (so fewer experts move); new ones come after.
         self.workers = self.workers[:N] + [w for w, _ in fresh]
         self.bundles = self.bundles[:N] + [b for _, b in fresh]
-        self._form_group()
+        self._form_group(new)
         t2 = time.perf_counter()
         dense_ref = pub[0]["dense"]
         calls = []

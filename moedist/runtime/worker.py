@@ -142,31 +142,40 @@ class Worker:
         return self.trainer.evaluate().to_json()
 
     # ------------------------------------------------------------ state
-    def shard_state(self) -> dict[str, Any]:
+    def shard_state(self, with_dense: bool = True) -> dict[str, Any]:
         """This rank's model shard and optimiser state, and which entries are expert shards
-        (the coordinator merges them into a whole-model checkpoint)."""
-        from moedist.parallel.shards import expert_keys, expert_slots
+        (the coordinator merges them into a whole-model checkpoint). Without the dense
+        part: the expert rows only (the merge takes the rest from rank 0)."""
+        from moedist.parallel.shards import expert_keys, expert_part, expert_slots
 
         tr = self.trainer
+        keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
+        model, optim = tr.model.state_dict(), tr.opt.state_dict()
+        if not with_dense:
+            model, optim = expert_part(model, optim, keys, slots)
         return {
-            "model": tr.model.state_dict(),
-            "optim": tr.opt.state_dict(),
+            "model": model,
+            "optim": optim,
             "step": tr.step,
             "torch_rng": torch.get_rng_state().tolist(),
             "skipped": tr.skipped,
-            "expert_keys": expert_keys(tr.model),
-            "expert_slots": expert_slots(tr.model, tr.opt),
+            "expert_keys": keys,
+            "expert_slots": slots,
         }
 
-    def load_state(
-        self, model_state: dict[str, Any], optim_state: dict[str, Any], step: int, extra: dict[str, Any]
-    ) -> None:
-        """Take this rank's share of a whole-model (checkpoint) state and continue at `step`."""
-        from moedist.parallel.shards import expert_keys, expert_slots, model_shard, optim_shard
+    def load_state(self, dense: dict[str, Any], rows: Any, step: int, extra: dict[str, Any]) -> None:
+        """Take this rank's share of a whole-model (checkpoint) state and continue at `step`:
+        `dense` is its dense part ({"model", "optim"}, moedist.parallel.shards.dense_state),
+        `rows` this rank's expert rows (an ExpertRows; None for a model without experts)."""
+        from moedist.parallel.shards import assemble_shard, expert_keys, expert_slots
 
         tr, d = self.trainer, self.trainer.dist
-        tr.model.load_state_dict(model_shard(model_state, d.placement, d.rank, expert_keys(tr.model)))
-        tr.opt.load_state_dict(optim_shard(optim_state, d.placement, d.rank, expert_slots(tr.model, tr.opt)))
+        keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
+        model, optim = dense["model"], dense["optim"]
+        if keys:
+            model, optim = assemble_shard(model, optim, [rows], keys, slots, d.placement, d.rank)
+        tr.model.load_state_dict(model)
+        tr.opt.load_state_dict(optim)
         torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
         tr.skipped = int(extra.get("skipped_steps", 0))
         tr.step = int(step)
