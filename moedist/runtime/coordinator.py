@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from moedist.config import RunConfig, to_dict
 from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
+
+if TYPE_CHECKING:
+    from moedist.parallel.placement import ExpertPlacement
 
 
 class JobError(RuntimeError):
@@ -167,9 +170,10 @@ class Coordinator:
             self._actor_cls = ray.remote(Worker)
         return self._actor_cls.options(**opts).remote(to_dict(self.cfg))
 
-    def _form_group(self, placement: Any = None) -> list[dict[str, Any]]:
+    def _form_group(self, placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
         """Rendezvous of the current workers (in rank order) and a fresh model on each, its
-        experts placed by `placement` (an ExpertPlacement; None: contiguous blocks)."""
+        experts placed by `placement` (None: contiguous blocks, as at start and after a
+        lost worker, when every worker is restored from a whole-model checkpoint anyway)."""
         from moedist.parallel.placement import ExpertPlacement
 
         W = len(self.workers)
