@@ -13,7 +13,8 @@ job can run with (`valid_worker_counts`), if that differs from the current count
 
 So a node that joins grows the job; a node that leaves is handled by the recovery path
 (the lost workers are replaced where there is room, or the job goes on with fewer), and
-the policy grows the job again when room reappears. A manual `moedist ctl scale --workers
+the policy grows the job again when room reappears (after a recovery it weighs the room
+afresh, since the count it left is no one's choice). A manual `moedist ctl scale --workers
 N` is obeyed as it is, and stays until the room next changes; from then on the policy
 follows the cluster again. A refused change (`ScaleError`) is logged and tried again
 after a back-off that doubles up to `max_backoff_s`.
@@ -38,7 +39,8 @@ from moedist.config import ConfigError
 DEFAULT_INTERVAL_S = 5.0
 # Consecutive looks that must see the same new room before the policy acts.
 DEFAULT_CONFIRM = 2
-# Longest wait before trying a refused change again.
+# Shortest and longest wait before trying a refused change again (it doubles in between).
+MIN_BACKOFF_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 120.0
 
 
@@ -158,11 +160,16 @@ class ElasticPolicy:
         self._seen: int | None = None  # the new room of the looks so far, and how many saw it
         self._streak = 0
         self._next_look = -math.inf
-        self._backoff = interval_s
+        self._backoff = max(interval_s, MIN_BACKOFF_S)
+        self._failures = 0  # recoveries seen (len(loop.failures))
 
     def __call__(self, loop: Any) -> None:
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
             return  # no step is left to run on another count
+        if len(loop.failures) != self._failures:
+            # A recovery chose the worker count (not a user): weigh the room afresh, even if
+            # a node left and another joined between two looks and the room looks the same.
+            self._failures, self.settled = len(loop.failures), None
         now = self.clock()
         if now < self._next_look:
             return
@@ -186,7 +193,7 @@ class ElasticPolicy:
 
         target = choose_workers(view.workers, have, self.lo, self.hi, valid_worker_counts(loop.cfg, self.hi))
         if target == view.workers:
-            self._backoff = self.interval_s
+            self._backoff = max(self.interval_s, MIN_BACKOFF_S)
             return
         why = (f"room for {have} workers ({view.workers} running, {view.idle_bundles} idle bundles, "
                f"{have - view.workers - view.idle_bundles} more fit), range {self.lo}:{self.hi}")  # fmt: skip
@@ -206,7 +213,7 @@ class ElasticPolicy:
                      f"{self._backoff:.0f} s")  # fmt: skip
             self._backoff = min(2 * self._backoff, self.max_backoff_s)
             return
-        self._backoff = self.interval_s
+        self._backoff = max(self.interval_s, MIN_BACKOFF_S)
         loop.scales[-1]["reason"] = f"elastic: {why}"
         rec = loop.scales[-1]
         self.say(f"moedist: elastic: {before} -> {target} workers at step {step} "

@@ -139,6 +139,7 @@ class FakeLoop:
         self.stopped_at = None
         self.ex = object()
         self.scales: list[dict] = []
+        self.failures: list[dict] = []  # recoveries from lost workers
         self.cluster = cluster
         self.refuse = refuse  # refuse this many scale calls
 
@@ -256,9 +257,23 @@ def test_after_a_recovery_to_fewer_workers_the_policy_grows_when_room_reappears(
     policy, clock, _ = policy_for(cluster)
     boundaries(policy, loop, clock, 3)
     cluster.free, cluster.workers = [0.0], 2  # a node left; the recovery went on with 2 workers
+    loop.failures.append({"step": 8})
     boundaries(policy, loop, clock, 3)
     assert loop.scales == []  # no room: the recovery's count stands
     cluster.free.append(2.0)  # a node joins again
+    boundaries(policy, loop, clock, 3)
+    assert [(s["workers_before"], s["workers_after"]) for s in loop.scales] == [(2, 4)]
+
+
+def test_a_node_replaced_between_two_looks_still_grows_the_job_back():
+    """The room before the loss and after the new node joined is the same (4): the
+    recovery, not the room, tells the policy to look again."""
+    cluster = FakeCluster([0.0, 0.0], workers=4)
+    loop = FakeLoop(cluster)
+    policy, clock, _ = policy_for(cluster)
+    boundaries(policy, loop, clock, 3)
+    cluster.free, cluster.workers = [0.0, 2.0], 2  # node lost, recovered to 2, a new node joined
+    loop.failures.append({"step": 8})
     boundaries(policy, loop, clock, 3)
     assert [(s["workers_before"], s["workers_after"]) for s in loop.scales] == [(2, 4)]
 
