@@ -5,6 +5,7 @@ single-process run."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -25,8 +26,12 @@ JOIN_AFTER = 3  # steps done when the second node joins
 def one_node():
     """A 1-node Ray cluster (raylet on 127.0.0.2, 2 CPUs, free ports, no dashboard), this
     process its driver; the test adds nodes to it."""
+    with socket.socket() as probe:  # the head's API server would otherwise try the fixed port 8265
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2,
-                                                             "include_dashboard": False})  # no fixed port  # fmt: skip
+                                                             "include_dashboard": False,
+                                                             "dashboard_port": api_port})  # fmt: skip
     try:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
                  configure_logging=False)  # fmt: skip

@@ -69,8 +69,8 @@ def test_bundles_fit_per_node_not_in_the_cluster_total():
     gpu = {"CPU": 1.0, "GPU": 1.0}
     assert bundles_that_fit([{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0}], gpu, "PACK") == 2
     assert bundles_that_fit([], CPU1, "PACK") == 0
-    # exact fractions are not lost to rounding (0.3 * 3 is 0.8999999999999999 in floats)
-    assert bundles_that_fit([{"CPU": 0.1 * 9}], {"CPU": 0.3}, "PACK") == 3
+    # exact fractions are not lost to rounding (0.7 / 0.1 is 6.999999999999999 in floats)
+    assert bundles_that_fit([{"CPU": 0.7}], {"CPU": 0.1}, "PACK") == 7
 
 
 def test_room_counts_what_the_job_holds_and_what_fits():
