@@ -162,6 +162,7 @@ class ElasticPolicy:
         self._next_look = -math.inf
         self._backoff = max(interval_s, MIN_BACKOFF_S)
         self._failures = 0  # recoveries seen (len(loop.failures))
+        self._look_failed = False
 
     def __call__(self, loop: Any) -> None:
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
@@ -177,8 +178,12 @@ class ElasticPolicy:
         try:
             view = self.view(loop.ex)
         except Exception as e:  # a look that fails (e.g. a GCS hiccup) never stops training
-            self.say(f"moedist: elastic: could not look at the cluster ({type(e).__name__}: {e}); trying later")
+            if not self._look_failed:  # said once per run of failed looks, not every interval
+                self.say(f"moedist: elastic: could not look at the cluster ({type(e).__name__}: {e}); trying "
+                         "again every look")  # fmt: skip
+            self._look_failed = True
             return
+        self._look_failed = False
         have = room(view)
         if have == self.settled:
             self._seen, self._streak = None, 0
