@@ -49,6 +49,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds a step, evaluation or checkpoint may take before the job counts it as hung")
     g.add_argument("--max-failures", type=int, default=3,
                    help="lost workers to recover from (from the newest checkpoint) before the job stops")
+    g.add_argument("--elastic", metavar="MIN:MAX",
+                   help="follow the cluster's size: grow to the most workers in MIN..MAX that fit when nodes "
+                        "join, grow back after a recovery to fewer (off by default; see docs/scaling.md)")
     g = p.add_argument_group("control API while the job runs (moedist ctl; address and token in RUN/control.json)")
     g.add_argument("--control-host", help="address to serve on (default 127.0.0.1; with Ray the driver's node address)")
     g.add_argument("--control-port", type=int, help="port to serve on (default 0: any free port)")
@@ -88,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.preset, args.config, overrides, args.set)
         out = None
+    cli_checks.check_elastic(args, cfg)
     dataset = load_dataset(cfg)  # checked before anything is written or started
     if out is None:
         cli_checks.check_fits_in_memory(cfg, dataset.vocab_size)
@@ -150,6 +154,10 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
         infos = coord.start()
         nodes = sorted({i["node"] for i in infos})
         loop = RunLoop(cfg, out, coord, tokenizer_spec, max_failures=args.max_failures)
+        if args.elastic:
+            from moedist.runtime.elastic import ElasticPolicy, parse_range
+
+            loop.on_boundary.append(ElasticPolicy(*parse_range(args.elastic)))
         if resume:
             loop.restore()
         else:
@@ -157,7 +165,8 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
         print(
             f"moedist: {cfg.router.kind} router, {cfg.model.n_experts} experts on {cfg.workers} workers "
             f"({infos[0]['backend']}, {len(nodes)} node(s): {', '.join(nodes)}), "
-            f"{'resuming at step ' + str(coord.step) + ' of ' if resume else ''}{cfg.train.steps} steps -> {out}",
+            f"{'resuming at step ' + str(coord.step) + ' of ' if resume else ''}{cfg.train.steps} steps -> {out}"
+            f"{'; elastic: ' + args.elastic + ' workers, following the cluster' if args.elastic else ''}",
             flush=True,
         )
         with _control(args, loop, ray.util.get_node_ip_address()):  # the driver's node address

@@ -246,11 +246,31 @@ def check_train_flags(args: argparse.Namespace) -> None:
     if getattr(args, "max_failures", None) is not None and args.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
     check_control_flags(args)
+    if getattr(args, "elastic", None) is not None:  # its form now; against the workers once the config is known
+        from moedist.runtime.elastic import parse_range
+
+        parse_range(args.elastic)
     if args.out is not None:
         out = Path(args.out)
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"--out: run folder '{out}' exists and is not empty (use --resume {out} to continue)")
         check_out_dir("--out", out, must_be_empty=False)
+
+
+def check_elastic(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """`--elastic MIN:MAX`: a range that holds the job's starting worker count, on Ray."""
+    text = getattr(args, "elastic", None)
+    if text is None:
+        return
+    from moedist.runtime.elastic import parse_range
+
+    lo, hi = parse_range(text)
+    if cfg.workers == 1 and not args.address:
+        raise ConfigError("--elastic: a single-process run cannot change its worker count; start on Ray with "
+                          "--workers 2 or more, or join a cluster with --address")  # fmt: skip
+    if not lo <= cfg.workers <= hi:
+        raise ConfigError(f"--elastic: the job starts with {cfg.workers} worker{'s' if cfg.workers != 1 else ''} "
+                          f"(--workers or the config's workers), outside {lo}:{hi}")  # fmt: skip
 
 
 def check_control_host(host: str) -> None:

@@ -451,6 +451,8 @@ class Coordinator:
         """
         report: dict[str, Any] = {}
         if workers is not None:
+            if int(workers) > len(self.workers):  # their resources serve the new workers instead
+                self.release_idle_groups()
             report.update(self._scale_workers(int(workers)))
         if experts is not None:
             report.update(self._resize_experts(int(experts), noise))
@@ -653,6 +655,30 @@ class Coordinator:
         return {"workers_before": W, "workers_after": N, "experts_moved": moved, "bytes_moved": nbytes,
                 "actor_start_s": t1 - t0, **prepared,
                 "group_s": t2 - t1, "move_s": t3 - t2, "total_s": time.perf_counter() - t0}  # fmt: skip
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources of one worker's placement-group bundle."""
+        return self._bundle()
+
+    def idle_groups(self) -> list[int]:
+        """Indices of the placement groups none of whose bundles holds a worker: left by a
+        recovery that went on with fewer workers (Ray re-places their bundles when a node
+        has room again, so they may hold resources no worker uses)."""
+        held = {g for g, _ in self.bundles}
+        return [g for g, pg in enumerate(self.pgs) if pg is not None and g not in held]
+
+    def release_idle_groups(self) -> int:
+        """Remove the idle placement groups (growth starts its workers in a new group, so
+        their bundles would only keep its resources away); the bundles released."""
+        from ray.util.placement_group import remove_placement_group
+
+        released = 0
+        for g in self.idle_groups():
+            released += self.pgs[g].bundle_count
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pgs[g])
+            self.pgs[g] = None
+        return released
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:

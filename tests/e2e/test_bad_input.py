@@ -130,6 +130,15 @@ def test_data_prepare_does_not_warn_when_the_validation_split_is_long_enough(tmp
         (["--workers", "2", "--start-timeout", "-1"], "--start-timeout: must be a finite number > 0, got -1"),
         (["--workers", "2", "--start-timeout", "inf"], "--start-timeout: must be a finite number > 0, got inf"),
         (["--workers", "2", "--seed", "-1"], "--seed: must be in 0 .. 2^63-1"),
+        (["--workers", "2", "--elastic", "4"], "--elastic: expected MIN:MAX worker counts such as 2:8, got '4'"),
+        (["--workers", "2", "--elastic", "2:x"], "--elastic: expected MIN:MAX worker counts"),
+        (["--workers", "2", "--elastic", "0:4"], "--elastic: MIN must be >= 1, got 0 in '0:4'"),
+        (["--workers", "2", "--elastic", "4:2"], "--elastic: MAX must be >= MIN, got '4:2'"),
+        (
+            ["--workers", "2", "--elastic", "3:4"],
+            "--elastic: the job starts with 2 workers (--workers or the config's workers), outside 3:4",
+        ),
+        (["--elastic", "1:4"], "--elastic: a single-process run cannot change its worker count"),
     ],
 )
 def test_runtime_flags_are_checked_before_ray_starts(flags, match, tmp_path: Path, capsys, no_ray):
