@@ -451,8 +451,6 @@ class Coordinator:
         """
         report: dict[str, Any] = {}
         if workers is not None:
-            if int(workers) > len(self.workers):  # their resources serve the new workers instead
-                self.release_idle_groups()
             report.update(self._scale_workers(int(workers)))
         if experts is not None:
             report.update(self._resize_experts(int(experts), noise))
@@ -517,6 +515,7 @@ class Coordinator:
         self.cancel_scale()  # a request for another count replaces it
         if len(self.workers) >= N:
             return
+        self.release_idle_groups()  # their resources serve the new workers instead
         pg = placement_group([self._bundle() for _ in range(N - len(self.workers))], strategy=self.strategy)
         self.pgs.append(pg)
         self._growth = _Growth(N, len(self.workers), len(self.pgs) - 1, pg.ready(),
@@ -665,6 +664,8 @@ class Coordinator:
         recovery that went on with fewer workers (Ray re-places their bundles when a node
         has room again, so they may hold resources no worker uses)."""
         held = {g for g, _ in self.bundles}
+        if self._growth is not None:  # the group of a scale-up in preparation is not idle
+            held.add(self._growth.group)
         return [g for g, pg in enumerate(self.pgs) if pg is not None and g not in held]
 
     def release_idle_groups(self) -> int:

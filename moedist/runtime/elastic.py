@@ -163,10 +163,17 @@ class ElasticPolicy:
         self._backoff = max(interval_s, MIN_BACKOFF_S)
         self._failures = 0  # recoveries seen (len(loop.failures))
         self._look_failed = False
+        self._growing: tuple[int, int, str] | None = None  # a scale-up in preparation: (before, target, why)
 
     def __call__(self, loop: Any) -> None:
         if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
+            if self._growing is not None:  # no step is left for the new workers: stop them
+                self._growing = None
+                loop.ex.cancel_scale()
             return  # no step is left to run on another count
+        if self._growing is not None:
+            self._advance(loop)
+            return
         if len(loop.failures) != self._failures:
             # A recovery chose the worker count (not a user): weigh the room afresh, even if
             # a node left and another joined between two looks and the room looks the same.
@@ -207,16 +214,52 @@ class ElasticPolicy:
     def _scale(self, loop: Any, before: int, target: int, why: str) -> None:
         from moedist.training.loop import ScaleError
 
+        self.say(f"moedist: elastic: scaling {before} -> {target} workers at step {loop.step}: {why}")
+        prepare = getattr(loop.ex, "prepare_scale", None)
+        if target > before and prepare is not None:
+            # New workers start and warm up while the job trains on (the coordinator's
+            # prepare_scale); the switch comes at the first boundary after they are ready.
+            try:
+                prepare(target)
+            except ScaleError as e:
+                self._refused(target, e)
+                return
+            self._growing = (before, target, why)
+            self._advance(loop)
+            return
+        self._switch(loop, before, target, why)
+
+    def _advance(self, loop: Any) -> None:
+        """Switch to a prepared scale-up once its workers are ready (never waits)."""
+        from moedist.training.loop import ScaleError
+
+        before, target, why = self._growing
+        try:
+            ready = loop.ex.scale_ready()
+        except ScaleError as e:
+            self._growing = None
+            self._refused(target, e)
+            return
+        if ready:
+            self._growing = None
+            self._switch(loop, before, target, why)
+
+    def _refused(self, target: int, e: Exception) -> None:
+        """Refused, nothing changed: look again after a back-off."""
+        self.settled = None
+        self._next_look = self.clock() + self._backoff
+        self.say(f"moedist: elastic: scaling to {target} workers refused ({e}); trying again in "
+                 f"{self._backoff:.0f} s")  # fmt: skip
+        self._backoff = min(2 * self._backoff, self.max_backoff_s)
+
+    def _switch(self, loop: Any, before: int, target: int, why: str) -> None:
+        from moedist.training.loop import ScaleError
+
         step = loop.step
-        self.say(f"moedist: elastic: scaling {before} -> {target} workers at step {step}: {why}")
         try:
             loop.scale(workers=target)
-        except ScaleError as e:  # refused, nothing changed: look again after a back-off
-            self.settled = None
-            self._next_look = self.clock() + self._backoff
-            self.say(f"moedist: elastic: scaling to {target} workers refused ({e}); trying again in "
-                     f"{self._backoff:.0f} s")  # fmt: skip
-            self._backoff = min(2 * self._backoff, self.max_backoff_s)
+        except ScaleError as e:
+            self._refused(target, e)
             return
         self._backoff = max(self.interval_s, MIN_BACKOFF_S)
         loop.scales[-1]["reason"] = f"elastic: {why}"

@@ -5,6 +5,7 @@ single-process run."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -12,7 +13,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from moedist.runtime.coordinator import Coordinator
+from moedist.runtime.coordinator import Coordinator, ScaleError
 from moedist.runtime.elastic import ElasticPolicy
 from moedist.training.loop import RunLoop, single_process_loop, write_config
 from moedist.training.trainer import load_dataset
@@ -50,6 +51,21 @@ def wait_for_free_cpus(n: float, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def until_ready(coord: Coordinator):
+    """A boundary hook that holds the run until a scale-up the policy prepared (new workers
+    starting while the job trains on) is ready, so that the switch comes at a known step:
+    the boundary after the one that prepared it."""
+
+    def hook(loop: RunLoop) -> None:
+        deadline = time.monotonic() + 60
+        with contextlib.suppress(ScaleError):  # a refusal is the policy's to handle
+            while not coord.scale_ready():
+                assert time.monotonic() < deadline, "the new workers never became ready"
+                time.sleep(0.05)
+
+    return hook
+
+
 def test_a_joining_node_grows_the_job_and_every_loss_stays(one_node, random_text, tmp_path):
     ref = single_process_loop(cfg_for(1, random_text), tmp_path / "one")
     ref.run()
@@ -69,19 +85,22 @@ def test_a_joining_node_grows_the_job_and_every_loss_stays(one_node, random_text
 
         # every boundary looks (interval 0); the room must be seen at two looks in a row
         policy = ElasticPolicy(2, 4, interval_s=0.0, say=said.append)
-        loop.on_boundary += [join, policy]
+        loop.on_boundary += [join, until_ready(coord), policy]
         summary = loop.run()
         nodes = {m["node"] for m in coord.members()}
     finally:
         coord.shutdown()
-    # seen after steps JOIN_AFTER and JOIN_AFTER + 1: grown before the next step
-    grown_at = JOIN_AFTER + 1
+    # seen after steps JOIN_AFTER and JOIN_AFTER + 1: the new workers start then, and the
+    # job switches to them at the next boundary
+    grown_at = JOIN_AFTER + 2
     assert [r["workers"] for r in loop.rows] == [2] * grown_at + [4] * (STEPS - grown_at)
     assert nodes == {"127.0.0.2", "127.0.0.3"}
     (s,) = summary["scales"]
     assert (s["step"], s["workers_before"], s["workers_after"]) == (grown_at, 2, 4)
     assert s["reason"] == "elastic: room for 4 workers (2 running, 0 idle bundles, 2 more fit), range 2:4"
-    assert said[0] == f"moedist: elastic: scaling 2 -> 4 workers at step {grown_at}: {s['reason'][9:]}"
+    assert said[0] == f"moedist: elastic: scaling 2 -> 4 workers at step {grown_at - 1}: {s['reason'][9:]}"
+    assert said[1].startswith(f"moedist: elastic: 2 -> 4 workers at step {grown_at} in ")
+    assert s["warm_s"] > 0  # the new workers warmed up before the switch
     assert summary["workers"] == 4 and cfg.workers == 4
     assert_rows_match(ref.rows, loop.rows)
     assert_no_leftovers()
@@ -128,17 +147,17 @@ def test_after_a_lost_node_and_a_recovery_to_fewer_workers_a_new_node_grows_the_
                     time.sleep(0.1)
 
         policy = ElasticPolicy(2, 4, interval_s=0.0, say=said.append)
-        loop.on_boundary += [churn, policy]
+        loop.on_boundary += [churn, until_ready(coord), policy]
         summary = loop.run()
         nodes = {m["node"] for m in coord.members()}
     finally:
         coord.shutdown()
     assert [(f["step"], f["restored_step"]) for f in summary["failures"]] == [(6, 6)]
-    # grown before step 4; lost at step 6 (recovered to 2); the new node is seen after steps
-    # 7 and 8 (the recovery makes the policy look afresh): grown before step 8
-    assert [r["workers"] for r in loop.rows] == [2] * 4 + [4] * 2 + [2] * 2 + [4] * 4
+    # grown before step 5; lost at step 6 (recovered to 2); the new node is seen after steps
+    # 7 and 8 (the recovery makes the policy look afresh): new workers start, grown before step 9
+    assert [r["workers"] for r in loop.rows] == [2] * 5 + [4] * 1 + [2] * 3 + [4] * 3
     scales = [(s["step"], s["workers_before"], s["workers_after"]) for s in summary["scales"]]
-    assert scales == [(4, 2, 4), (8, 2, 4)]
+    assert scales == [(5, 2, 4), (9, 2, 4)]
     assert summary["scales"][1]["reason"] == ("elastic: room for 4 workers (2 running, 2 idle bundles, 0 more "
                                               "fit), range 2:4")  # fmt: skip
     assert nodes == {"127.0.0.2", "127.0.0.3"}
