@@ -19,6 +19,8 @@ from typing import Any
 
 from moedist import cli_checks
 from moedist.config import ROUTERS, ConfigError, build_config, preset_names
+from moedist.control import ControlCallError
+from moedist.errors import CheckpointError, DataError, JobError, TooManyFailuresError
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -181,7 +183,6 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from moedist.data import TokenDataset
-    from moedist.training.checkpoint import CheckpointError
     from moedist.training.evaluate import evaluate
     from moedist.training.trainer import load_trained
 
@@ -338,12 +339,6 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moedist` console script."""
     args = build_parser().parse_args(argv)
-    from moedist.control import ControlCallError
-    from moedist.data import DataError
-    from moedist.runtime.coordinator import JobError
-    from moedist.training.checkpoint import CheckpointError
-    from moedist.training.loop import TooManyFailuresError
-
     # `ray job stop` and schedulers send SIGTERM: unwind like Ctrl-C, so the coordinator
     # removes its workers and placement group (the newest checkpoint is intact either way).
     main_thread = threading.current_thread() is threading.main_thread()

@@ -6,7 +6,8 @@ was refused as invalid (INVALID_ARGUMENT); 1 any other error from the server (it
 code and message on one line). Plain text for people, `--json` for scripts (one JSON
 object; `metrics --json` one per line).
 
-Imports neither torch nor the training code (and gRPC only when it runs): it starts fast.
+Imports neither torch, Ray nor the training code, and gRPC only once RUN/control.json is
+read: it starts fast (tests/e2e/test_control_cli.py checks what a ctl call imports).
 """
 
 from __future__ import annotations
@@ -105,16 +106,15 @@ def _raise_rpc_error(e: Exception, address: str, what: str) -> None:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     """`moedist ctl ...` (see the module docstring)."""
-    import grpc
-
-    from moedist.control.v1 import control_pb2 as pb
-
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ConfigError(f"--timeout: must be a finite number > 0, got {args.timeout}")
     what = args.ctl_command
     if what == "metrics" and args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
-    client = Client.for_run(Path(args.run), args.timeout)
+    client = Client.for_run(Path(args.run), args.timeout)  # a job that is not running: an error before gRPC loads
+    import grpc
+
+    from moedist.control.v1 import control_pb2 as pb
 
     try:
         if what == "status":

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
+from moedist.errors import DataError  # defined there: the CLI handles it without importing this package
 
-class DataError(ValueError):
-    """Bad data input: a missing or malformed path, file, column or field.
-
-    Every message names the offending path, column or field so the user can fix it
-    without reading a traceback.
-    """
+__all__ = ["DataError"]

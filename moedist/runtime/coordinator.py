@@ -25,16 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moedist.config import RunConfig, to_dict
+from moedist.errors import JobError  # defined there: the CLI handles it without importing torch and ray
 from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
 
 if TYPE_CHECKING:
     from moedist.parallel.placement import ExpertPlacement
-
-
-class JobError(RuntimeError):
-    """Base of the runtime's typed errors."""
 
 
 class PlacementTimeoutError(JobError):

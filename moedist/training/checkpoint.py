@@ -35,12 +35,10 @@ from typing import Any
 
 import torch
 
+from moedist.errors import CheckpointError  # defined there: the CLI handles it without importing torch
+
 FORMAT = 1
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file."""
 
 
 def _sha256(path: Path) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import tomli_w
 
 from moedist.config import RunConfig, to_dict
+from moedist.errors import TooManyFailuresError  # defined there: the CLI handles it without importing torch
 from moedist.training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from moedist.training.evaluate import EvalResult
 from moedist.training.trainer import parquet_bytes, read_resume_checkpoint, write_atomic
@@ -55,10 +56,6 @@ class WorkerLostError(RuntimeError):
     def __init__(self, message: str, noticed: float | None = None):
         super().__init__(message)
         self.noticed = time.monotonic() if noticed is None else noticed
-
-
-class TooManyFailuresError(RuntimeError):
-    """More workers were lost than --max-failures allows; the last checkpoint is intact."""
 
 
 # Relative noise on split copies' input projections (breaks their symmetry; 0 = exact).

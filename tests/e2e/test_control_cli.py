@@ -8,15 +8,12 @@ stops it.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import io
 import json
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -24,81 +21,43 @@ import grpc
 import pyarrow.parquet as pq
 import pytest
 
-from moedist.cli import main
 from moedist.control.v1 import control_pb2 as pb
 from moedist.control.v1 import control_pb2_grpc as pb_grpc
 from moedist.training.checkpoint import list_checkpoints, load_checkpoint
+from tests.control_helpers import TINY, ctl, moedist, moedist_here, one_error_line, status, training_job, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
-        "--set", "model.seq_len=32", "--set", "train.batch_size=4", "--set", "train.eval_tokens=512",
-        "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "model.n_experts=4",
-        "--no-progress"]  # fmt: skip
 STEPS = 100_000  # far more than the tests take: the run ends by `moedist ctl stop`
 
 
-def moedist(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`moedist ARGS` as a user runs it: a new process."""
-    return subprocess.run([sys.executable, "-m", "moedist.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+# `moedist ARGS` in a new process, then the modules it imported that a ctl call must not
+# (seconds of start-up): on the last line of stdout, as JSON.
+IMPORT_PROBE = """
+import json, sys
+from moedist.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:  # argparse: --help
+    code = e.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "numba")
+               or m.startswith(("moedist.training", "moedist.runtime", "moedist.model", "moedist.kernels")))
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
 
 
-def moedist_here(*args: str) -> subprocess.CompletedProcess:
-    """`moedist ARGS` through its entry point in this process (what a new process runs, less
-    the interpreter's start-up, which takes seconds on a loaded machine)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def ctl(run: Path, *args: str) -> subprocess.CompletedProcess:
-    return moedist_here("ctl", "--run", str(run), *args)
-
-
-def one_error_line(res: subprocess.CompletedProcess) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moedist: error: ") and "Traceback" not in res.stderr, res.stderr
-    return lines[0]
+def moedist_imports(*args: str) -> tuple[subprocess.CompletedProcess, int, list[str]]:
+    """(the process, its exit status, the heavy modules it imported) of `moedist ARGS`."""
+    res = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip(), res.stderr
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    return res, probe["code"], probe["heavy"]
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     run = tmp_path_factory.mktemp("ctl") / "run"
-    log = open(run.parent / "train.log", "w+")  # noqa: SIM115 - read back at the end
-    proc = subprocess.Popen([sys.executable, "-m", "moedist.cli", "train", "--steps", str(STEPS), "--out", str(run),
-                             *TINY], stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not (run / "control.json").exists():
-            assert proc.poll() is None, Path(log.name).read_text()
-            assert time.monotonic() < deadline, "no control.json within 180 s"
-            time.sleep(0.2)
-        yield {"run": run, "proc": proc, "log": Path(log.name)}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        log.close()
-
-
-def status(run: Path) -> dict:
-    res = ctl(run, "--json", "status")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
-def wait_for_step(run: Path, n: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(run)
-        if st["step"] >= n:
-            return st
-        assert time.monotonic() < deadline, st
-        time.sleep(0.5)
+    with training_job(run, "--steps", str(STEPS), *TINY) as job:
+        yield job
 
 
 # ---------------------------------------------------------------- a live job
@@ -123,6 +82,17 @@ def test_status_json_and_plain(job):
     text = res.stdout
     assert "state       RUNNING" in text and f"of {STEPS}" in text and "experts 0-3" in text
     assert "L1  4 experts  ET thresholds" in text
+
+
+def test_ctl_calls_import_neither_torch_ray_nor_numba(job):
+    """What makes `moedist ctl` start in a fraction of a second: a call against a live job
+    loads gRPC and the generated messages, never the training code."""
+    res, code, heavy = moedist_imports("ctl", "--run", str(job["run"]), "--json", "status")
+    assert code == 0 and heavy == [], (heavy, res.stderr)
+    assert json.loads(res.stdout.splitlines()[0])["state"] == "RUNNING"
+    res, code, heavy = moedist_imports("ctl", "--run", str(job["run"]), "metrics", "--limit", "2")
+    assert code == 0 and heavy == [], (heavy, res.stderr)
+    assert [ln.split()[:2] for ln in res.stdout.splitlines()[:-1]] == [["step", "0"], ["step", "1"]]
 
 
 def test_metrics_streams_rows_of_the_run(job):
@@ -278,6 +248,14 @@ def test_ctl_without_a_running_job_exits_2_with_one_line(tmp_path):
     (tmp_path / "control.json").write_text(json.dumps({"address": f"127.0.0.1:{port}", "token": "t"}))
     res = ctl(tmp_path, "checkpoint")
     assert res.returncode == 2 and "job not running: nothing answers at" in one_error_line(res)
+
+
+def test_ctl_without_a_job_and_help_import_neither_torch_ray_nor_numba(tmp_path):
+    res, code, heavy = moedist_imports("ctl", "--run", str(tmp_path), "status")  # no control.json
+    assert code == 2 and "job not running" in one_error_line(res) and heavy == []
+    for args in (["--help"], ["ctl", "--help"], ["ctl", "--run", str(tmp_path), "scale", "--help"]):
+        res, code, heavy = moedist_imports(*args)
+        assert code == 0 and res.stdout.startswith("usage: moedist") and heavy == [], (args, heavy)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
