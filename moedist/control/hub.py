@@ -8,12 +8,19 @@ Two kinds of threads meet here:
 - the gRPC server's threads call `status`, `submit` and `open_stream`.
 
 The training thread never waits for a gRPC thread. The one lock is held only for list
-swaps and `put_nowait`s (microseconds, at boundaries, never during a step); the status is
-a message rebuilt at each boundary and read without a lock (a reference swap); each metric
+swaps and appends (microseconds, at boundaries, never during a step); the status is a
+message rebuilt at each boundary and read without a lock (a reference swap); each metric
 subscriber has a bounded queue, and a subscriber that lets it fill (a slow or stalled
 client) is disconnected, not waited for: its stream ends with RESOURCE_EXHAUSTED naming the
 step to reconnect from. Disconnecting rather than dropping rows means a client never sees
 a stream with silent gaps.
+
+What a row costs the training thread, which every streaming client would otherwise slow
+down: a shallow copy of the row, an append per subscriber and one wake-up of the stream
+threads. The conversion to a MetricsRow and its serialisation happen once per row, in
+whichever stream thread sends it first; every stream sends those same bytes (the server
+registers StreamMetrics with a pass-through serializer), and a stream thread that wakes up
+sends all the rows that are ready back to back.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,31 +68,50 @@ class Command:
     error: ControlError | None = None
 
 
-_END = object()  # the run ended: a subscriber's stream completes
+class StreamRow:
+    """One step's row as StreamMetrics sends it: converted to a MetricsRow and serialised
+    once, by the first stream thread that needs it, and then sent as the same bytes on
+    every stream."""
+
+    __slots__ = ("_lock", "_row", "_wire", "step")
+
+    def __init__(self, row: dict[str, Any]):
+        self.step = int(row["step"])
+        self._row = dict(row)  # a snapshot: the loop adds the final evaluation's val_loss to its last row later
+        self._wire: bytes | None = None
+        self._lock = threading.Lock()
+
+    def wire(self) -> bytes:
+        """The serialised MetricsRow."""
+        if self._wire is None:
+            with self._lock:
+                if self._wire is None:  # not serialised by another stream meanwhile
+                    self._wire = row_message(self._row).SerializeToString()
+        return self._wire
+
+    def message(self) -> pb.MetricsRow:
+        return pb.MetricsRow.FromString(self.wire())
 
 
 class Subscriber:
-    """One StreamMetrics client: a bounded queue of MetricsRow messages."""
+    """One StreamMetrics client: a bounded queue of StreamRows. The training thread appends,
+    the stream's thread pops (a deque does both safely without a lock); the hub's condition
+    wakes the stream threads."""
 
     def __init__(self, max_rows: int):
-        self.queue: queue.Queue[Any] = queue.Queue(max_rows)
+        self.rows: deque[StreamRow] = deque()
         self.max_rows = max_rows
         self.overflowed = False  # the queue filled up: the client is too slow, its stream is closed
-        self.closed = False
+        self.closed = False  # the run ended: the stream completes once its queue is empty
 
-    def offer(self, msg: Any) -> None:
+    def offer(self, item: StreamRow) -> None:
         """Called by the training thread: never blocks."""
         if self.overflowed:
             return
-        try:
-            self.queue.put_nowait(msg)
-        except queue.Full:
+        if len(self.rows) >= self.max_rows:
             self.overflowed = True
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(queue.Full):  # then the reader sees `closed` once it has drained the queue
-            self.queue.put_nowait(_END)
+        else:
+            self.rows.append(item)
 
 
 def row_message(row: dict[str, Any]) -> pb.MetricsRow:
@@ -130,6 +156,7 @@ class ControlHub:
         # requests wait behind it; checkpoint and stop do not.
         self._staged: Command | None = None
         self._subs: tuple[Subscriber, ...] = ()
+        self._rows_ready = threading.Condition()  # notified when rows are offered or the streams end
         self._history: list[dict[str, Any]] = list(loop.rows)  # the same row objects as the loop's
         self._state = pb.RUN_STATE_RUNNING
         self._error = ""
@@ -153,10 +180,13 @@ class ControlHub:
                 self._history.pop()
             self._history.append(row)
             subs = self._subs
-            if subs:  # converted once, for every subscriber; under the lock, so that a new
-                msg = row_message(row)  # subscriber gets each row exactly once (backlog or live)
+            if subs:  # under the lock, so that a new subscriber gets each row exactly once (backlog or live)
+                item = StreamRow(row)
                 for s in subs:
-                    s.offer(msg)
+                    s.offer(item)
+        if subs:
+            with self._rows_ready:
+                self._rows_ready.notify_all()
 
     def at_boundary(self, loop: RunLoop) -> None:
         """Carry out a staged scale-up whose workers are ready and the queued commands (in
@@ -217,7 +247,9 @@ class ControlHub:
         for c in late:
             self._fail(c, ControlError("FAILED_PRECONDITION", self._not_running()))
         for s in subs:
-            s.close()
+            s.closed = True
+        with self._rows_ready:
+            self._rows_ready.notify_all()
         ev = self.loop.last_eval
         if error is None and ev is not None and math.isfinite(ev.val_loss):
             self._last_val = (ev.val_loss, self.loop.step)
@@ -398,8 +430,8 @@ class ControlHub:
         with self._lock:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
-    def stream(self, from_step: int, follow: bool, is_active: Callable[[], bool]) -> Iterator[pb.MetricsRow]:
-        """StreamMetrics' messages: the backlog, then live rows until the run ends.
+    def stream(self, from_step: int, follow: bool, is_active: Callable[[], bool]) -> Iterator[StreamRow]:
+        """StreamMetrics' rows: the backlog, then live rows until the run ends.
 
         Raises ControlError(RESOURCE_EXHAUSTED) when the subscriber fell `max_rows` rows
         behind (see the module docstring). Subscribes at once (not on the first next())."""
@@ -407,13 +439,14 @@ class ControlHub:
         return self._iterate(backlog, sub, from_step, is_active)
 
     def _iterate(self, backlog: list[dict[str, Any]], sub: Subscriber | None, from_step: int,
-                 is_active: Callable[[], bool]) -> Iterator[pb.MetricsRow]:  # fmt: skip
+                 is_active: Callable[[], bool]) -> Iterator[StreamRow]:  # fmt: skip
         try:
             for row in backlog:
-                yield row_message(row)
+                yield StreamRow(row)
             if sub is None:
                 return
             sent = backlog[-1]["step"] if backlog else None
+            ready = self._rows_ready
             while is_active():
                 if sub.overflowed:
                     nxt = from_step if sent is None else sent + 1
@@ -422,17 +455,18 @@ class ControlHub:
                         f"this stream fell {sub.max_rows} steps behind the run and was closed (training never "
                         f"waits for a client); reconnect from step {nxt}",
                     )
-                try:
-                    msg = sub.queue.get(timeout=0.2)
-                except queue.Empty:
-                    if sub.closed:
-                        return
+                closed = sub.closed  # read before the queue: every row offered before the end is in it
+                if sub.rows:  # the rows that are ready go out back to back, without waiting in between
+                    item = sub.rows.popleft()
+                    if item.step >= from_step:
+                        sent = item.step
+                        yield item
                     continue
-                if msg is _END:
+                if closed:
                     return
-                if msg.step >= from_step:
-                    sent = msg.step
-                    yield msg
+                with ready:
+                    if not (sub.rows or sub.closed):
+                        ready.wait(0.2)  # woken by the next row or the end; the timeout checks is_active
         finally:
             if sub is not None:
                 self.close_stream(sub)

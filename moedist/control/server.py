@@ -45,6 +45,7 @@ MAX_WORKERS = 32  # server threads; each open metric stream holds one
 MAX_STREAMS = 16  # metric streams at once (the other threads stay free for the other calls)
 COMMAND_TIMEOUT_S = 3600.0  # longest a command waits for its step boundary (or the client's deadline)
 INT32_MAX = 2**31 - 1
+SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # moedist.v1.Control
 
 
 # ------------------------------------------------------------------ interceptor
@@ -137,12 +138,14 @@ class ControlService(pb_grpc.ControlServicer):
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
         return self.hub.status()
 
-    def StreamMetrics(self, request: pb.StreamMetricsRequest, context: grpc.ServicerContext) -> Iterator[pb.MetricsRow]:
+    def StreamMetrics(self, request: pb.StreamMetricsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialised MetricsRows (see _method_handlers): each row's bytes are made once for every stream."""
         total = self.hub.loop.cfg.train.steps
         if not 0 <= request.from_step < total:
             _invalid(context, f"from_step must be in 0 .. {total - 1} (the run's steps), got {request.from_step}")
         try:
-            yield from self.hub.stream(request.from_step, request.follow, context.is_active)
+            for row in self.hub.stream(request.from_step, request.follow, context.is_active):
+                yield row.wire()
         except ControlError as e:
             _abort(context, e)
 
@@ -171,6 +174,27 @@ class ControlService(pb_grpc.ControlServicer):
     def Stop(self, request: pb.StopRequest, context: grpc.ServicerContext) -> pb.StopResponse:
         step = self._run(Command("stop"), context)
         return pb.StopResponse(step=step, total_steps=self.hub.loop.cfg.train.steps)
+
+
+def _sent_as_is(wire: bytes) -> bytes:
+    """StreamMetrics' response serializer: its rows come serialised already."""
+    return wire
+
+
+def _method_handlers(service: ControlService) -> dict[str, grpc.RpcMethodHandler]:
+    """The handlers pb_grpc.add_ControlServicer_to_server would register (the same methods,
+    messages and wire format), except that StreamMetrics sends the bytes its method yields:
+    a row is serialised once for all the streams that send it, not once per stream."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Control"].methods:
+        request, response = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        behaviour = getattr(service, m.name)
+        if m.server_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(behaviour, request.FromString, _sent_as_is)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(behaviour, request.FromString,
+                                                                   response.SerializeToString)  # fmt: skip
+    return handlers
 
 
 # ----------------------------------------------------------------------- server
@@ -220,7 +244,9 @@ class ControlServer:
             ],
             maximum_concurrent_rpcs=MAX_WORKERS,  # beyond: RESOURCE_EXHAUSTED at once, never a queue
         )
-        pb_grpc.add_ControlServicer_to_server(ControlService(hub, command_timeout_s), self._server)
+        handlers = _method_handlers(ControlService(hub, command_timeout_s))
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self._server.add_registered_method_handlers(SERVICE, handlers)
 
     def start(self) -> str:
         """Listen and write RUN/control.json; returns host:port."""

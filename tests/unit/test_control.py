@@ -512,6 +512,63 @@ def test_a_slow_subscriber_is_disconnected_and_never_holds_up_training(tmp_path)
     job.finish()
 
 
+def test_each_row_is_serialised_once_for_every_stream_and_never_on_the_training_thread(job, monkeypatch):
+    """Three clients following at once get every row exactly once, in order and whole;
+    each row was converted once (by a stream thread) for all three."""
+    converted: list[tuple[int, bool]] = []  # (step, on the training thread)
+    real = hub_mod.row_message
+
+    def counting(row):
+        converted.append((row["step"], threading.current_thread() is job.thread))
+        return real(row)
+
+    monkeypatch.setattr(hub_mod, "row_message", counting)
+    streams = [job.client.stream(pb.StreamMetricsRequest(from_step=0, follow=True)) for _ in range(3)]
+    deadline = time.monotonic() + 20
+    while len(job.hub._subs) < 3:  # each call subscribes once the server runs it
+        assert time.monotonic() < deadline, "the streams did not subscribe"
+        time.sleep(0.01)
+    job.ex.release(6)
+    got = [[next(s) for _ in range(6)] for s in streams]
+    for msgs in got:
+        assert [m.step for m in msgs] == list(range(6))
+        for msg, row in zip(msgs, job.loop.rows, strict=True):
+            assert_row_equals(msg, row)
+    assert sorted(step for step, _ in converted) == list(range(6))  # once per row, not once per stream
+    assert not any(on_training for _, on_training in converted)
+    for s in streams:
+        s.cancel()
+
+
+def test_the_server_serves_the_generated_service_with_rows_sent_as_serialised():
+    """server._method_handlers registers what the generated add_ControlServicer_to_server
+    does (the same methods and messages), but StreamMetrics passes its bytes through."""
+    from moedist.control import server as server_mod
+    from moedist.control.v1 import control_pb2_grpc as pb_grpc
+
+    class Recorder:
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.service, self.handlers = service, handlers
+
+    generated = Recorder()
+    service = server_mod.ControlService(hub=None)
+    pb_grpc.add_ControlServicer_to_server(service, generated)
+    ours = server_mod._method_handlers(service)
+    assert generated.service == server_mod.SERVICE and ours.keys() == generated.handlers.keys()
+    for name, want in generated.handlers.items():
+        have = ours[name]
+        assert (have.request_streaming, have.response_streaming) == (want.request_streaming, want.response_streaming)
+        assert have.request_deserializer == want.request_deserializer
+        assert (have.unary_unary or have.unary_stream) == (want.unary_unary or want.unary_stream)
+        if name == "StreamMetrics":
+            assert have.response_serializer(b"\x08\x07") == b"\x08\x07"
+        else:
+            assert have.response_serializer == want.response_serializer
+
+
 def test_row_message_keeps_numbers_and_lists_and_drops_empty_cells():
     msg = row_message({"step": 7, "loss": 1.5, "skipped": True, "workers": 2, "val_loss": None,
                        "L2_load": [1, 2], "L2_fanout": None, "note": "x"})  # fmt: skip
