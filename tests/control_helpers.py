@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,14 +77,16 @@ def metric_rows(run: Path, *args: str) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def training_job(run: Path, *train_args: str, start_timeout: float = 180) -> Iterator[dict[str, Any]]:
-    """`moedist train --out RUN TRAIN_ARGS` in a new process (output to RUN/../train.log),
-    yielded once its control server is up ({"run", "proc", "log"}); killed on exit if it
-    still runs."""
+def training_job(run: Path, *train_args: str, start_timeout: float = 180,
+                 env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """`moedist train --out RUN TRAIN_ARGS` in a new process (output to RUN/../train.log;
+    `env`: variables added to this process's environment), yielded once its control server
+    is up ({"run", "proc", "log"}); killed on exit if it still runs."""
     log_path = run.parent / "train.log"
     with open(log_path, "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moedist.cli", "train", "--out", str(run), *train_args],
-                                stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=None if env is None else {**os.environ, **env})  # fmt: skip
         try:
             deadline = time.monotonic() + start_timeout
             while not (run / "control.json").exists():
