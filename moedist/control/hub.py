@@ -77,7 +77,8 @@ class StreamRow:
 
     def __init__(self, row: dict[str, Any]):
         self.step = int(row["step"])
-        self._row = dict(row)  # a snapshot: the loop adds the final evaluation's val_loss to its last row later
+        # a snapshot (the loop adds the final evaluation's val_loss to its last row later); dropped once sent
+        self._row: dict[str, Any] | None = dict(row)
         self._wire: bytes | None = None
         self._lock = threading.Lock()
 
@@ -87,10 +88,8 @@ class StreamRow:
             with self._lock:
                 if self._wire is None:  # not serialised by another stream meanwhile
                     self._wire = row_message(self._row).SerializeToString()
+                    self._row = None
         return self._wire
-
-    def message(self) -> pb.MetricsRow:
-        return pb.MetricsRow.FromString(self.wire())
 
 
 class Subscriber:
