@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import string
 
 import numpy as np
@@ -42,13 +44,20 @@ def random_text(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A 2-node Ray cluster for the module (raylets on 127.0.0.2 and 127.0.0.3, 2 CPUs
-    each), this process its driver."""
-    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2})
+@contextlib.contextmanager
+def ray_cluster(*more_nodes: str):
+    """A Ray cluster of a head on 127.0.0.2 and a node on each of `more_nodes`, 2 CPUs each,
+    free ports (no dashboard; its API server on a free port, not the fixed 8265), this
+    process its driver."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2,
+                                                             "include_dashboard": False,
+                                                             "dashboard_port": api_port})  # fmt: skip
     try:
-        cluster.add_node(node_ip_address="127.0.0.3", num_cpus=2)
+        for ip in more_nodes:
+            cluster.add_node(node_ip_address=ip, num_cpus=2)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
                  configure_logging=False)  # fmt: skip
@@ -56,3 +65,10 @@ def two_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A 2-node Ray cluster for the module (raylets on 127.0.0.2 and 127.0.0.3)."""
+    with ray_cluster("127.0.0.3") as cluster:
+        yield cluster

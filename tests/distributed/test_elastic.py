@@ -6,17 +6,16 @@ single-process run."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from moedist.runtime.coordinator import Coordinator, ScaleError
 from moedist.runtime.elastic import ElasticPolicy
 from moedist.training.loop import RunLoop, single_process_loop, write_config
 from moedist.training.trainer import load_dataset
+from tests.distributed.conftest import ray_cluster
 from tests.distributed.test_runtime import assert_no_leftovers
 from tests.distributed.test_scaling import STEPS, assert_rows_match, cfg_for
 
@@ -25,21 +24,9 @@ JOIN_AFTER = 3  # steps done when the second node joins
 
 @pytest.fixture
 def one_node():
-    """A 1-node Ray cluster (raylet on 127.0.0.2, 2 CPUs, free ports, no dashboard), this
-    process its driver; the test adds nodes to it."""
-    with socket.socket() as probe:  # the head's API server would otherwise try the fixed port 8265
-        probe.bind(("127.0.0.1", 0))
-        api_port = probe.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2,
-                                                             "include_dashboard": False,
-                                                             "dashboard_port": api_port})  # fmt: skip
-    try:
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
+    """A 1-node Ray cluster (raylet on 127.0.0.2); the test adds nodes to it."""
+    with ray_cluster() as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def wait_for_free_cpus(n: float, timeout_s: float = 30.0) -> None:
