@@ -151,7 +151,13 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
 
     started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker),
                       say=print)  # fmt: skip
-    coord = Coordinator(cfg, args.placement, args.cpus_per_worker, None, args.start_timeout, args.step_timeout)
+    replace_s = None
+    if args.elastic:
+        from moedist.runtime.elastic import REPLACE_TIMEOUT_S
+
+        replace_s = min(REPLACE_TIMEOUT_S, args.start_timeout)
+    coord = Coordinator(cfg, args.placement, args.cpus_per_worker, None, args.start_timeout, args.step_timeout,
+                        replace_timeout_s=replace_s)  # fmt: skip
     try:
         infos = coord.start()
         nodes = sorted({i["node"] for i in infos})

@@ -74,6 +74,7 @@ class Coordinator:
         start_timeout_s: float = 120.0,
         step_timeout_s: float = 1800.0,
         grace_s: float = 10.0,
+        replace_timeout_s: float | None = None,
     ):
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement strategy '{strategy}' is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
@@ -84,6 +85,9 @@ class Coordinator:
         self.start_timeout_s = start_timeout_s
         self.step_timeout_s = step_timeout_s
         self.grace_s = grace_s  # how long survivors of a lost worker get to finish failing their step
+        # How long a recovery waits for room for replacements (None: the start timeout). An
+        # elastic job waits briefly: it goes on with the survivors and grows when room comes.
+        self.replace_timeout_s = replace_timeout_s
         # Placement groups: the job's first one, then one per growth by live scaling (Ray
         # cannot resize a group). A bundle is (group index, bundle index).
         self.pgs: list[Any] = []
@@ -375,7 +379,7 @@ class Coordinator:
             # with room. An actor placed before Ray noticed the node's death dies at once: retry.
             held = {b for _, b in keep}
             free = [b for b in self._all_bundles() if b not in held]
-            keep += self._replace(free[: max(0, self.target - len(keep))])
+            keep += self._replace(free[: max(0, self.target - len(keep))], self.replace_timeout_s)
             counts = valid_worker_counts(self.cfg, len(keep))
             if not counts:
                 raise WorkerStartError(f"no worker could be started or kept after the failure ({err})")
@@ -398,12 +402,15 @@ class Coordinator:
             raise
         return {"probe_s": t1 - t0, "actor_start_s": t2 - t1, "group_s": t3 - t2, "workers_after": len(self.workers)}
 
-    def _replace(self, bundles: list[tuple[int, int]]) -> list[tuple[Any, tuple[int, int]]]:
+    def _replace(
+        self, bundles: list[tuple[int, int]], timeout_s: float | None = None
+    ) -> list[tuple[Any, tuple[int, int]]]:
         """Start a worker in each bundle, retrying actors that die while starting, until the
-        start timeout; bundles still without a live worker then are left out."""
+        timeout (default: the start timeout); bundles still without a live worker then are
+        left out."""
         import ray
 
-        deadline = time.monotonic() + self.start_timeout_s
+        deadline = time.monotonic() + (self.start_timeout_s if timeout_s is None else timeout_s)
         started: list[tuple[Any, int]] = []
         todo = list(bundles)
         while todo and time.monotonic() < deadline:

@@ -42,6 +42,10 @@ DEFAULT_CONFIRM = 2
 # Shortest and longest wait before trying a refused change again (it doubles in between).
 MIN_BACKOFF_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 120.0
+# How long the recovery of an elastic job waits for room for replacements (a job without
+# the policy waits the whole start timeout): it goes on with the survivors, and the policy
+# grows it again when room comes.
+REPLACE_TIMEOUT_S = 10.0
 
 
 def parse_range(text: str, flag: str = "--elastic") -> tuple[int, int]:

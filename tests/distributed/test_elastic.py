@@ -106,7 +106,8 @@ def test_after_a_lost_node_and_a_recovery_to_fewer_workers_a_new_node_grows_the_
 
     cfg = cfg_for(2, random_text)
     cfg.train.checkpoint_every = 2
-    coord = Coordinator(cfg, strategy="PACK", start_timeout_s=60, grace_s=2)
+    # an elastic job's recovery waits only briefly for room (moedist train --elastic: 10 s)
+    coord = Coordinator(cfg, strategy="PACK", start_timeout_s=60, grace_s=2, replace_timeout_s=5)
     said: list[str] = []
     try:
         coord.start()
@@ -121,11 +122,9 @@ def test_after_a_lost_node_and_a_recovery_to_fewer_workers_a_new_node_grows_the_
                 joined.append(one_node.add_node(node_ip_address="127.0.0.3", num_cpus=2))
                 wait_for_free_cpus(2)
             elif loop.step == 6 and len(joined) == 1 and len(coord.workers) == 4:
-                coord.start_timeout_s = 5  # the recovery's wait for room that will not come
                 one_node.remove_node(joined[0])
                 joined.append(None)
             elif loop.failures and len(joined) == 2:
-                coord.start_timeout_s = 60
                 joined.append(one_node.add_node(node_ip_address="127.0.0.3", num_cpus=2))
                 (lost_group,) = coord.idle_groups()
                 deadline = time.monotonic() + 30
