@@ -35,6 +35,8 @@ NOT_RUN = {
     "moedist train --resume runs/ep4 --workers 2 --steps 200": "needs runs/ep4 (Ray)",
     "cluster/local up --nodes 2 --cpus-per-node 2": "starts a 2-node Ray cluster; tests/distributed/test_multinode.py",
     "moedist train --address auto --workers 4 --placement SPREAD --steps 100 --out runs/two-nodes": "needs the cluster",
+    "cluster/local add-node": "needs the cluster; tests/distributed/test_cluster_local.py",
+    "cluster/local remove-node": "needs the cluster; tests/distributed/test_cluster_local.py",
     "cluster/local down": "stops the cluster `cluster/local up` started",
     "moedist train --steps 2000 --out runs/long": "2000 steps; tests/e2e/test_control_cli.py runs a job to control",
     "moedist ctl --run runs/long status": "needs a running job: tests/e2e/test_control_cli.py",
