@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -47,6 +48,12 @@ def assert_rows_match(ref: list[dict], rows: list[dict]) -> None:
                 assert a[k] == b[k], (a["step"], k)
 
 
+def live_pgs() -> int:
+    from ray.util.placement_group import placement_group_table
+
+    return sum(pg["state"] != "REMOVED" for pg in placement_group_table().values())
+
+
 def test_scaling_2_to_4_to_3_workers_keeps_every_loss(two_nodes, random_text):
     cfg1 = cfg_for(1, random_text)
     tr = Trainer(cfg1, load_dataset(cfg1))
@@ -55,8 +62,13 @@ def test_scaling_2_to_4_to_3_workers_keeps_every_loss(two_nodes, random_text):
     coord = Coordinator(cfg_for(2, random_text), strategy="SPREAD", start_timeout_s=120)
     try:
         coord.start()
-        rows = [coord.train_step() for _ in range(4)]
-        grow = coord.scale(workers=4)
+        rows = [coord.train_step() for _ in range(2)]
+        # the new workers start and warm up while the job trains on (what `ctl scale` does)
+        coord.prepare_scale(4)
+        assert not coord.scale_ready()  # actors take seconds to start and warm up
+        rows += [coord.train_step() for _ in range(2)]
+        assert live_pgs() == 2  # the job's group and the new workers'
+        grow = coord.scale(workers=4)  # waits for them if they are not warm yet
         assert {i["node"] for i in coord.members()} == {"127.0.0.2", "127.0.0.3"}
         # experts 0-3 | 4-7  ->  0,1 | 4,5 | 2,3 | 6,7: the new ranks take 2 experts each
         assert coord.placement.owner_E == [0, 0, 2, 2, 1, 1, 3, 3]
@@ -70,6 +82,7 @@ def test_scaling_2_to_4_to_3_workers_keeps_every_loss(two_nodes, random_text):
         coord.shutdown()
     # the fewest moves: contiguous blocks would move 6 (2 -> 4) and 5 (4 -> 3)
     assert (grow["workers_before"], grow["workers_after"], grow["experts_moved"]) == (2, 4, 4)
+    assert grow["warm_s"] > 0 and grow["prepared_s"] >= 0
     assert (shrink["workers_before"], shrink["workers_after"], shrink["experts_moved"]) == (4, 3, 2)
     assert same == {"workers_before": 3, "workers_after": 3, "experts_moved": 0}
     assert 0 < shrink["bytes_moved"] < grow["bytes_moved"]  # 2 experts vs 4 experts + 2 dense replicas
@@ -94,7 +107,24 @@ def test_a_count_that_cannot_be_placed_or_run_is_refused_and_the_job_goes_on(two
             coord.scale(workers=5)
         with pytest.raises(ScaleError, match="cannot run on 0 workers"):
             coord.scale(workers=0)
-        rows += [coord.train_step() for _ in range(2)]
+        assert live_pgs() == 1  # nothing of the refused growth is left
+        rows.append(coord.train_step())
+        # prepared ahead: the same refusal comes from scale_ready (never waiting) once the
+        # start timeout has passed; a cancelled preparation leaves nothing either
+        coord.start_timeout_s = 2
+        coord.prepare_scale(6)
+        with pytest.raises(ScaleError, match=r"could not place 4 more workers.*goes on with 2 workers"):
+            deadline = time.monotonic() + 60
+            while not coord.scale_ready() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert coord.scale_ready() and live_pgs() == 1
+        coord.start_timeout_s = 120
+        coord.prepare_scale(4)
+        rows.append(coord.train_step())
+        coord.cancel_scale()
+        assert coord.scale_ready() and live_pgs() == 1
+        with pytest.raises(ScaleError, match="cannot run on 5 workers"):  # checked at once, nothing started
+            coord.prepare_scale(5)
         assert len(coord.members()) == 2
     finally:
         coord.shutdown()
