@@ -325,19 +325,6 @@ def test_address_auto_refuses_another_users_ray_record(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- down
-def test_down_stops_every_process_up_started(cl):
-    """Last test of the module: `down` ends every process of both nodes (dashboard, GCS,
-    raylets, workers) and forgets the cluster."""
-    procs = cl.processes()
-    assert len(procs) > 10, procs  # the two `ray start` and their Ray processes
-    res = local("down", "--state-dir", str(cl.state_dir), env=cl.env)
-    assert res.returncode == 0, res.stderr
-    left = [p for p, s in procs.items() if alive(p, s)]
-    assert left == [], [localstate.proc_cmdline(p) for p in left]
-    assert not (cl.state_dir / "cluster.json").exists()
-    assert local("status", "--state-dir", str(cl.state_dir), env=cl.env).stdout.strip() == "no cluster recorded"
-
-
 # --------------------------------------------------------- add-node and remove-node
 def alive_nodes(address: str, expect: set[str], env: dict[str, str]) -> dict[str, float]:
     """ip -> CPUs of the nodes Ray counts alive, from a driver of its own that waits up to
@@ -363,59 +350,65 @@ def one_line_error(res: subprocess.CompletedProcess, text: str) -> None:
     assert res.stderr.count("\n") == 1 and text in res.stderr and res.stdout == "", res.stderr
 
 
-def test_add_node_and_remove_node(tmp_path):
-    """On `up --nodes 1`: add-node starts 127.0.0.3 and then 127.0.0.4 (Ray counts them alive
-    with the CPUs asked for, `status` lists them); remove-node stops exactly the newest one's
-    processes (Ray counts 2 nodes again); bad input is one line, exit 2; `down` stops the
-    head and the added node that is left."""
-    port = next((p for p in (6415, 6417) if port_free(p)), None)
-    dash = next((p for p in (8281, 8283) if port_free(p)), None)
-    if port is None or dash is None:
-        pytest.fail("ports 6415/6417 or 8281/8283 are taken: another cluster of this engineer is running")
-    c = Cluster(tmp_path, port, dash)
-    sd = ("--state-dir", str(c.state_dir))
-    res = local("up", "--nodes", "1", "--cpus-per-node", "1", "--port", str(port), "--dashboard-port", str(dash),
-                *sd, env=c.env)  # fmt: skip
+def test_add_node_and_remove_node(cl):
+    """On the module's 2-node cluster: add-node starts 127.0.0.4 and then 127.0.0.5 (Ray
+    counts them alive with the CPUs asked for, `status` lists them); remove-node stops
+    exactly the newest one's processes; bad input is one line, exit 2. The added node left
+    is the next test's: `down` must stop it too."""
+    sd = ("--state-dir", str(cl.state_dir))
+    res = local("add-node", *sd, env=cl.env)  # as many CPUs as up's nodes
     assert res.returncode == 0, res.stderr
-    nodes: list[dict] = []
+    assert res.stdout == f"node 127.0.0.4 added to the Ray cluster at {cl.address}: 2 CPUs, pid " \
+                         f"{localstate.read_state(cl.state_dir)['nodes'][2]['pid']} (3 nodes)\n"  # fmt: skip
+    res = local("add-node", "--cpus-per-node", "1", *sd, env=cl.env)
+    assert res.returncode == 0 and res.stdout.startswith("node 127.0.0.5 added"), res.stderr
+    nodes = localstate.read_state(cl.state_dir)["nodes"]
     try:
-        res = local("add-node", *sd, env=c.env)  # as many CPUs as up's nodes
-        assert res.returncode == 0, res.stderr
-        assert res.stdout == f"node 127.0.0.3 added to the Ray cluster at {c.address}: 1 CPU, pid " \
-                             f"{localstate.read_state(c.state_dir)['nodes'][1]['pid']} (2 nodes)\n"  # fmt: skip
-        res = local("add-node", "--cpus-per-node", "2", *sd, env=c.env)
-        assert res.returncode == 0 and res.stdout.startswith("node 127.0.0.4 added"), res.stderr
-        nodes = localstate.read_state(c.state_dir)["nodes"]
-        head, third, fourth = nodes
-        assert [head["ip"], third["ip"], fourth["ip"]] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        assert alive_nodes(c.address, {"127.0.0.2", "127.0.0.3", "127.0.0.4"}, c.env) == \
-            {"127.0.0.2": 1.0, "127.0.0.3": 1.0, "127.0.0.4": 2.0}  # fmt: skip
-        res = local("status", *sd, env=c.env)
-        assert res.stdout.count("running") == 3 and f"127.0.0.4: pid {fourth['pid']} running" in res.stdout
+        assert [n["ip"] for n in nodes] == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        ips = {"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"}
+        assert alive_nodes(cl.address, ips, cl.env) == \
+            {"127.0.0.2": 2.0, "127.0.0.3": 2.0, "127.0.0.4": 2.0, "127.0.0.5": 1.0}  # fmt: skip
+        res = local("status", *sd, env=cl.env)
+        assert res.stdout.count("running") == 4 and f"127.0.0.5: pid {nodes[3]['pid']} running" in res.stdout
         # Bad input while the cluster runs: nothing changes.
-        one_line_error(local("remove-node", "127.0.0.2", *sd, env=c.env), "127.0.0.2 is the head node")
-        one_line_error(local("remove-node", "127.0.0.9", *sd, env=c.env), "no recorded node at 127.0.0.9")
-        one_line_error(local("add-node", "--cpus-per-node", "0", *sd, env=c.env), "--cpus-per-node must be at least 1")
-        gone = localstate.node_processes(fourth)
-        kept = {**localstate.node_processes(head), **localstate.node_processes(third)}
-        assert len(gone) > 2 and len(kept) > 4, (gone, kept)  # `ray start`, raylet, agents, ...
-        res = local("remove-node", *sd, env=c.env)  # the newest: 127.0.0.4
-        assert res.returncode == 0 and res.stdout == f"node 127.0.0.4 removed from the Ray cluster at {c.address} " \
-                                                     "(2 nodes left)\n", res  # fmt: skip
+        one_line_error(local("remove-node", "127.0.0.2", *sd, env=cl.env), "127.0.0.2 is the head node")
+        one_line_error(local("remove-node", "127.0.0.9", *sd, env=cl.env), "no recorded node at 127.0.0.9")
+        one_line_error(local("add-node", "--cpus-per-node", "0", *sd, env=cl.env),
+                       "--cpus-per-node must be at least 1")  # fmt: skip
+        gone = localstate.node_processes(nodes[3])
+        kept = {k: v for n in nodes[:3] for k, v in localstate.node_processes(n).items()}
+        assert len(gone) > 2 and len(kept) > 6, (gone, kept)  # `ray start`, raylet, agents, ...
+        res = local("remove-node", *sd, env=cl.env)  # the newest: 127.0.0.5
+        assert res.returncode == 0 and res.stdout == f"node 127.0.0.5 removed from the Ray cluster at " \
+                                                     f"{cl.address} (3 nodes left)\n", res  # fmt: skip
         assert wait_gone(list(gone), 0) == [], "remove-node returned before the node's processes were gone"
         assert all(alive(p, s) for p, s in kept.items()), "remove-node stopped processes of another node"
-        assert [n["ip"] for n in localstate.read_state(c.state_dir)["nodes"]] == ["127.0.0.2", "127.0.0.3"]
-        assert alive_nodes(c.address, {"127.0.0.2", "127.0.0.3"}, c.env) == {"127.0.0.2": 1.0, "127.0.0.3": 1.0}
-        assert local("status", *sd, env=c.env).stdout.count("running") == 2
-        procs = c.processes()
-    finally:
-        res = local("down", *sd, env=c.env)
-        for node in nodes:  # a node a faulty remove-node dropped from the record: not left running
-            for pid, start in localstate.node_processes(node).items():
-                localstate.signal_if_same(pid, start, signal.SIGKILL)
-    assert res.returncode == 0 and "(2 nodes)" in res.stdout, res
+        assert [n["ip"] for n in localstate.read_state(cl.state_dir)["nodes"]] == ips_sorted(ips - {"127.0.0.5"})
+        assert alive_nodes(cl.address, ips - {"127.0.0.5"}, cl.env) == \
+            {"127.0.0.2": 2.0, "127.0.0.3": 2.0, "127.0.0.4": 2.0}  # fmt: skip
+    finally:  # a node a faulty remove-node dropped from the record: not left running
+        recorded = {n["ip"] for n in localstate.read_state(cl.state_dir)["nodes"]}
+        for node in nodes:
+            if node["ip"] not in recorded:
+                for pid, start in localstate.node_processes(node).items():
+                    localstate.signal_if_same(pid, start, signal.SIGKILL)
+
+
+def ips_sorted(ips: set[str]) -> list[str]:
+    return sorted(ips, key=lambda ip: int(ip.rsplit(".", 1)[1]))
+
+
+def test_down_stops_every_process_up_started(cl):
+    """Last test of the module: `down` ends every process of both nodes (dashboard, GCS,
+    raylets, workers) and forgets the cluster."""
+    procs = cl.processes()
+    assert len(procs) > 10, procs  # the two `ray start` and their Ray processes
+    res = local("down", "--state-dir", str(cl.state_dir), env=cl.env)
+    assert res.returncode == 0, res.stderr
     left = [p for p, s in procs.items() if alive(p, s)]
     assert left == [], [localstate.proc_cmdline(p) for p in left]
+    assert not (cl.state_dir / "cluster.json").exists()
+    assert local("status", "--state-dir", str(cl.state_dir), env=cl.env).stdout.strip() == "no cluster recorded"
 
 
 def test_add_node_and_remove_node_need_a_cluster(tmp_path):
