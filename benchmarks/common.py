@@ -94,3 +94,12 @@ def cluster_local(state: Path, *args: str) -> None:
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     if res.returncode != 0:
         raise SystemExit(f"cluster/local {args[0]} failed: {res.stderr.strip()}")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cluster_local, moedist, target, write_results
+from common import RESULTS, cluster_local, moedist, save_figure, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT, DASHBOARD = 6461, 8461
@@ -362,9 +362,7 @@ def plot(results: list[dict], curve: dict, path: Path) -> None:
     h1, l1 = bx.get_legend_handles_labels()
     h2, l2 = cx.get_legend_handles_labels()
     bx.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

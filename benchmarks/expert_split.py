@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, target, write_results
+from common import RESULTS, save_figure, target, write_results
 
 from moedist.config import build_config
 from moedist.data.dataset import val_batches
@@ -155,9 +155,7 @@ def plot(runs: dict, split_at: int, jumps: list[dict], out: Path) -> None:
         a.set_xlabel("step")
         a.legend()
     fig.suptitle(f"ET: 8 -> 16 experts at step {split_at} (split the most loaded, noise 0.01) vs unsplit")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, median, target, write_results
+from common import interleaved_medians, median, save_figure, target, write_results
 
 from moedist.config import RouterConfig
 from moedist.model.moe import MoEBlock, masked_loop_reference
@@ -177,9 +177,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("time ratio (lower is better)")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

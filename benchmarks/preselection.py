@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, median, target, write_results
+from common import interleaved_medians, median, save_figure, target, write_results
 
 from moedist.analysis.signatures import compute_signatures, load_prompts, restrict_experts, task_expert_mask
 from moedist.config import build_config
@@ -137,9 +137,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("task-aware expert pre-selection (mean over 4 tasks)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cluster_local, moedist, target, write_results
+from common import cluster_local, moedist, save_figure, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT, DASHBOARD = 6441, 8441
@@ -148,9 +148,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("seconds from the loss to the first step done")
     ax.set_title("Recovery from a lost worker: live vs restart from the checkpoint (2 nodes, 2 workers)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

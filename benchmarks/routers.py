@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, median, write_results
+from common import interleaved_medians, median, save_figure, write_results
 
 from moedist.config import RouterConfig
 from moedist.model.moe import MoEBlock
@@ -74,9 +74,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("MoE block fwd+bwd time / TC's")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

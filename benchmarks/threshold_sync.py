@@ -34,7 +34,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, target, write_results
+from common import median, save_figure, target, write_results
 
 LOOPBACK = "127.0.0.1"
 def free_port() -> int:
@@ -170,9 +170,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xticks(sorted({r["workers"] for r in results}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

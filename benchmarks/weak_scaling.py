@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import target, write_results
+from common import save_figure, target, write_results
 
 from moedist.config import build_config
 from moedist.runtime.coordinator import Coordinator
@@ -83,9 +83,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel("workers (2 nodes, 2 cores in all)")
         ax.set_ylabel("ms per step (slowest worker)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

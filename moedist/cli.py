@@ -151,21 +151,19 @@ def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: arg
 
     started = connect(args.address, args.node_address, num_cpus=math.ceil(cfg.workers * args.cpus_per_worker),
                       say=print)  # fmt: skip
-    replace_s = None
+    policy, replace_s = None, None
     if args.elastic:
-        from moedist.runtime.elastic import REPLACE_TIMEOUT_S
+        from moedist.runtime.elastic import REPLACE_TIMEOUT_S, ElasticPolicy, parse_range
 
-        replace_s = min(REPLACE_TIMEOUT_S, args.start_timeout)
+        policy, replace_s = ElasticPolicy(*parse_range(args.elastic)), min(REPLACE_TIMEOUT_S, args.start_timeout)
     coord = Coordinator(cfg, args.placement, args.cpus_per_worker, None, args.start_timeout, args.step_timeout,
                         replace_timeout_s=replace_s)  # fmt: skip
     try:
         infos = coord.start()
         nodes = sorted({i["node"] for i in infos})
         loop = RunLoop(cfg, out, coord, tokenizer_spec, max_failures=args.max_failures)
-        if args.elastic:
-            from moedist.runtime.elastic import ElasticPolicy, parse_range
-
-            loop.on_boundary.append(ElasticPolicy(*parse_range(args.elastic)))
+        if policy is not None:
+            loop.on_boundary.append(policy)
         if resume:
             loop.restore()
         else:

@@ -199,13 +199,13 @@ class ControlHub:
                 self._pending.remove(c)
                 c.taken = True
             self._execute(c)
+        stopping = loop.stopped_at is not None or loop.step >= loop.cfg.train.steps
         with self._lock:
-            if loop.stopped_at is not None or loop.step >= loop.cfg.train.steps:
+            late: list[Command] = []
+            if stopping:
                 self._state = pb.RUN_STATE_STOPPING  # no step boundary is left for new commands
                 late, self._pending = self._pending, []
-            else:
-                late = []
-        if late or self._state == pb.RUN_STATE_STOPPING:
+        if stopping:
             self._drop_staged()
         for c in late:
             self._fail(c, ControlError("FAILED_PRECONDITION", self._not_running()))

@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+def _per_expert(v: Any) -> bool:
+    """An optimiser-state entry of an expert parameter that has a row per expert (Adam's
+    moments), not a scalar such as its step count (which is the same on every rank)."""
+    return isinstance(v, Tensor) and v.dim() > 0
+
+
 def expert_keys(model: nn.Module) -> list[str]:
     """state_dict keys of the routed experts' parameters (the sharded ones)."""
     keys = []
@@ -111,7 +117,7 @@ def merge_optim_shards(
             continue
         merged = dict(state[i])
         for name, v in state[i].items():
-            if isinstance(v, Tensor) and v.dim() > 0:
+            if _per_expert(v):
                 merged[name] = _merge_rows([s["state"][i][name] for s in shards], placement, f"optimiser {i}.{name}")
         state[i] = merged
     full["state"] = state
@@ -126,7 +132,7 @@ def optim_shard(full: dict[str, Any], placement: ExpertPlacement, rank: int, slo
         if i not in state:
             continue
         state[i] = {
-            name: _rows(v, placement, rank, f"optimiser {i}.{name}") if isinstance(v, Tensor) and v.dim() > 0 else v
+            name: _rows(v, placement, rank, f"optimiser {i}.{name}") if _per_expert(v) else v
             for name, v in state[i].items()
         }
     out["state"] = state
@@ -173,7 +179,7 @@ def rows_by_new_owner(
         for i in slots:
             if i in optim_state["state"]:  # slots never stepped have no state to move
                 part.optim[i] = {n: v.index_select(0, idx).clone()
-                                 for n, v in optim_state["state"][i].items() if isinstance(v, Tensor) and v.dim() > 0}
+                                 for n, v in optim_state["state"][i].items() if _per_expert(v)}
         out[dest] = part
     return out
 
@@ -188,7 +194,7 @@ def dense_state(
     state = dict(optim_state["state"])
     for i in slots:
         if i in state:
-            state[i] = {n: v for n, v in state[i].items() if not (isinstance(v, Tensor) and v.dim() > 0)}
+            state[i] = {n: v for n, v in state[i].items() if not _per_expert(v)}
     optim["state"] = state
     return model, optim
 
@@ -200,7 +206,7 @@ def expert_part(
     0 send for a checkpoint, since merge_model_shards / merge_optim_shards take everything
     else from rank 0's shard."""
     model = {k: model_state[k] for k in keys}
-    state = {i: {n: v for n, v in optim_state["state"][i].items() if isinstance(v, Tensor) and v.dim() > 0}
+    state = {i: {n: v for n, v in optim_state["state"][i].items() if _per_expert(v)}
              for i in slots if i in optim_state["state"]}  # fmt: skip
     return model, {"state": state}
 

@@ -120,7 +120,7 @@ class Coordinator:
         W = self.cfg.workers
         if self.gpus is None:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= W else 0.0
-        bundle = self._bundle()
+        bundle = self.worker_bundle()
         self.pgs = [placement_group([dict(bundle) for _ in range(W)], strategy=self.strategy)]
         try:
             ray.get(self.pgs[0].ready(), timeout=self.start_timeout_s)
@@ -137,7 +137,8 @@ class Coordinator:
         self.workers = [self._spawn(b, f"rank{rank}-of{W}") for rank, b in enumerate(order)]
         return self._form_group()
 
-    def _bundle(self) -> dict[str, float]:
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources of one worker's placement-group bundle."""
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
     def _bundles_by_node(self, bundles) -> list[tuple[int, int]]:
@@ -514,16 +515,16 @@ class Coordinator:
         N = int(workers)
         self._check_count(N)
         g = self._growth
-        if g is not None and g.workers == N and g.from_workers == len(self.workers):
+        if g is not None and not g.error and g.workers == N and g.from_workers == len(self.workers):
             return
-        self.cancel_scale()  # a request for another count replaces it
+        self.cancel_scale()  # a request for another count (or after a cancelled one) replaces it
         if len(self.workers) >= N:
             return
         self.release_idle_groups()  # their resources serve the new workers instead
-        pg = placement_group([self._bundle() for _ in range(N - len(self.workers))], strategy=self.strategy)
+        pg = placement_group([self.worker_bundle() for _ in range(N - len(self.workers))], strategy=self.strategy)
         self.pgs.append(pg)
-        self._growth = _Growth(N, len(self.workers), len(self.pgs) - 1, pg.ready(),
-                               time.monotonic() + self.start_timeout_s)  # fmt: skip
+        now = time.monotonic()
+        self._growth = _Growth(N, len(self.workers), len(self.pgs) - 1, pg.ready(), now, now + self.start_timeout_s)
 
     def scale_ready(self) -> bool:
         """True when no scale-up is in preparation or its new workers are up and warm (never
@@ -544,7 +545,7 @@ class Coordinator:
                     self.cancel_scale()
                     raise ScaleError(
                         f"could not place {g.workers - g.from_workers} more workers x "
-                        f"{{{_resources_text(self._bundle())}}} within {self.start_timeout_s:g} s "
+                        f"{{{_resources_text(self.worker_bundle())}}} within {self.start_timeout_s:g} s "
                         f"({_resources_text(ray.available_resources())} free); the job goes on with "
                         f"{len(self.workers)} workers"
                     )
@@ -594,14 +595,9 @@ class Coordinator:
             self._growth = None
 
     def _scale_workers(self, N: int) -> dict[str, Any]:
-        from ray.util.placement_group import remove_placement_group
-
         from moedist.parallel.placement import ExpertPlacement
 
         W = len(self.workers)
-        g = self._growth
-        if g is not None and g.error:  # a cancelled preparation is replaced by this request
-            self._growth = None
         if N == W:
             self.cancel_scale()
             return {"workers_before": W, "workers_after": W, "experts_moved": 0}
@@ -617,8 +613,7 @@ class Coordinator:
                 time.sleep(0.02)
             g, self._growth = self._growth, None
             fresh = [(w, (g.group, b)) for b, w in enumerate(g.fresh)]
-            prepared = {"prepared_s": (g.started_s or 0.0) - (g.deadline - self.start_timeout_s),
-                        "warm_s": max(g.warm_s)}  # fmt: skip
+            prepared = {"prepared_s": g.started_s - g.created, "warm_s": max(g.warm_s)}
         else:
             self.cancel_scale()
         t1 = time.perf_counter()
@@ -648,20 +643,11 @@ class Coordinator:
         t3 = time.perf_counter()
         for w in leaving:
             _stop(w)
-        held = {g for g, _ in self.bundles}
-        for i, pg in enumerate(self.pgs):  # a group none of whose bundles is used any more
-            if pg is not None and i not in held:
-                with contextlib.suppress(Exception):
-                    remove_placement_group(pg)
-                self.pgs[i] = None
+        self.release_idle_groups()  # a group none of whose bundles is used any more
         self.target = N
         return {"workers_before": W, "workers_after": N, "experts_moved": moved, "bytes_moved": nbytes,
                 "actor_start_s": t1 - t0, **prepared,
                 "group_s": t2 - t1, "move_s": t3 - t2, "total_s": time.perf_counter() - t0}  # fmt: skip
-
-    def worker_bundle(self) -> dict[str, float]:
-        """The resources of one worker's placement-group bundle."""
-        return self._bundle()
 
     def idle_groups(self) -> list[int]:
         """Indices of the placement groups none of whose bundles holds a worker: left by a
@@ -711,8 +697,9 @@ class _Growth:
     from_workers: int  # the count it was sized for
     group: int  # index of its placement group in Coordinator.pgs
     pg_ready: Any  # ObjectRef of the group's ready()
+    created: float  # time.monotonic() when it was asked for
     deadline: float  # time.monotonic() by which it must be ready
-    started_s: float | None = None  # when the group was placed and the actors started
+    started_s: float = 0.0  # time.monotonic() when the group was placed and the actors started
     fresh: list[Any] | None = None
     warm_refs: list[Any] | None = None
     warm_s: list[float | None] = field(default_factory=list)

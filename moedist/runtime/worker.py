@@ -167,17 +167,23 @@ class Worker:
         """Take this rank's share of a whole-model (checkpoint) state and continue at `step`:
         `dense` is its dense part ({"model", "optim"}, moedist.parallel.shards.dense_state),
         `rows` this rank's expert rows (an ExpertRows; None for a model without experts)."""
+        self._install(dense["model"], dense["optim"], [rows], extra["torch_rng"], extra.get("skipped_steps", 0), step)
+
+    def _install(self, dense_model: dict[str, Any], dense_optim: dict[str, Any], parts: list[Any],
+                 torch_rng: list[int], skipped: int, step: int) -> None:  # fmt: skip
+        """Load this rank's shard, built from a dense part and expert rows (`parts`, the
+        rows of the experts it owns), and continue at `step` with the run's RNG state."""
         from moedist.parallel.shards import assemble_shard, expert_keys, expert_slots
 
         tr, d = self.trainer, self.trainer.dist
         keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
-        model, optim = dense["model"], dense["optim"]
-        if keys:
-            model, optim = assemble_shard(model, optim, [rows], keys, slots, d.placement, d.rank)
+        model, optim = dense_model, dense_optim
+        if keys:  # a dense model has no expert rows
+            model, optim = assemble_shard(model, optim, parts, keys, slots, d.placement, d.rank)
         tr.model.load_state_dict(model)
         tr.opt.load_state_dict(optim)
-        torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
-        tr.skipped = int(extra.get("skipped_steps", 0))
+        torch.set_rng_state(torch.tensor(torch_rng, dtype=torch.uint8))
+        tr.skipped = int(skipped)
         tr.step = int(step)
 
     # ------------------------------------------------------- live rescaling
@@ -213,22 +219,11 @@ class Worker:
         (References come in lists: Ray would resolve a bare one before the call.)"""
         import ray
 
-        from moedist.parallel.shards import assemble_shard, expert_keys, expert_slots
-
-        tr, d = self.trainer, self.trainer.dist
         stash, self._stash = self._stash, None
         dense = ray.get(dense_refs[0]) if dense_refs else stash["dense"]
         moved = ray.get(list(part_refs))
         parts = moved + ([stash["kept"]] if stash and stash["kept"] is not None else [])
-        keys, slots = expert_keys(tr.model), expert_slots(tr.model, tr.opt)
-        model, optim = dense["model"], dense["optim"]
-        if keys:
-            model, optim = assemble_shard(model, optim, parts, keys, slots, d.placement, d.rank)
-        tr.model.load_state_dict(model)
-        tr.opt.load_state_dict(optim)
-        torch.set_rng_state(torch.tensor(dense["torch_rng"], dtype=torch.uint8))
-        tr.skipped = int(dense["skipped"])
-        tr.step = int(dense["step"])
+        self._install(dense["model"], dense["optim"], parts, dense["torch_rng"], dense["skipped"], dense["step"])
         nbytes = sum(t.nbytes for p in moved for t in _tensors(p.model, p.optim))
         if dense_refs:
             nbytes += sum(t.nbytes for t in _tensors(dense["model"], dense["optim"]))
