@@ -132,9 +132,49 @@ class TrainConfig:
     threads: int = _rng(0, 0)
     """torch intra-op threads; 0 = torch's default."""
     progress: bool = True
+    keep_heap: bool = False
+    """Keep big buffers mapped across steps (glibc mallopt, once per process) instead of
+    mapping and faulting them in afresh every step."""
     nonfinite: str = _choice("stop", "skip", default="stop")
     """A step whose loss or gradient norm is NaN/Inf: stop with an error naming the step and
     layer (the last checkpoint stays intact), or skip its update and count it."""
+
+
+@dataclass
+class CommConfig:
+    """How tokens and statistics move between workers (each switch keeps results equal to
+    the plain path; docs/profiling.md measures each on and off)."""
+
+    fuse: bool = True
+    """Fewer, larger collectives: ET's step-end select for all MoE layers in one all-reduce
+    per round, and per-step counts merged into shared exchanges."""
+    dedup: bool = False
+    """Send a token routed to several experts of one worker once, with its (expert, gate) list."""
+    wire_dtype: str = _choice("auto", "float32", "bfloat16", default="auto")
+    """Dtype of token rows on the wire; auto = the compute dtype (bfloat16 under autocast)."""
+    shm: bool = False
+    """Exchange rows through shared memory between workers on the same node."""
+    hierarchical: bool = False
+    """Gather within a node, one exchange between nodes, scatter within the node."""
+    overlap_chunks: int = _rng(1, 1)
+    """Split each exchange into this many chunks pipelined with expert compute; 1 = off."""
+    overlap_grad_sync: bool = False
+    """All-reduce dense gradients in buckets during the backward pass."""
+
+
+@dataclass
+class ProfileConfig:
+    """What a run records about where its time goes (docs/profiling.md)."""
+
+    spans: bool = True
+    """Per-step spans on every worker (metrics columns, trace.json, plots/comm_vs_compute.png)."""
+    trace_steps: str = "auto"
+    """Steps written to trace.json: "A-B" (inclusive), "auto" (a few steps after the first),
+    or "" for none."""
+    torch_profile: str = ""
+    """Steps "A-B" captured with torch.profiler on every worker into RUN/torch_profile/."""
+    log: str = ""
+    """Extra metric sinks: "tensorboard", "wandb" or both ("tensorboard,wandb")."""
 
 
 @dataclass
@@ -153,6 +193,8 @@ class RunConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     workers: int = _rng(1, 1)
     preset: str = "tiny"
 
