@@ -112,9 +112,19 @@ class MoETransformer(nn.Module):
         return [m.router for m in self.moe_blocks()]
 
     def routing_step_end(self) -> None:
-        """Once per optimiser step: update router state (ET thresholds, LF biases)."""
+        """Once per optimiser step: update router state (ET thresholds, LF biases). The
+        routers of one class update together, so they can share one statistics exchange."""
+        by_class: dict[type[Router], list[Router]] = {}
         for r in self.routers():
-            r.step_end()
+            by_class.setdefault(type(r), []).append(r)
+        for cls, routers in by_class.items():
+            cls.step_end_all(routers)
+
+    def _new_pool(self) -> None:
+        """Tell each distinct routing pool that a forward pass (new tokens) begins."""
+        pools = {id(r.pool): r.pool for r in self.routers()}
+        for pool in pools.values():
+            pool.new_pool()
 
     def param_counts(self) -> dict[str, int]:
         """Total parameters, and those active for one token at the target fanout."""
@@ -132,6 +142,7 @@ class MoETransformer(nn.Module):
         cache: KVCache | None = None,
     ) -> ModelOutput:
         """Logits for every position; loss if targets are given (ignore_index = -1)."""
+        self._new_pool()
         x_BSD = self.embed(idx_BS)
         plans: list[RoutingPlan] = []
         for i, block in enumerate(self.blocks):

@@ -37,17 +37,19 @@ def enable_expert_parallel(
     rank: int,
     group: dist.ProcessGroup | None = None,
     nodes: list[str] | None = None,
+    fuse: bool = False,
 ) -> CommClock:
     """Make `model` this rank's part of an expert-parallel model; returns its CommClock.
 
     `group` (None: the default group) need not be initialised yet, but must be by the first
-    forward pass; `nodes` gives every rank's node address (None: all ranks on one node).
+    forward pass; `nodes` gives every rank's node address (None: all ranks on one node);
+    `fuse` makes the pool statistics use fewer, larger collectives (DistributedPoolOps).
     """
     if nodes is not None and len(nodes) != placement.world_size:
         raise ValueError(f"nodes names {len(nodes)} ranks, the placement has {placement.world_size}")
     clock = CommClock()
     shard_model_experts(model, placement, rank, group, clock)
-    pool = DistributedPoolOps(group, clock)
+    pool = DistributedPoolOps(group, clock, fuse=fuse)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device
     for module in model.modules():

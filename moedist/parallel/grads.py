@@ -27,6 +27,8 @@ from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
     "all_reduce_sum",
+    "all_reduce_sum_counts",
+    "grad_presence",
     "expert_parameters",
     "gather_objects",
     "replicated_parameters",
@@ -98,9 +100,18 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in sharded]
 
 
+def grad_presence(model: nn.Module) -> Tensor:
+    """int32 [P], one per replicated parameter (model order): 1 if it has a gradient here.
+    Summed over the ranks it tells `sync_gradients` which gradients to all-reduce."""
+    return torch.tensor([p.grad is not None for p in replicated_parameters(model)], dtype=torch.int32)
+
+
 @torch.no_grad()
 def sync_gradients(
-    model: nn.Module, group: dist.ProcessGroup | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    has_P: Tensor | None = None,
 ) -> None:
     """Make every gradient the gradient of the global loss (the mean of the ranks' losses).
 
@@ -121,6 +132,8 @@ def sync_gradients(
     batch split evenly), which is what makes the mean of the ranks' losses the global mean.
     A replicated parameter without a gradient on some ranks gets a zero gradient there (it
     was used on other ranks); one without a gradient anywhere keeps ``grad = None``.
+    ``has_P``: `grad_presence` already summed over the ranks (a caller that sums it with
+    other counts in one all-reduce); None: summed here (one more all-reduce).
     """
     W = dist.get_world_size(group)
     rep = replicated_parameters(model)
@@ -129,8 +142,10 @@ def sync_gradients(
             raise ValueError("sync_gradients does not handle sparse gradients")
     # Which parameters have a gradient somewhere: decided together, so every rank builds
     # the same buckets (a rank-dependent layout would mismatch or deadlock the all-reduce).
-    has_P = torch.tensor([p.grad is not None for p in rep], dtype=torch.int32)
-    has_P = all_reduce_sum(has_P, group)
+    if has_P is None:
+        has_P = all_reduce_sum(grad_presence(model), group)
+    elif has_P.shape != (len(rep),):
+        raise ValueError(f"has_P has shape {tuple(has_P.shape)}, the model has {len(rep)} replicated parameters")
     grads: list[Tensor] = []
     for p, n in zip(rep, has_P.tolist(), strict=True):
         if n == 0:
@@ -184,6 +199,20 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
     buf = x if inplace else x.detach().clone()
     dist.all_reduce(buf, group=group)
     return buf
+
+
+def all_reduce_sum_counts(xs: list[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """Each integer tensor of `xs` summed over the ranks, all in ONE all-reduce (int64 on
+    the wire; integer sums are exact in any order, so this equals one all-reduce each).
+    Returns new tensors with the inputs' shapes, dtypes and devices."""
+    for x in xs:
+        if x.dtype.is_floating_point or x.dtype.is_complex:
+            raise TypeError(f"all_reduce_sum_counts sums integer counts, got {x.dtype}")
+    if not xs:
+        return []
+    flat = all_reduce_sum(torch.cat([x.detach().reshape(-1).to(torch.int64).cpu() for x in xs]), group, inplace=True)
+    parts = flat.split([x.numel() for x in xs])
+    return [p.view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
 
 
 def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:

@@ -201,22 +201,59 @@ class DistributedPoolOps(PoolOps):
     Every method is a collective: all ranks of the group must call it, in the same order.
     ``clock``, when set, accumulates the seconds of every call under "pool" (the radix
     select's local histogram counting included: it is the price of the exchange).
+
+    ``fuse`` (``[comm] fuse``) makes fewer, larger collectives with the same results:
+    `kth_largest_many` selects every matrix's columns in one radix select (4 all-reduces,
+    not 4 per matrix), `sum_counts` sends all its tensors in one all-reduce, and `total`
+    counts the pool once per forward pass (after `new_pool`; every MoE layer of a forward
+    routes the same tokens). Float sums are never merged: gloo's summation order for an
+    element depends on where it sits in the buffer (with 3 or more ranks), so merging them
+    could change the last bits; integer counts are exact in any order.
     """
 
-    def __init__(self, group=None, clock: CommClock | None = None):
+    def __init__(self, group=None, clock: CommClock | None = None, fuse: bool = False):
         self.group = group
         self.clock = clock
+        self.fuse = fuse
+        # (local count, global count) of the current forward pass; "open" after new_pool.
+        self._total: tuple[int, int] | str | None = None
 
     @property
     def world_rank(self) -> tuple[int, int]:
         """(ranks in the group, this rank's index in it)."""
         return _world_rank(self.group)
 
+    def new_pool(self) -> None:
+        """A forward pass begins: with fuse, its first `total` is counted and then reused."""
+        self._total = "open" if self.fuse else None
+
     def total(self, n_local: int) -> int:
-        """Tokens in the global pool (all-reduce of the local count)."""
+        """Tokens in the global pool (all-reduce of the local count; with fuse, once per
+        forward pass)."""
+        if isinstance(self._total, tuple):
+            if self._total[0] != n_local:
+                raise RuntimeError(f"pool total asked for {n_local} local tokens after {self._total[0]} in the same "
+                                   "forward pass (every MoE layer of a forward routes the same tokens)")  # fmt: skip
+            return self._total[1]
         n = torch.tensor([n_local], dtype=torch.int64, device=_comm_device(self.group, torch.device("cpu")))
         with measure(self.clock, "pool"):
-            return int(_all_reduce_(n, self.group).item())
+            N = int(_all_reduce_(n, self.group).item())
+        if self._total == "open":
+            self._total = (n_local, N)
+        return N
+
+    def sum_counts(self, xs: list[Tensor]) -> list[Tensor]:
+        """Detached sums of integer-valued tensors; with fuse, one all-reduce for all."""
+        if not self.fuse or len(xs) < 2 or not _active(self.group):
+            return super().sum_counts(xs)
+        dtype = xs[0].dtype
+        if any(x.dtype != dtype for x in xs):
+            raise TypeError(f"sum_counts needs one dtype, got {sorted({str(x.dtype) for x in xs})}")
+        flat = torch.cat([x.detach().reshape(-1) for x in xs]).to(_comm_device(self.group, xs[0].device))
+        with measure(self.clock, "pool"):
+            _all_reduce_(flat, self.group)
+        parts = flat.split([x.numel() for x in xs])
+        return [p.view(x.shape).to(x.device) for p, x in zip(parts, xs, strict=True)]
 
     def sum(self, x: Tensor) -> Tensor:
         """Elementwise sum over the ranks; gradients flow back to every rank's input."""
@@ -249,6 +286,22 @@ class DistributedPoolOps(PoolOps):
         """Exact global k-th largest per expert by distributed radix select."""
         with measure(self.clock, "pool"):
             return self._kth_largest(values_TE, k_E)
+
+    def kth_largest_many(self, values: list[Tensor], k: list[Tensor]) -> list[Tensor]:
+        """With fuse: one select over the matrices' columns side by side (the same values,
+        as each column is selected on its own); else one select per matrix."""
+        if not self.fuse or len(values) < 2:
+            return super().kth_largest_many(values, k)
+        T, dtype = values[0].shape[0], values[0].dtype
+        for i, v_TE in enumerate(values):
+            # A rank-local fallback here would leave the ranks in different collectives.
+            if v_TE.dim() != 2 or v_TE.shape[0] != T or v_TE.dtype != dtype:
+                raise ValueError(f"kth_largest_many: matrix {i} is {tuple(v_TE.shape)} {v_TE.dtype}, matrix 0 is "
+                                 f"[{T}, E] {dtype}: fused selection needs the same rows and dtype")  # fmt: skip
+        widths = [v_TE.shape[1] for v_TE in values]
+        with measure(self.clock, "pool"):
+            cutoff_E = self._kth_largest(torch.cat(values, dim=1), torch.cat([k_E.to(torch.int64).cpu() for k_E in k]))
+        return list(cutoff_E.split(widths))
 
     def _kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         return radix_kth_largest(values_TE, k_E, self.group)

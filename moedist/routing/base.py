@@ -89,6 +89,21 @@ class PoolOps:
         """(sum(sum_E) over workers, exclusive_prefix(prefix_E)) in one exchange (detached)."""
         return sum_E.detach(), torch.zeros_like(prefix_E)
 
+    def sum_counts(self, xs: list[Tensor]) -> list[Tensor]:
+        """Detached sums over all workers of integer-valued tensors (counts: exact in any
+        summation order, so a collective implementation may send them as one message)."""
+        return [self.sum(x).detach() for x in xs]
+
+    def new_pool(self) -> None:
+        """A forward pass begins: the pool's tokens change (cached statistics such as the
+        pool total are dropped). Called by the model on every rank alike."""
+
+    def kth_largest_many(self, values: list[Tensor], k: list[Tensor]) -> list[Tensor]:
+        """`kth_largest` of each [T, E_i] matrix, all over the same pool rows (e.g. every
+        MoE layer's logits of one step); a collective implementation may select them in
+        one pass (each column is independent, so the values are the same)."""
+        return [self.kth_largest(v_TE, k_E) for v_TE, k_E in zip(values, k, strict=True)]
+
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Per column e, the k_E[e]-th largest value over the global pool.
 
@@ -188,6 +203,13 @@ class Router(nn.Module, abc.ABC):
 
     def step_end(self) -> None:
         """Update routing state after an optimiser step (default: stateless)."""
+
+    @classmethod
+    def step_end_all(cls, routers: list[Router]) -> None:
+        """`step_end` of several routers of this class (every MoE layer of a model), in
+        order; a router may override it to share the step-end statistics' exchange."""
+        for router in routers:
+            router.step_end()
 
     def state_stats(self) -> dict[str, Tensor]:
         """Per-expert state worth logging (thresholds, biases)."""

@@ -121,14 +121,36 @@ class ExpertThresholdRouter(Router):
         """EMA update from the k-th largest logit of the step's global pool."""
         if not self._pending:
             return
+        r_PE, k_E = self._take_pending()
+        self._update_ema(self.pool.kth_largest(r_PE, k_E))
+
+    @classmethod
+    @torch.no_grad()
+    def step_end_all(cls, routers: list[Router]) -> None:
+        """Every layer's EMA update from one pool selection (`PoolOps.kth_largest_many`):
+        the pool rows are the same tokens in every layer and each column is selected on
+        its own, so the cutoffs are those of the per-layer `step_end`."""
+        todo = [r for r in routers if isinstance(r, ExpertThresholdRouter) and r._pending]
+        if len({id(r.pool) for r in todo}) != 1:  # nothing pending, or routers on different pools
+            for r in todo:
+                r.step_end()
+            return
+        taken = [r._take_pending() for r in todo]
+        cutoffs = todo[0].pool.kth_largest_many([t[0] for t in taken], [t[1] for t in taken])
+        for r, cutoff_E in zip(todo, cutoffs, strict=True):
+            r._update_ema(cutoff_E)
+
+    def _take_pending(self) -> tuple[Tensor, Tensor]:
+        """(this worker's logits of the step r_PE, k_E of the step's global pool); clears them."""
         r_PE = torch.cat(self._pending)
         N = sum(self._pending_N)
         self._pending.clear()
         self._pending_N.clear()
         E = r_PE.shape[1]
-        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_PE.device)
-        cutoff_E = self.pool.kth_largest(r_PE, k_E).to(self.ema_E.dtype)
-        self.ema_E.mul_(self.beta).add_((1.0 - self.beta) * cutoff_E)
+        return r_PE, torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_PE.device)
+
+    def _update_ema(self, cutoff_E: Tensor) -> None:
+        self.ema_E.mul_(self.beta).add_((1.0 - self.beta) * cutoff_E.to(self.ema_E.dtype))
         self.n_updates += 1
 
     def train(self, mode: bool = True):

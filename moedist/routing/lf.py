@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from moedist.config import RouterConfig
-from moedist.routing.base import RoutingPlan
+from moedist.routing.base import Router, RoutingPlan
 from moedist.routing.tc import TokenChoiceRouter
 
 
@@ -45,7 +45,22 @@ class LossFreeRouter(TokenChoiceRouter):
 
     @torch.no_grad()
     def step_end(self) -> None:
-        load_E = self.pool.sum(self.pending_load_E.to(torch.float64))
+        self._update_bias(self.pool.sum(self.pending_load_E.to(torch.float64)))
+
+    @classmethod
+    @torch.no_grad()
+    def step_end_all(cls, routers: list[Router]) -> None:
+        """Every layer's loads summed in one `PoolOps.sum_counts` (exact: integer counts)."""
+        if len({id(r.pool) for r in routers}) != 1:
+            for r in routers:
+                r.step_end()
+            return
+        loads = routers[0].pool.sum_counts([r.pending_load_E.to(torch.float64) for r in routers])
+        for r, load_E in zip(routers, loads, strict=True):
+            r._update_bias(load_E)
+
+    def _update_bias(self, load_E: Tensor) -> None:
+        """b_i += u * sign(mean load - load_i) from the step's global loads; new step."""
         self.bias_E += self.cfg.lf_update_rate * torch.sign(load_E.mean() - load_E).to(self.bias_E.dtype)
         self.pending_load_E.zero_()
 

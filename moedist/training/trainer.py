@@ -182,7 +182,7 @@ class Trainer:
             from moedist.parallel import enable_expert_parallel
 
             self.clock = enable_expert_parallel(
-                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes
+                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes, fuse=cfg.comm.fuse
             )
             self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
         self.opt = make_optimizer(self.model, cfg)
@@ -288,18 +288,30 @@ class Trainer:
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
         if d is not None:
-            from moedist.parallel import all_reduce_sum, sync_gradients
+            from moedist.parallel import all_reduce_sum, all_reduce_sum_counts, grad_presence, sync_gradients
 
             with self.clock.measure("grad_sync"):
-                sync_gradients(model, d.group)
-            # Every worker reports the global numbers: losses averaged, loads summed.
+                if cfg.comm.fuse:
+                    # Integer counts sum exactly in any order: which dense parameters have a
+                    # gradient and the step's loads, assignments and plan counts in ONE all-reduce.
+                    has_P, load_LE, assigned_L, *summed = all_reduce_sum_counts(
+                        [grad_presence(model), load_LE, assigned_L, *stat_LE.values()], d.group
+                    )
+                    stat_LE = dict(zip(stat_LE, summed, strict=True))
+                    sync_gradients(model, d.group, has_P=has_P)
+                else:
+                    sync_gradients(model, d.group)
+            # Every worker reports the global numbers: losses averaged, loads summed. The
+            # float losses keep their own all-reduce: gloo's summation order depends on an
+            # element's place in the buffer, so merging them could change their last bits.
             stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
             ce_sum, aux_sum = float(stats[0]), float(stats[1])
-            load_LE = all_reduce_sum(load_LE, d.group)
-            assigned_L = all_reduce_sum(assigned_L, d.group)
-            if stat_LE:
-                summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
-                stat_LE = dict(zip(stat_LE, summed, strict=True))
+            if not cfg.comm.fuse:
+                load_LE = all_reduce_sum(load_LE, d.group)
+                assigned_L = all_reduce_sum(assigned_L, d.group)
+                if stat_LE:
+                    summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
+                    stat_LE = dict(zip(stat_LE, summed, strict=True))
         grad_norm = self.clip_gradients()
         # Loss and norm are global (all-reduced), so every worker takes the same branch.
         skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))

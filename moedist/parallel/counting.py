@@ -1,0 +1,112 @@
+"""Count the torch.distributed collectives a block of code makes (tests, benchmarks).
+
+    with CollectiveCounter() as cc:
+        trainer.train_step()
+    cc.total              # collectives issued by this process
+    cc.by_op()            # {"all_reduce": 9, "all_to_all_single": 15, ...}
+    cc.by_site()          # {("all_reduce", "pool.py:total"): 3, ...}
+
+The counter replaces the collective functions of the torch.distributed module while it is
+active (moedist's modules call them as ``dist.all_reduce``, so they see the wrappers) and
+restores them on exit. A collective made inside another one (all_gather_object runs
+all_gather underneath) counts once, as the outer call. Not thread-safe; meant for one
+process's step at a time, not for production runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["COLLECTIVES", "CollectiveCounter"]
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "barrier",
+)
+_SKIP_FILES = ("torch/distributed", "counting.py", "torch/autograd", "contextlib.py")
+
+
+def _call_site(depth: int = 3) -> str:
+    """The `depth` innermost frames outside torch and this module, outermost first
+    ("et.py:step_end > pool.py:kth_largest > pool.py:_radix_select")."""
+    f = sys._getframe(2)
+    chain: list[str] = []
+    while f is not None and len(chain) < depth:
+        fname = f.f_code.co_filename
+        if not any(s in fname for s in _SKIP_FILES):
+            chain.append(f"{fname.rsplit('/', 1)[-1]}:{f.f_code.co_name}")
+        f = f.f_back
+    return " > ".join(reversed(chain)) or "?"
+
+
+class CollectiveCounter:
+    """Counts collectives by (op, call site) while active (a context manager)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._saved: dict[str, Callable[..., Any]] = {}
+        self._depth = 0
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                self.counts[name, _call_site()] += 1
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return wrapper
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+    @property
+    def total(self) -> int:
+        """Collectives counted so far."""
+        return sum(self.counts.values())
+
+    def by_op(self) -> dict[str, int]:
+        """Counts per collective function."""
+        out: Counter[str] = Counter()
+        for (op, _), n in self.counts.items():
+            out[op] += n
+        return dict(out)
+
+    def by_site(self) -> dict[str, int]:
+        """Counts per "op @ file:function" (where in moedist each collective is issued)."""
+        return {f"{op} @ {site}": n for (op, site), n in sorted(self.counts.items())}
+
+    def reset(self) -> dict[str, int]:
+        """by_site() so far, then start from zero."""
+        out = self.by_site()
+        self.counts.clear()
+        return out
