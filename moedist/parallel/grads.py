@@ -28,9 +28,9 @@ from moedist.parallel.placement import ExpertPlacement
 __all__ = [
     "all_reduce_sum",
     "all_reduce_sum_counts",
-    "grad_presence",
     "expert_parameters",
     "gather_objects",
+    "grad_presence",
     "replicated_parameters",
     "shard_model_experts",
     "sync_gradients",

@@ -298,3 +298,74 @@ def test_shard_keeps_rng_and_parameter_order():
     assert len(replicated_parameters(model)) + 4 == len(names)
     with pytest.raises(ValueError, match="already sharded"):
         shard_model_experts(model, placement, 1)
+
+
+# ----------------------------------------------------------------------------- fewer collectives ([comm] fuse)
+
+# router kind -> router settings: ET's warm-up (step 0) then its guard (engaged, checked
+# below); TC with capacity, aux and z-loss; LF's bias; EC.
+FUSE_ROUTERS = {
+    "et": {"kind": "et", "top_k": 1, "et_warmup_steps": 1},
+    "ec": {"kind": "ec", "top_k": 1},
+    "tc": {"kind": "tc", "top_k": 2, "capacity_factor": 1.0, "z_loss_coef": 1e-3},
+    "lf": {"kind": "lf", "top_k": 2},
+}
+FUSE_STEPS = 3
+# Collectives per step (every rank), unfused -> fused, for the model below (3 MoE layers,
+# 1 micro-batch, 2 or 4 ranks). ET: warm-up step, then 2 steps whose guard clamps all 3 layers.
+FUSE_COUNTS = {
+    "et": ([52, 52, 52], [39, 41, 41]),
+    "ec": ([39, 39, 39], [35, 35, 35]),
+    "tc": ([43, 43, 43], [38, 38, 38]),
+    "lf": ([27, 27, 27], [21, 21, 21]),
+}
+TIMING = ("step_s", "tokens_per_s", "a2a_s", "pool_s", "grad_sync_s", "comm_s")
+
+
+def _fuse_trainer(rank: int, world: int, kind: str, fuse: bool):
+    from moedist.config import build_config
+    from moedist.training.trainer import DistContext, Trainer, load_dataset
+
+    over = {"workers": world, "router": FUSE_ROUTERS[kind], "comm": {"fuse": fuse},
+            "model": {"seq_len": 16, "d_model": 32, "n_layers": 4, "n_heads": 2, "n_experts": 8},
+            "train": {"steps": FUSE_STEPS, "batch_size": 4 * world, "eval_every": 0, "progress": False,
+                      "warmup_steps": 0, "threads": 1}}  # fmt: skip
+    cfg = build_config("tiny", None, over)
+    return Trainer(cfg, load_dataset(cfg), DistContext(rank, world, ExpertPlacement(cfg.model.n_experts, world)))
+
+
+def _on_rank_fuse(rank: int, world: int, kind: str, fuse: bool) -> dict:
+    from moedist.parallel.counting import CollectiveCounter
+
+    trainer = _fuse_trainer(rank, world, kind, fuse)
+    rows, counts = [], []
+    for _ in range(FUSE_STEPS):
+        with CollectiveCounter() as cc:
+            row = trainer.train_step()
+        rows.append({k: v for k, v in row.items() if k not in TIMING})
+        counts.append(cc.total)
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    state.update({f"opt/{i}/{k}": v for i, s in trainer.opt.state_dict()["state"].items()
+                  for k, v in s.items() if torch.is_tensor(v)})  # fmt: skip
+    return {"rows": rows, "counts": counts, "state": state}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_collectives_equal_unfused(gloo_pools, world):
+    """[comm] fuse = true gives bitwise the unfused run: every metrics column (losses, loads,
+    fanout, capped counts, ET thresholds, LF biases, gradient norm), every parameter, buffer
+    (ET's EMA and update count) and optimiser moment, on every rank, with the collective
+    counts per step pinned (a regression in either direction shows)."""
+    for kind in FUSE_ROUTERS if world == 2 else ("et", "ec", "tc"):
+        plain = gloo_pools.run(world, _on_rank_fuse, kind, False)
+        fused = gloo_pools.run(world, _on_rank_fuse, kind, True)
+        assert plain[0]["counts"] == FUSE_COUNTS[kind][0], kind
+        assert fused[0]["counts"] == FUSE_COUNTS[kind][1], kind
+        for r in range(world):
+            assert fused[r]["rows"] == plain[r]["rows"], (kind, r)
+            assert fused[r]["state"].keys() == plain[r]["state"].keys()
+            for name, want in plain[r]["state"].items():
+                assert torch.equal(fused[r]["state"][name], want), (kind, r, name)
+        if kind == "et":  # the guard really changed decisions after the warm-up step
+            assert any(sum(v) > 0 for row in plain[0]["rows"][1:] for k, v in row.items() if k.endswith("_capped"))
+            assert plain[0]["rows"][-1]["L1_threshold"] != [0.0] * 8
