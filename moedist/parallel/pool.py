@@ -27,9 +27,19 @@ from moedist.kernels.radix import N_BUCKETS, N_ROUNDS, RadixCounter, key_to_floa
 from moedist.parallel.clock import CommClock, measure
 from moedist.routing.base import NonFiniteLogitsError, PoolOps
 
-__all__ = ["AllGatherPoolOps", "DistributedPoolOps", "radix_kth_largest", "threshold_sync_bytes"]
+__all__ = [
+    "AllGatherPoolOps",
+    "DistributedPoolOps",
+    "candidate_kth_largest",
+    "candidates_fit",
+    "radix_kth_largest",
+    "threshold_sync_bytes",
+]
 
 _INT32_LIMIT = 1 << 31
+# The candidate select gathers W x K values per column where the radix select sums 4 rounds
+# of 256 counts: it is used while W x K <= this (then it also moves at most 4x the bytes).
+CANDIDATE_LIMIT = 4 * N_ROUNDS * N_BUCKETS
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -192,6 +202,58 @@ def radix_kth_largest(values_TE: Tensor, k_E: Tensor, group=None, backend: Backe
     return out_E.to(out_dtype)
 
 
+def candidates_fit(k_E: Tensor, world: int) -> bool:
+    """True when `candidate_kth_largest` is the cheaper select: W x max(k) <= CANDIDATE_LIMIT
+    (the same answer on every rank: k_E and W are)."""
+    return k_E.numel() > 0 and world * int(k_E.max()) <= CANDIDATE_LIMIT
+
+
+def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
+    """`radix_kth_largest` in ONE collective when k is small: each rank sends its local top-K
+    of every column (K = max k_E), padded to K rows, and every rank selects the k-th largest
+    of the gathered union. The global top-k of a column lies in the union of the ranks'
+    local top-k, so the value is exact and equal to the radix select's (a selected zero is
+    +0.0 here too). NaN on any rank raises on every rank (a flag travels with the values).
+    Moves W x (K x E + 2) floats to every rank; use it while `candidates_fit`."""
+    if values_TE.dim() != 2:
+        raise ValueError(f"values_TE must be 2-D [T, E], got shape {tuple(values_TE.shape)}")
+    T, E = values_TE.shape
+    if k_E.shape != (E,):
+        raise ValueError(f"k_E must have shape ({E},) to match values_TE [T, E], got {tuple(k_E.shape)}")
+    out_dtype = values_TE.dtype
+    if out_dtype not in (torch.float32, *_LOW_PRECISION):
+        raise TypeError(f"candidate_kth_largest selects float32 (or float16/bfloat16) values, got {out_dtype}")
+    if E == 0:
+        return torch.empty(0, dtype=out_dtype, device=values_TE.device)
+    world, _ = _world_rank(group)
+    dev = _comm_device(group, values_TE.device)
+    k_E = k_E.detach().to(torch.int64).cpu()
+    K = max(0, int(k_E.max()))
+    vals_TE = values_TE.detach().float()
+    n_send = min(K, T)
+    # [valid rows, NaN flag, K x E values]: both header counts are exact in float32 (<= K).
+    msg = torch.zeros(2 + K * E, dtype=torch.float32, device=dev)
+    msg[0] = n_send
+    msg[1] = float(bool(torch.isnan(vals_TE).any()))
+    if n_send > 0:
+        msg[2 : 2 + n_send * E] = torch.topk(vals_TE, n_send, dim=0).values.reshape(-1).to(dev)
+    if _active(group):
+        parts = [torch.empty_like(msg) for _ in range(world)]
+        dist.all_gather(parts, msg, group=group)
+    else:
+        parts = [msg]
+    nan_W = torch.stack([p[1] for p in parts]).cpu()
+    if bool(nan_W.any()):
+        bad = nan_W.nonzero().flatten().tolist()
+        raise NonFiniteLogitsError(
+            f"router logits contain NaN on rank(s) {bad} of {world}; cannot select the k-th largest"
+        )
+    union_ME = torch.cat([p[2 : 2 + int(p[0]) * E].view(-1, E) for p in parts])
+    out_E = PoolOps.kth_largest(PoolOps(), union_ME, k_E)  # k >= union rows: the union is the pool
+    out_E = torch.where(out_E == 0, torch.zeros_like(out_E), out_E)  # -0.0 -> +0.0, as radix
+    return out_E.to(values_TE.device, out_dtype)
+
+
 # ----------------------------------------------------------------------------- PoolOps
 
 
@@ -203,8 +265,10 @@ class DistributedPoolOps(PoolOps):
     select's local histogram counting included: it is the price of the exchange).
 
     ``fuse`` (``[comm] fuse``) makes fewer, larger collectives with the same results:
-    `kth_largest_many` selects every matrix's columns in one radix select (4 all-reduces,
-    not 4 per matrix), `sum_counts` sends all its tensors in one all-reduce, and `total`
+    `kth_largest` with a small k (`candidates_fit`) is one all-gather of every rank's local
+    top-k (`candidate_kth_largest`) instead of the radix select's 4 all-reduces;
+    `kth_largest_many` selects every matrix's columns in one select (not one per matrix);
+    `sum_counts` sends all its tensors in one all-reduce, and `total`
     counts the pool once per forward pass (after `new_pool`; every MoE layer of a forward
     routes the same tokens). Float sums are never merged: gloo's summation order for an
     element depends on where it sits in the buffer (with 3 or more ranks), so merging them
@@ -304,6 +368,9 @@ class DistributedPoolOps(PoolOps):
         return list(cutoff_E.split(widths))
 
     def _kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
+        # With fuse, a small k is selected in one all-gather of candidates (not 4 all-reduces).
+        if self.fuse and values_TE.dtype != torch.float64 and candidates_fit(k_E, self.world_rank[0]):
+            return candidate_kth_largest(values_TE, k_E, self.group)
         return radix_kth_largest(values_TE, k_E, self.group)
 
 

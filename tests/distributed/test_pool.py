@@ -131,14 +131,18 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     res: dict = {"rank": rank}
     try:
         radix, gather = DistributedPoolOps(), AllGatherPoolOps()
+        fused = DistributedPoolOps(fuse=True)  # small k: one all-gather of local top-k candidates
         for name, (parts, k_E) in make_cases(world).items():
             x_TE = parts[rank]
             res[f"{name}/radix"] = radix.kth_largest(x_TE, k_E)
+            res[f"{name}/fused"] = fused.kth_largest(x_TE, k_E)
+            # two matrices side by side in one select: each must equal its own select
+            res[f"{name}/many"] = fused.kth_largest_many([x_TE, -x_TE], [k_E, k_E.flip(0)])
             res[f"{name}/radix_torch"] = radix_kth_largest(x_TE, k_E, backend="torch")
             res[f"{name}/allgather"] = gather.kth_largest(x_TE, k_E)
 
         # NaN on the last rank only: every rank must raise, and the group must stay usable.
-        for label, ops in (("radix", radix), ("allgather", gather)):
+        for label, ops in (("radix", radix), ("allgather", gather), ("fused", fused)):
             x_TE = torch.randn(50, 4)
             if rank == world - 1:
                 x_TE[17, 2] = float("nan")
@@ -213,12 +217,18 @@ def test_radix_equals_topk_on_concatenation(world_results, name):
     assert torch.equal(canon_bits(PoolOps().kth_largest(torch.cat(parts), k_E)), canon_bits(want))
     first = results[0][f"{name}/radix"]
     for res in results:
-        for method in ("radix", "radix_torch", "allgather"):
+        for method in ("radix", "radix_torch", "allgather", "fused"):
             got = res[f"{name}/{method}"]
             assert got.dtype == torch.float32 and got.shape == k_E.shape
             assert torch.equal(canon_bits(got), canon_bits(want)), (res["rank"], method, got, want)
         # Every rank holds the same cutoff bit for bit (the EMA needs no further sync).
         assert torch.equal(res[f"{name}/radix"].view(torch.int32), first.view(torch.int32))
+        # [comm] fuse: bit for bit the radix select (zeros included), alone and side by side
+        many = res[f"{name}/many"]
+        assert torch.equal(res[f"{name}/fused"].view(torch.int32), first.view(torch.int32)), res["rank"]
+        assert torch.equal(many[0].view(torch.int32), first.view(torch.int32)), res["rank"]
+        want_neg = topk_reference([-p for p in parts], k_E.flip(0))
+        assert torch.equal(canon_bits(many[1]), canon_bits(want_neg)), res["rank"]
 
 
 def test_nan_on_one_rank_raises_on_every_rank(world_results):
@@ -227,6 +237,7 @@ def test_nan_on_one_rank_raises_on_every_rank(world_results):
         assert res["nan/radix"].startswith("ValueError") and "NaN" in res["nan/radix"], res["nan/radix"]
         assert f"rank(s) [{world - 1}]" in res["nan/radix"]
         assert res["nan/allgather"].startswith("ValueError"), res["nan/allgather"]
+        assert res["nan/fused"] == res["nan/radix"]
         assert res["after_nan/total"] == world  # nobody was left behind in a collective
 
 
