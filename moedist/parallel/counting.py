@@ -4,7 +4,8 @@
         trainer.train_step()
     cc.total              # collectives issued by this process
     cc.by_op()            # {"all_reduce": 9, "all_to_all_single": 15, ...}
-    cc.by_site()          # {("all_reduce", "pool.py:total"): 3, ...}
+    cc.by_site()          # {"all_reduce @ et.py:forward > pool.py:total > ...": 3, ...}
+    cc.seconds_by_site()  # wall seconds inside those calls (waiting for other ranks included)
 
 The counter replaces the collective functions of the torch.distributed module while it is
 active (moedist's modules call them as ``dist.all_reduce``, so they see the wrappers) and
@@ -16,6 +17,7 @@ process's step at a time, not for production runs.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -61,17 +63,22 @@ class CollectiveCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.seconds: Counter[tuple[str, str]] = Counter()
         self._saved: dict[str, Callable[..., Any]] = {}
         self._depth = 0
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self._depth == 0:
-                self.counts[name, _call_site()] += 1
+            if self._depth > 0:
+                return fn(*args, **kwargs)
+            key = (name, _call_site())
+            self.counts[key] += 1
             self._depth += 1
+            t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.seconds[key] += time.perf_counter() - t0
                 self._depth -= 1
 
         return wrapper
@@ -105,8 +112,14 @@ class CollectiveCounter:
         """Counts per "op @ file:function" (where in moedist each collective is issued)."""
         return {f"{op} @ {site}": n for (op, site), n in sorted(self.counts.items())}
 
+    def seconds_by_site(self) -> dict[str, float]:
+        """Wall seconds spent in the collectives of each site (a collective also waits for
+        the slowest rank to arrive, so this is where a rank waited, not only transfer time)."""
+        return {f"{op} @ {site}": t for (op, site), t in sorted(self.seconds.items())}
+
     def reset(self) -> dict[str, int]:
         """by_site() so far, then start from zero."""
         out = self.by_site()
         self.counts.clear()
+        self.seconds.clear()
         return out
