@@ -78,6 +78,44 @@ def _allreduce_latency(worker, reps: int = 100) -> dict:
     return out
 
 
+def pool_probe(group=None, tokens: int = 1024, n_experts: int = 16, layers: int = 3, reps: int = 20) -> dict:
+    """ET's pool statistics of one step with the guard clamping in every layer (per layer:
+    the guard's count, its selection, the tie order; then the step-end select of every
+    layer), on random logits, with [comm] fuse off and on alternately in the same
+    processes: the collectives' cost without the step's compute in between (so without the
+    waiting for a slower rank that the step's pool_s also contains). Median seconds each."""
+    import time
+
+    import torch
+
+    from moedist.parallel.pool import DistributedPoolOps
+    from moedist.routing.ec import pool_topk_mask
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(tokens, n_experts, generator=gen) for _ in range(layers)]
+    k = max(1, tokens * 2 // n_experts)  # the pool's k for 2 workers, top_k = 1
+    k_E = torch.full((n_experts,), k, dtype=torch.int64)
+    ops = {False: DistributedPoolOps(group, fuse=False), True: DistributedPoolOps(group, fuse=True)}
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(reps + 2):
+        for fuse, pool in ops.items():
+            t0 = time.perf_counter()
+            pool.new_pool()
+            for r_TE in logits:
+                local = torch.cat([(r_TE > 0.5).sum(0), torch.tensor([tokens])])
+                pool.sum(local)
+                pool_topk_mask(r_TE, k_E, pool)
+            pool.kth_largest_many(logits, [k_E] * layers)
+            if i >= 2:
+                samples[fuse].append(time.perf_counter() - t0)
+    return {"probe_pool_off_s": statistics.median(samples[False]), "probe_pool_on_s": statistics.median(samples[True])}
+
+
+def _pool_probe(worker) -> dict:
+    """Runs inside a worker actor: `pool_probe` on the job's group."""
+    return pool_probe(worker.trainer.dist.group)
+
+
 def measure(workers: int, seqs_per_worker: int, fuse: bool, args, tmp: Path) -> dict:
     import ray
 
@@ -88,6 +126,9 @@ def measure(workers: int, seqs_per_worker: int, fuse: bool, args, tmp: Path) -> 
         rows = [coord.train_step() for _ in range(args.steps)]
         counts = ray.get([w.__ray_call__.remote(_counted_steps, args.counted_steps) for w in coord.workers])
         latency = ray.get([w.__ray_call__.remote(_allreduce_latency) for w in coord.workers]) if workers > 1 else []
+        if workers > 1:
+            probe = ray.get([w.__ray_call__.remote(_pool_probe) for w in coord.workers])
+            latency = [{**lat, **p} for lat, p in zip(latency, probe, strict=True)]
     finally:
         coord.shutdown()
     body = rows[args.warmup :]  # first steps include numba compilation and allocator warm-up

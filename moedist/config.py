@@ -146,8 +146,10 @@ class CommConfig:
     the plain path; docs/profiling.md measures each on and off)."""
 
     fuse: bool = True
-    """Fewer, larger collectives: ET's step-end select for all MoE layers in one all-reduce
-    per round, and per-step counts merged into shared exchanges."""
+    """Fewer, larger collectives, same results bit for bit: a pool selection with a small k
+    is one all-gather of every worker's local top-k (not 4 radix all-reduces), ET's step-end
+    select covers all MoE layers in one exchange (LF's loads likewise), the pool size is
+    counted once per forward pass, and a step's integer counts share one all-reduce."""
     dedup: bool = False
     """Send a token routed to several experts of one worker once, with its (expert, gate) list."""
     wire_dtype: str = _choice("auto", "float32", "bfloat16", default="auto")
