@@ -140,7 +140,7 @@ def _shard(full: GroupedExperts, local: list[int]) -> GroupedExperts:
     return shard
 
 
-def _on_rank_dispatch(rank: int, world: int, name: str) -> dict:
+def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False) -> dict:
     case = CASES[name]
     T_W, x_ND, token_A, expert_A, gate_A, grad_ND, full = _problem(case, world)
     N, E = x_ND.shape[0], full.n_experts
@@ -162,7 +162,8 @@ def _on_rank_dispatch(rank: int, world: int, name: str) -> dict:
     x_r = x_ND[off : off + T].clone().requires_grad_()
     gate_r = gate_A[mine_A].clone().requires_grad_()
     plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, E)
-    y_r = AllToAllDispatcher(placement)(x_r, plan, shard)
+    dispatcher = AllToAllDispatcher(placement, dedup=dedup)
+    y_r = dispatcher(x_r, plan, shard)
     # sum_r loss_r is the oracle's loss, so every gradient must match the oracle's.
     (y_r * grad_ND[off : off + T]).sum().backward()
 
@@ -171,14 +172,23 @@ def _on_rank_dispatch(rank: int, world: int, name: str) -> dict:
     torch.testing.assert_close(gate_r.grad, gate.grad[mine_A], **TIGHT)
     for pname, p in shard.named_parameters():
         torch.testing.assert_close(p.grad, getattr(full, pname).grad[local], **TIGHT, msg=pname)
-    return {"assignments": int(mine_A.numel()), "experts": local}
+    # Row bytes of this rank's forward exchanges: A rows out and back, or U with dedup.
+    pairs = {(int(t), placement.owner(int(e))) for t, e in zip(token_A[mine_A], expert_A[mine_A], strict=True)}
+    rows = len(pairs) if dedup else int(mine_A.numel())
+    return {"assignments": int(mine_A.numel()), "experts": local, "rows": rows, "bytes": dispatcher.fwd_bytes_sent}
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(CASES))
-def test_all_to_all_equals_local_dispatch(gloo_pools, world, name):
-    out = gloo_pools.run(world, _on_rank_dispatch, name)
+def test_all_to_all_equals_local_dispatch(gloo_pools, world, name, dedup):
+    out = gloo_pools.run(world, _on_rank_dispatch, name, dedup)
     assert sorted(e for o in out for e in o["experts"]) == list(range(world if name == "one_per_worker" else E8))
+    # Every row sent is received once: the bytes of the whole group are 2 x rows x row bytes
+    # (+ the gate columns with dedup: 8 experts over W ranks, float64 gates, float64 rows).
+    L = max(len(o["experts"]) for o in out)
+    sent_rows = sum(o["rows"] for o in out)
+    assert sum(o["bytes"] for o in out) == (2 * sent_rows * D + (sent_rows * L if dedup else 0)) * 8
 
 
 def _on_rank_bf16(rank: int, world: int) -> None:
