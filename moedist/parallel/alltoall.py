@@ -127,8 +127,16 @@ class _DedupRows(torch.autograd.Function):
     dtype)."""
 
     @staticmethod
-    def forward(ctx, x_UD: Tensor, gate_UL: Tensor, send_splits: list[int], recv_splits: list[int],
-                wire: torch.dtype, compute: torch.dtype, owner: AllToAllDispatcher) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def forward(
+        ctx,
+        x_UD: Tensor,
+        gate_UL: Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        wire: torch.dtype,
+        compute: torch.dtype,
+        owner: AllToAllDispatcher,
+    ) -> tuple[Tensor, Tensor]:
         ctx.splits = send_splits, recv_splits
         ctx.owner, ctx.wire, ctx.owner_device = owner, wire, x_UD.device
         ctx.x_dtype, ctx.gate_dtype, ctx.D, ctx.L = x_UD.dtype, gate_UL.dtype, x_UD.shape[1], gate_UL.shape[1]
