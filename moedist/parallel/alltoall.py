@@ -106,12 +106,15 @@ def _gate_cols(gate_NL: Tensor, wire: torch.dtype) -> int:
 
 
 def _pack(x_ND: Tensor, gate_NL: Tensor, wire: torch.dtype) -> Tensor:
-    """[x cast to the wire dtype | the gates' bits, padded to whole wire-dtype columns]."""
-    N, nbytes = gate_NL.shape[0], gate_NL.shape[1] * gate_NL.element_size()
-    cols = _gate_cols(gate_NL, wire)
-    bits_NB = torch.zeros(N, cols * wire.itemsize, dtype=torch.uint8, device=gate_NL.device)
-    bits_NB[:, :nbytes] = gate_NL.contiguous().view(torch.uint8)
-    return torch.cat([x_ND.to(wire), bits_NB.view(wire)], dim=1)
+    """[x cast to the wire dtype | the gates' bits, padded to whole wire-dtype columns],
+    written in one pass (no intermediate cast or concatenation)."""
+    (N, D), nbytes = x_ND.shape, gate_NL.shape[1] * gate_NL.element_size()
+    p_ND = x_ND.new_empty((N, D + _gate_cols(gate_NL, wire)), dtype=wire)
+    p_ND[:, :D].copy_(x_ND)
+    bits_NB = p_ND.view(torch.uint8)[:, D * wire.itemsize :]
+    bits_NB[:, :nbytes].copy_(gate_NL.contiguous().view(torch.uint8))
+    bits_NB[:, nbytes:].zero_()
+    return p_ND
 
 
 def _unpack(p_ND: Tensor, D: int, L: int, x_dtype: torch.dtype, gate_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
