@@ -10,9 +10,13 @@ inside the workers, every rep starting at a barrier, the max over workers per re
 over reps; candidates interleaved rep by rep so a noisy phase hits them alike:
 
   dispatch[_dedup][_bf16]  AllToAllDispatcher forward + backward (x and gate grads) with
-                           identity-like experts (x * 2), so only moving rows is timed
+                           identity experts, so only moving rows (and the gate math) is timed
   raw[_dedup][_bf16]       the same byte matrix as 4 bare all_to_all_single calls (rows out,
                            results back, and both again in backward): the exchange floor
+  raw_fresh                raw, receiving into new buffers each call as the dispatcher does
+                           (their first touch page-faults inside the collective)
+  NAME:a2a                 of a dispatch candidate, the seconds inside its collectives (the
+                           rest is sorting, gathers, reordering, combine and their backward)
   memcpy                   one torch copy of the bytes a worker sends in a plain fwd+bwd, all
                            workers at once (the bandwidth a shared-memory path could reach)
   shm                      dispatch with ``shm=True`` (the shared-memory path of another
@@ -49,6 +53,7 @@ from common import median, save_figure, target, write_results
 
 from moedist.kernels.dispatch import unique_pairs
 from moedist.parallel.alltoall import AllToAllDispatcher
+from moedist.parallel.clock import CommClock
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -86,15 +91,15 @@ def dedup_by_fanout(plans: list[RoutingPlan], placement: ExpertPlacement) -> dic
     return dict(sorted(out.items()))
 
 
-class _TimesTwo(torch.nn.Module):
-    """Experts that cost (almost) nothing: the benchmark times moving rows, not GEMMs."""
+class _Identity(torch.nn.Module):
+    """Experts that cost nothing (identity): the benchmark times moving rows, not GEMMs."""
 
     def __init__(self, n_experts: int):
         super().__init__()
         self.n_experts = n_experts
 
     def forward(self, x_AD: torch.Tensor, counts_L: list[int]) -> torch.Tensor:
-        return x_AD * 2.0
+        return x_AD
 
 
 @ray.remote(num_cpus=0)
@@ -126,19 +131,23 @@ class Worker:
         g = torch.Generator().manual_seed(self.rank + 77)
         self.x_TD = torch.randn(T, D, generator=g)
         self.grad_TD = torch.randn(T, D, generator=g)
-        self.experts = _TimesTwo(self.P.n_local(self.rank))
+        self.experts = _Identity(self.P.n_local(self.rank))
         self.fns = {}
         has_shm = "shm" in inspect.signature(AllToAllDispatcher.__init__).parameters
         bytes_fwd = {}
+        self.clocks = {}
         for suffix, (dedup, wire) in VARIANTS.items():
             disp = AllToAllDispatcher(self.P, dedup=dedup, wire_dtype=wire)
             self.fns["dispatch" + suffix] = lambda disp=disp: self._dispatch(disp)
             self.fns["raw" + suffix] = self._raw_fn(dedup, getattr(torch, wire))
             self._dispatch(disp)  # warm-up, and its byte count
             bytes_fwd[suffix] = disp.fwd_bytes_sent
+            disp.clock = self.clocks["dispatch" + suffix] = CommClock()
+        self.fns["raw_fresh"] = self._raw_fn(False, torch.float32, fresh=True)
         if shm and has_shm:
             disp = AllToAllDispatcher(self.P, shm=True)
             self.fns["shm"] = lambda disp=disp: self._dispatch(disp)
+            disp.clock = self.clocks["shm"] = CommClock()
         n = 2 * bytes_fwd[""] // 4  # float32 elements a worker sends in a plain fwd + bwd
         src, dst = torch.randn(n), torch.empty(n)
         self.fns["memcpy"] = lambda: dst.copy_(src)
@@ -152,8 +161,9 @@ class Worker:
                            p.n_experts)  # fmt: skip
         disp(x_TD, plan, self.experts).backward(self.grad_TD)
 
-    def _raw_fn(self, dedup: bool, wire: torch.dtype):
-        """4 bare all_to_all_single calls of the byte matrix the dispatcher moves."""
+    def _raw_fn(self, dedup: bool, wire: torch.dtype, fresh: bool = False):
+        """4 bare all_to_all_single calls of the byte matrix the dispatcher moves (`fresh`:
+        into new receive buffers each call, as the dispatcher does, not reused ones)."""
         import torch.distributed as dist
 
         P, W, p = self.P, self.world, self.plan
@@ -173,8 +183,8 @@ class Worker:
 
         def run() -> None:
             for _ in range(2):  # forward, then backward (the same bytes)
-                dist.all_to_all_single(a_in, a_out, recv, send)
-                dist.all_to_all_single(b_in, b_out, send, recv)
+                dist.all_to_all_single(torch.empty_like(a_in) if fresh else a_in, a_out, recv, send)
+                dist.all_to_all_single(torch.empty_like(b_in) if fresh else b_in, b_out, send, recv)
 
         return run
 
@@ -183,13 +193,18 @@ class Worker:
         import torch.distributed as dist
 
         samples = {n: [] for n in names}
+        samples.update({n + ":a2a": [] for n in names if n in self.clocks})
         for _ in range(reps):
             for n in names:
+                if n in self.clocks:
+                    self.clocks[n].take()
                 dist.barrier()
                 t0 = time.perf_counter()
                 self.fns[n]()
                 samples[n].append(time.perf_counter() - t0)
-        for n in names:
+                if n in self.clocks:  # seconds inside the dispatcher's collectives
+                    samples[n + ":a2a"].append(sum(self.clocks[n].take().values()))
+        for n in samples:
             s = torch.tensor(samples[n], dtype=torch.float64)
             dist.all_reduce(s, op=dist.ReduceOp.MAX)
             samples[n] = s.tolist()
@@ -204,7 +219,7 @@ class Worker:
         return list(rows.split(torch.bincount(dest_A, minlength=self.world).tolist()))
 
     def ray_expert(self, *rows_from: torch.Tensor) -> list[torch.Tensor]:
-        return [r * 2.0 for r in rows_from]
+        return list(rows_from)
 
     def ray_combine(self, *outs_from: torch.Tensor) -> int:
         p, P = self.plan, self.P
@@ -241,7 +256,7 @@ def measure(world: int, args) -> dict:
         port = ray.get(workers[0].open_port.remote())
         infos = ray.get([w.setup.remote(port, args.tokens, args.d_model, args.experts, args.top_k, args.spread,
                                         args.shm) for w in workers])  # fmt: skip
-        names = [p + s for s in VARIANTS for p in ("dispatch", "raw")] + ["memcpy"]
+        names = [p + s for s in VARIANTS for p in ("dispatch", "raw")] + ["raw_fresh", "memcpy"]
         if infos[0]["shm"]:
             names.append("shm")
         samples = ray.get([w.bench.remote(names, args.reps) for w in workers])[0]
@@ -285,14 +300,14 @@ def plot(results: list[dict], saved: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = [n for n in results[0]["times_s"] if n != "ray_objects"] + ["ray_objects"]
+    names = [n for n in results[0]["times_s"] if n != "ray_objects" and ":" not in n] + ["ray_objects"]
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         xs = [j + i * width for j in range(len(names))]
         ax_t.bar(xs, [r["times_s"].get(n, 0) * 1e3 for n in names], width, label=f"{r['workers']} workers")
     ax_t.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right", fontsize=8)
     ax_t.set_yscale("log")
-    ax_t.set_ylabel("ms per layer, forward + backward (median of slowest worker)")
+    ax_t.set_ylabel("ms per layer, fwd + bwd")
     ax_t.set_title(f"{results[0]['tokens_per_worker']} tokens/worker, D={results[0]['d_model']}, "
                    f"E={results[0]['experts']}, mean fanout {results[0]['top_k']}")  # fmt: skip
     ax_t.legend(fontsize=8)
