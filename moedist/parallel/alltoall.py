@@ -281,6 +281,11 @@ class AllToAllDispatcher:
         int_dtype, absent = _ABSENT[gate_dtype]
         blank_UL = torch.full((token_U.shape[0], Lmax), absent, dtype=int_dtype, device=device).view(gate_dtype)
         gate_UL = blank_UL.index_put((u_A, local_A), plan.weight_A.to(gate_dtype))
+        # A (token, expert) pair twice in one plan would keep one gate of the two; routers
+        # build plans from a [T, E] mask, so this is a bad plan (checked: U x L is small).
+        n_set = int((gate_UL.detach().view(int_dtype) != absent).sum())
+        if n_set != u_A.shape[0]:
+            raise ValueError(f"plan repeats {u_A.shape[0] - n_set} (token, expert) pair(s); dedup needs distinct pairs")
 
         # 2. Rows per destination -> rows per source (one int each way).
         recv_W = send_W.new_empty(W)

@@ -270,6 +270,12 @@ def _on_rank_bad_shard(rank: int, world: int) -> None:
     plan = RoutingPlan(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.ones(4), 4, 8)
     with pytest.raises(ValueError, match=r"owns 4 experts .* has 3"):
         AllToAllDispatcher(placement)(x, plan, wrong)
+    # dedup keeps one gate per (token, expert): a repeated pair is an error, on every rank
+    twice = RoutingPlan(torch.tensor([0, 1, 1]), torch.tensor([2, 5, 5]), torch.ones(3), 4, 8)
+    with pytest.raises(ValueError, match=r"repeats 1 \(token, expert\) pair"):
+        AllToAllDispatcher(placement, dedup=True)(x, twice, GroupedExperts(4, D, F))
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        AllToAllDispatcher(placement, wire_dtype="float16")
 
 
 def test_clear_error_for_wrong_shard(gloo_pools):
