@@ -149,9 +149,11 @@ class CommConfig:
     """Fewer, larger collectives: ET's step-end select for all MoE layers in one all-reduce
     per round, and per-step counts merged into shared exchanges."""
     dedup: bool = False
-    """Send a token routed to several experts of one worker once, with its (expert, gate) list."""
+    """Send a token routed to several experts of one worker once, with its gates; that worker
+    combines their outputs and sends one row back (docs/profiling.md)."""
     wire_dtype: str = _choice("auto", "float32", "bfloat16", default="auto")
-    """Dtype of token rows on the wire; auto = the compute dtype (bfloat16 under autocast)."""
+    """Dtype of token rows (and their grads) on the wire; auto = the compute dtype (bfloat16
+    under autocast); sums stay in float32."""
     shm: bool = False
     """Exchange rows through shared memory between workers on the same node."""
     hierarchical: bool = False

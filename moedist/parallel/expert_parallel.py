@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moedist.config import CommConfig
 from moedist.parallel.clock import CommClock
 from moedist.parallel.grads import shard_model_experts
 from moedist.parallel.placement import ExpertPlacement
@@ -37,16 +38,19 @@ def enable_expert_parallel(
     rank: int,
     group: dist.ProcessGroup | None = None,
     nodes: list[str] | None = None,
+    comm: CommConfig | None = None,
 ) -> CommClock:
     """Make `model` this rank's part of an expert-parallel model; returns its CommClock.
 
     `group` (None: the default group) need not be initialised yet, but must be by the first
-    forward pass; `nodes` gives every rank's node address (None: all ranks on one node).
+    forward pass; `nodes` gives every rank's node address (None: all ranks on one node);
+    `comm` holds the exchange's switches (None: the defaults).
     """
     if nodes is not None and len(nodes) != placement.world_size:
         raise ValueError(f"nodes names {len(nodes)} ranks, the placement has {placement.world_size}")
     clock = CommClock()
-    shard_model_experts(model, placement, rank, group, clock)
+    comm = comm or CommConfig()
+    shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype)
     pool = DistributedPoolOps(group, clock)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device

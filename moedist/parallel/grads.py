@@ -43,6 +43,9 @@ def shard_model_experts(
     rank: int,
     group: dist.ProcessGroup | None = None,
     clock: CommClock | None = None,
+    *,
+    dedup: bool = False,
+    wire_dtype: str = "auto",
 ) -> nn.Module:
     """Turn a full model into `rank`'s shard, in place, and return it.
 
@@ -52,7 +55,8 @@ def shard_model_experts(
     norms, embeddings, routers, shared experts) stays a replica. The shard is built on the
     meta device first, so sharding draws no random numbers: the process's RNG stream stays
     that of the 1-process model. The process group need not exist yet; it must by the first
-    forward pass. A `clock` times the dispatchers' exchanges.
+    forward pass. A `clock` times the dispatchers' exchanges; `dedup` and `wire_dtype`
+    are the dispatchers' switches (moedist.parallel.alltoall).
     """
     local = placement.local_experts(rank)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
@@ -64,7 +68,7 @@ def shard_model_experts(
             raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
         if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
             block.experts = full.subset(local)
-            block.dispatcher = AllToAllDispatcher(placement, group, clock)
+            block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype)
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
@@ -76,7 +80,7 @@ def shard_model_experts(
                 p.copy_(getattr(full, name).index_select(0, idx))
         shard.train(full.training)
         block.experts = shard  # same attribute: the module (and parameter) order is unchanged
-        block.dispatcher = AllToAllDispatcher(placement, group, clock)
+        block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype)
     return model
 
 

@@ -182,7 +182,7 @@ class Trainer:
             from moedist.parallel import enable_expert_parallel
 
             self.clock = enable_expert_parallel(
-                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes
+                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes, comm=cfg.comm
             )
             self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
         self.opt = make_optimizer(self.model, cfg)
