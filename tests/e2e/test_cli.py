@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from moedist.cli import main
+from tests.sink_helpers import assert_tensorboard_equals_metrics
 
 # A small but real model: the tiny preset shrunk so a run takes seconds on 2 cores.
 SMALL = [
@@ -359,42 +359,6 @@ TINY = [
 ]  # fmt: skip
 
 
-def _tb_tag(column: str) -> str:
-    """The TensorBoard tag docs/profiling.md gives a metrics column."""
-    if column.endswith("_s") and not column.endswith("_per_s"):  # seconds, not rates
-        return f"time/{column}"
-    return f"routing/{column}" if re.match(r"L\d+_", column) else f"train/{column}"
-
-
-def _assert_tensorboard_equals_metrics(run: Path) -> None:
-    """Every numeric metrics.parquet column (step aside) is a TensorBoard scalar with one
-    value per step that has it, equal to the row's (as float32, TensorBoard's scalar type);
-    no other scalar; each layer's load is a histogram of the per-expert counts. Read with
-    TensorBoard's own reader, as TensorBoard reads the folder."""
-    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, SCALARS, EventAccumulator
-
-    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0, HISTOGRAMS: 0})
-    ea.Reload()
-    rows = pq.read_table(run / "metrics.parquet").to_pylist()
-    want: dict[str, dict[int, float]] = {}
-    for r in rows:
-        for col, v in r.items():
-            if col != "step" and isinstance(v, int | float) and not isinstance(v, bool):
-                want.setdefault(_tb_tag(col), {})[r["step"]] = float(np.float32(v))
-    assert {"train/loss", "train/val_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "time/step_s",
-            "routing/L1_fanout"} <= set(want)  # fmt: skip
-    assert sorted(ea.Tags()["scalars"]) == sorted(want)
-    for tag, by_step in want.items():
-        got = [(e.step, e.value) for e in ea.Scalars(tag)]
-        assert got == sorted(by_step.items()), f"tensorboard {tag}: {got} != metrics.parquet {sorted(by_step.items())}"
-    loads = {_tb_tag(c) for c in rows[0] if c.endswith("_load")}
-    assert loads and sorted(ea.Tags()["histograms"]) == sorted(loads)
-    for tag in loads:
-        hist = [(e.step, e.histogram_value.num, e.histogram_value.sum) for e in ea.Histograms(tag)]
-        col = tag.split("/", 1)[1]
-        assert hist == [(r["step"], len(r[col]), sum(r[col])) for r in rows], tag
-
-
 def test_tensorboard_log_and_torch_profile_survive_ctrl_c_and_resume(tmp_path: Path, monkeypatch, capsys):
     """--log tensorboard --torch-profile 0-1, Ctrl-C before step 3 (checkpoint at 2, an
     evaluation logged at step 2), then --resume without evaluations: TensorBoard's reader
@@ -417,13 +381,13 @@ def test_tensorboard_log_and_torch_profile_survive_ctrl_c_and_resume(tmp_path: P
                        "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3", *TINY)  # fmt: skip
     assert code == 130
     assert pq.read_table(run / "metrics.parquet").to_pylist()[2]["val_loss"] is not None
-    _assert_tensorboard_equals_metrics(run)  # what the interrupted run left: steps 0..2
+    assert_tensorboard_equals_metrics(run)  # what the interrupted run left: steps 0..2
     assert run_cli("train", "--resume", str(run), "--set", "train.eval_every=0", "--no-progress", "--no-control") == 0
     assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in capsys.readouterr().out
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(5))
     assert rows[2]["val_loss"] is None and rows[4]["val_loss"] is not None  # the final evaluation
-    _assert_tensorboard_equals_metrics(run)
+    assert_tensorboard_equals_metrics(run)
 
     assert sorted(p.name for p in (run / "torch_profile").iterdir()) == ["rank0.step0-1.pt.trace.json"]
     trace = json.loads((run / "torch_profile" / "rank0.step0-1.pt.trace.json").read_text())
