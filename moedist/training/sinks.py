@@ -32,8 +32,8 @@ from moedist.config import ConfigError, RunConfig, to_dict
 
 SINKS = ("tensorboard", "wandb", "wandb:offline", "wandb:online")
 # sink -> (the package it imports, the pip command that installs it)
-PACKAGES = {"tensorboard": ("tensorboard", "pip install 'moedist[log]'  (or: pip install tensorboard)"),
-            "wandb": ("wandb", "pip install 'moedist[log]'  (or: pip install wandb)")}  # fmt: skip
+PACKAGES = {"tensorboard": ("tensorboard", "pip install 'moedist[log]' (or: pip install tensorboard)"),
+            "wandb": ("wandb", "pip install 'moedist[log]' (or: pip install wandb)")}  # fmt: skip
 WANDB_PROJECT = "moedist"
 _LAYER = re.compile(r"L\d+_")
 
@@ -61,9 +61,9 @@ def check_installed(value: str) -> None:
 
 
 def tag_of(column: str) -> str:
-    """The sink tag of a metrics column: time/ for seconds (step_s, a2a_s, ...; not rates such
-    as tokens_per_s), routing/
-    for a layer's columns (L1_fanout, ...), train/ for the rest (loss, val_loss, lr, ...)."""
+    """The sink tag of a metrics column: time/ for seconds (step_s, a2a_s, ...; not rates
+    such as tokens_per_s), routing/ for a layer's columns (L1_fanout, ...), train/ for the
+    rest (loss, val_loss, lr, ...)."""
     if column.endswith("_s") and not column.endswith("_per_s"):
         return f"time/{column}"
     if _LAYER.match(column):
