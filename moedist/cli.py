@@ -37,6 +37,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", metavar="SINKS", help="metrics also to tensorboard (RUN/tensorboard/), wandb (offline, "
+                   "RUN/wandb/; wandb:online to stream) or both: tensorboard,wandb (profile.log)")  # fmt: skip
+    p.add_argument("--torch-profile", metavar="A-B", help="torch.profiler Chrome traces of steps A..B on every "
+                   "worker into RUN/torch_profile/ (profile.torch_profile)")  # fmt: skip
     g = p.add_argument_group("expert parallelism on Ray (used when workers > 1 or --address is given)")
     g.add_argument("--workers", type=int, help="worker actors; the global batch is split among them (workers)")
     g.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: a new local instance")
@@ -62,6 +66,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moedist.training.loop import RunLoop, write_config
+    from moedist.training.sinks import check_installed as check_log_installed
     from moedist.training.trainer import Trainer, load_dataset
 
     cli_checks.check_train_flags(args)
@@ -80,6 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.setdefault("train", {})["progress"] = False
     if args.workers is not None:
         overrides["workers"] = args.workers
+    if args.log is not None:
+        overrides.setdefault("profile", {})["log"] = args.log
+    if args.torch_profile is not None:
+        overrides.setdefault("profile", {})["torch_profile"] = args.torch_profile
 
     if args.resume:
         from moedist.config import deep_update, parse_override
@@ -94,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.preset, args.config, overrides, args.set)
         out = None
     cli_checks.check_elastic(args, cfg)
+    check_log_installed(cfg.profile.log)  # before Ray starts or a run folder appears
     dataset = load_dataset(cfg)  # checked before anything is written or started
     if out is None:
         cli_checks.check_fits_in_memory(cfg, dataset.vocab_size)
@@ -137,6 +147,12 @@ def _print_done(run: Path, summary: dict[str, Any]) -> None:
         print(f"Recovered from {len(summary['failures'])} lost worker(s): see 'failures' in summary.json")
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
     print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
+    if (run / "tensorboard").is_dir():
+        print(f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
+    if any((run / "wandb").glob("offline-run-*")):
+        print(f"W&B:        {run / 'wandb'}/ (upload: wandb sync {run / 'wandb'}/offline-run-*)")
+    if (run / "torch_profile").is_dir():
+        print(f"Profiles:   {run / 'torch_profile'}/ (Chrome traces: ui.perfetto.dev)")
 
 
 def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: argparse.Namespace,

@@ -327,6 +327,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"({t.micro_batches} x {cfg.workers})"
         )
     check_expert_placement(m.n_experts, cfg.workers)
+    from moedist.training import sinks, torch_profile  # light modules (no torch until used)
+
+    sinks.parse_log(cfg.profile.log)
+    torch_profile.parse_window(cfg.profile.torch_profile, t.steps)
     return cfg
 
 

@@ -29,6 +29,7 @@ from moedist.errors import JobError  # defined there: the CLI handles it without
 from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
+from moedist.training.torch_profile import ROW_KEY
 
 if TYPE_CHECKING:
     from moedist.parallel.placement import ExpertPlacement
@@ -103,6 +104,7 @@ class Coordinator:
         self._spawned = 0  # actors started so far (names stay unique across replacements)
         self._growth: _Growth | None = None  # new workers starting ahead of a live scale-up
         self._actor_cls = None
+        self.torch_traces: dict[str, bytes] = {}  # file name -> Chrome trace, until taken
 
     # ------------------------------------------------------------------ start
     def start(self) -> list[dict[str, Any]]:
@@ -262,6 +264,8 @@ class Coordinator:
         """One step on every worker; rank 0's row (already global) plus cluster facts."""
         t0 = time.perf_counter()
         rows = self._get([w.train_step.remote() for w in self.workers], f"finish step {self.step}")
+        for r in rows:  # torch.profiler traces of a finished window (the run loop writes them)
+            self.torch_traces.update(r.pop(ROW_KEY, {}))
         row = dict(rows[0])
         row["step_s"] = time.perf_counter() - t0  # wall clock seen by the coordinator
         row["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.model.seq_len / row["step_s"]
@@ -273,6 +277,11 @@ class Coordinator:
         self.step += 1
         self.last_row = row
         return row
+
+    def take_torch_traces(self) -> dict[str, bytes]:
+        """The workers' torch.profiler traces that came in (file name -> bytes), once."""
+        out, self.torch_traces = self.torch_traces, {}
+        return out
 
     def evaluate(self) -> EvalResult:
         ev = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]

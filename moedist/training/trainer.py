@@ -32,6 +32,7 @@ from moedist.training.checkpoint import (
 )
 from moedist.training.evaluate import EvalResult, evaluate
 from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
+from moedist.training.torch_profile import StepProfiler, parse_window
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,6 +192,8 @@ class Trainer:
         self.skipped = 0
         self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+        self.torch_profiler = StepProfiler(parse_window(cfg.profile.torch_profile),
+                                           dist_ctx.rank if dist_ctx else 0, self.device.type)  # fmt: skip
 
     # ----------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -244,6 +247,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
+        """One optimiser step (`_train_step`), under torch.profiler in profile.torch_profile's steps."""
+        return self.torch_profiler.run(self.step, self._train_step)
+
+    def take_torch_traces(self) -> dict[str, bytes]:
+        """Chrome traces of finished torch.profiler windows (file name -> bytes), once."""
+        return self.torch_profiler.take()
+
+    def _train_step(self) -> dict[str, Any]:
         """One optimiser step over the global batch (split into micro-batches).
 
         The loss and the global gradient norm are checked before the update and the

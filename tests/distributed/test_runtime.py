@@ -18,6 +18,7 @@ from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError, Work
 from moedist.training.evaluate import evaluate
 from moedist.training.loop import TIMING_KEYS, RunLoop, single_process_loop, write_config
 from moedist.training.trainer import Trainer, load_dataset, load_trained, resume_config
+from tests.sink_helpers import assert_tensorboard_equals_metrics
 
 # Tiny on purpose: what is tested is the exchange of tokens and statistics, not learning.
 SMALL = {
@@ -163,6 +164,7 @@ def test_n_workers_equal_one_worker(local_ray, random_text, case, workers):
 
 def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     cfg = cfg_for("et", 2, steps=6, data=random_text)
+    cfg.profile.torch_profile, cfg.profile.log = "2-3", "tensorboard"  # traces of every rank; rows to TensorBoard
     coord = Coordinator(cfg, start_timeout_s=120)
     try:
         coord.start()
@@ -181,6 +183,13 @@ def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     assert all(r["comm_s"] >= max(r["a2a_s"], r["pool_s"], r["grad_sync_s"]) and r["compute_s"] > 0 for r in rows)
     assert summary["nodes"] == 1 and summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    # each worker's torch.profiler trace came back to the driver, one per rank
+    traces = sorted((tmp_path / "run" / "torch_profile").iterdir())
+    assert [p.name for p in traces] == ["rank0.step2-3.pt.trace.json", "rank1.step2-3.pt.trace.json"]
+    for p in traces:
+        names = {e.get("name", "") for e in json.loads(p.read_text())["traceEvents"]}
+        assert "aten::mm" in names and any("all_to_all" in n for n in names), (p.name, sorted(names)[:30])
+    assert_tensorboard_equals_metrics(tmp_path / "run")  # the coordinator's rows (a2a_s, comm_s, ... included)
     # The checkpoint holds the whole model, like a single-process run's: evaluating it in
     # one process gives the loss the two workers measured on their shards of the val set.
     _, model, _, step = load_trained(tmp_path / "run")

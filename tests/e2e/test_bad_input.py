@@ -139,11 +139,29 @@ def test_data_prepare_does_not_warn_when_the_validation_split_is_long_enough(tmp
             "--elastic: the job starts with 2 workers (--workers or the config's workers), outside 3:4",
         ),
         (["--elastic", "1:4"], "--elastic: a single-process run cannot change its worker count"),
+        (["--workers", "2", "--log", "tensorboard,foo"],
+         "profile.log: 'foo' is not one of: tensorboard, wandb, wandb:offline, wandb:online (comma-separated)"),
+        (["--workers", "2", "--log", "wandb,wandb:online"], "profile.log: 'wandb,wandb:online' names a sink twice"),
+        (["--workers", "2", "--torch-profile", "3-1"], "profile.torch_profile: '3-1' ends before it starts"),
+        (["--workers", "2", "--torch-profile", "1:2"], "profile.torch_profile: '1:2' is not a step range A-B"),
+        (["--workers", "2", "--steps", "4", "--torch-profile", "2-4"],
+         "profile.torch_profile: step 4 is past the run's last step (train.steps = 4: steps 0..3)"),
     ],
 )
 def test_runtime_flags_are_checked_before_ray_starts(flags, match, tmp_path: Path, capsys, no_ray):
     out = tmp_path / "r"
     _fails(capsys, "train", "--out", str(out), *SMALL, *flags, match=match)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "package"), [("tensorboard", "tensorboard"), ("tensorboard,wandb", "wandb")])
+def test_a_metric_sink_that_is_not_installed_is_refused_before_ray_starts(flag, package, tmp_path: Path, capsys,
+                                                                          monkeypatch, no_ray):  # fmt: skip
+    monkeypatch.setitem(sys.modules, package, None)  # as if absent: find_spec and import fail
+    out = tmp_path / "r"
+    line = _fails(capsys, "train", "--out", str(out), "--workers", "2", "--log", flag, *SMALL,
+                  match=f"needs the {package} package, which is not installed: pip install 'moedist[log]'")  # fmt: skip
+    assert f"pip install {package})" in line
     assert not out.exists()
 
 

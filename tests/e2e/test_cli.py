@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moedist.cli import main
+from tests.sink_helpers import assert_tensorboard_equals_metrics
 
 # A small but real model: the tiny preset shrunk so a run takes seconds on 2 cores.
 SMALL = [
@@ -348,3 +349,47 @@ def test_aoe_and_etr_train_eval_generate_resume(router: str, tmp_path: Path, cap
     assert run_cli("generate", "--run", str(out), "--prompt", "import ", "--max-new-tokens", "8") == 0
     assert run_cli("train", "--resume", str(out), "--steps", "6", "--no-progress") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+# A model for tests of outputs, not of learning: a step takes milliseconds.
+TINY = [
+    "--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
+    "--set", "model.seq_len=16", "--set", "model.n_experts=4", "--set", "train.batch_size=4",
+    "--set", "train.eval_tokens=256", "--set", "router.et_warmup_steps=2", "--no-progress", "--no-control",
+]  # fmt: skip
+
+
+def test_tensorboard_log_and_torch_profile_survive_ctrl_c_and_resume(tmp_path: Path, monkeypatch, capsys):
+    """--log tensorboard --torch-profile 0-1, Ctrl-C before step 3 (checkpoint at 2, an
+    evaluation logged at step 2), then --resume without evaluations: TensorBoard's reader
+    sees exactly metrics.parquet (the interrupted run's sinks were closed, so its steps are
+    on disk; the replayed step 2 replaces the old one, its val_loss included), and the
+    profiled window is one Chrome trace of rank 0."""
+    from moedist.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def interrupted_step(self: Trainer) -> dict:
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupted_step)
+        code = run_cli("train", "--steps", "5", "--out", str(run), "--log", "tensorboard", "--torch-profile", "0-1",
+                       "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3", *TINY)  # fmt: skip
+    assert code == 130
+    assert pq.read_table(run / "metrics.parquet").to_pylist()[2]["val_loss"] is not None
+    assert_tensorboard_equals_metrics(run)  # what the interrupted run left: steps 0..2
+    assert run_cli("train", "--resume", str(run), "--set", "train.eval_every=0", "--no-progress", "--no-control") == 0
+    assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in capsys.readouterr().out
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == list(range(5))
+    assert rows[2]["val_loss"] is None and rows[4]["val_loss"] is not None  # the final evaluation
+    assert_tensorboard_equals_metrics(run)
+
+    assert sorted(p.name for p in (run / "torch_profile").iterdir()) == ["rank0.step0-1.pt.trace.json"]
+    trace = json.loads((run / "torch_profile" / "rank0.step0-1.pt.trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names) and "aten::mm" in names, sorted(names)[:20]

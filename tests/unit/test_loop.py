@@ -12,7 +12,9 @@ from moedist.config import build_config
 from moedist.training.checkpoint import list_checkpoints, load_checkpoint
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import RunLoop, TooManyFailuresError, WorkerLostError, write_config
+from moedist.training.sinks import MetricSinks
 from moedist.training.trainer import load_dataset
+from tests.sink_helpers import wandb_runs
 
 
 class FakeExecutor:
@@ -159,3 +161,85 @@ def test_summary_is_valid_json_when_a_step_was_skipped(tmp_path):
     rows = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
     # the tail (10% of 9 kept steps = the last kept one) leaves the skipped step out
     assert summary["skipped_steps"] == 1 and summary["final_train_loss"] == rows[8]["loss"]
+
+
+def test_wandb_offline_run_holds_every_row_once_across_a_recovery_and_a_resume(tmp_path):
+    """profile.log = wandb, offline: a lost worker at step 5 (replayed from the checkpoint
+    at 3), then a resume to 12 steps: one W&B run id for the folder (a second offline run
+    directory for the resumed job), every step logged once, each scalar equal to
+    metrics.parquet (val_loss where evaluated, the final one included); lists not logged."""
+    pytest.importorskip("wandb")
+
+    def run(steps, resume=False, fail_at=()):
+        cfg = build_config("tiny", None, {"train": {"steps": steps, "eval_every": 4, "progress": False,
+                                                    "checkpoint_every": 3}, "profile": {"log": "wandb"}})  # fmt: skip
+        if not resume:
+            write_config(tmp_path, cfg)
+        loop = RunLoop(cfg, tmp_path, FakeExecutor(fail_at=fail_at), load_dataset(cfg).tokenizer.to_spec())
+        if resume:
+            loop.restore()
+        return loop.run()
+
+    assert run(8, fail_at={5})["failures"][0]["restored_step"] == 3
+    first = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
+    run(12, resume=True)
+    # the resumed rows come from the checkpoint at 8, written before the final evaluation
+    # of step 7: W&B keeps that val_loss, as the first run's metrics.parquet did
+    rows = first + pq.read_table(tmp_path / "metrics.parquet").to_pylist()[8:]
+    runs = wandb_runs(tmp_path)
+    run_id = (tmp_path / "wandb" / "moedist_run_id").read_text().strip()
+    assert [r[0] for r in runs] == [run_id, run_id]
+    history = [h for _, hs in runs for h in hs]
+    assert [h["_step"] for h in history] == list(range(12)) == [r["step"] for r in rows]
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [3, 7, 11]
+    for h, r in zip(history, rows, strict=True):
+        want = {"train/loss": r["loss"], "train/tokens_per_s": r["tokens_per_s"]}
+        if r["val_loss"] is not None:
+            want["train/val_loss"] = r["val_loss"]
+        assert {k: v for k, v in h.items() if not k.startswith("_")} == want, r["step"]
+
+
+class RecordingSink:
+    """A metric sink that records what the run loop asks of it."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def write(self, row):
+        self.calls.append(("row", row["step"], row["val_loss"] is not None))
+
+    def write_value(self, step, column, value):
+        self.calls.append((column, step))
+
+    def rewind(self, step):
+        self.calls.append(("rewind", step))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.mark.parametrize("how", ["finish", "stop", "error", "recovery"])
+def test_the_loop_feeds_its_sinks_every_row_and_closes_them_on_every_way_out(tmp_path, monkeypatch, how):
+    """Rows as they come (evaluated ones with their val_loss), the final evaluation's
+    val_loss, a rewind to the checkpoint a recovery replays from, and one close: at the
+    end, after a stop at a step boundary, after an error, after a recovery."""
+    sink = RecordingSink()
+    monkeypatch.setattr(MetricSinks, "open", classmethod(lambda cls, cfg, run_dir, step: cls([sink])))
+    monkeypatch.setattr("moedist.training.plots.write_plots", lambda *a: None)  # not what is tested; slow
+    ex = FakeExecutor(fail_at={5} if how == "recovery" else (), eval_fails=how == "error")
+    loop = make(tmp_path, ex, steps=6, eval_every=4 if how != "error" else 0, ckpt_every=3)
+    if how == "stop":
+        loop.on_boundary.append(lambda lp: lp.request_stop() if lp.step == 3 else None)
+    if how == "error":
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            loop.run()
+    else:
+        loop.run()
+    rows = {"finish": [0, 1, 2, 3, 4, 5], "stop": [0, 1, 2], "error": [0, 1, 2, 3, 4, 5],
+            "recovery": [0, 1, 2, 3, 4, 3, 4, 5]}[how]  # fmt: skip
+    want = [("row", s, s == 3 and how != "error") for s in rows]
+    if how == "recovery":
+        want.insert(5, ("rewind", 3))
+    if how != "error":
+        want.append(("val_loss", rows[-1]))
+    assert sink.calls == [*want, ("close",)]
