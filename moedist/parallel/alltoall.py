@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from moedist.kernels.dispatch import combine, inverse_permutation, sort_by_expert
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
-from moedist.parallel.clock import CommClock, measure
+from moedist.parallel.clock import CommClock, measure, note_collective
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -48,31 +48,41 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock) -> Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
-        return _exchange(x_ND, send_splits, recv_splits, group, clock)
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, kind) -> Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock, ctx.kind = send_splits, recv_splits, group, clock, kind
+        return _exchange(x_ND, send_splits, recv_splits, group, clock, kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        return _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock), None, None, None, None
+        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.kind)
+        return grad_ND, None, None, None, None, None
 
 
-def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None) -> Tensor:
+def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None,
+              kind: str = "a2a") -> Tensor:  # fmt: skip
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
-    with measure(clock, "a2a"):
+    with measure(clock, kind):
+        note_collective(_bytes_to_others(x_ND, send_splits, group))
         dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
     return out_RD
 
 
+def _bytes_to_others(x_ND: Tensor, send_splits: list[int], group) -> int:
+    """Bytes of the rows of x_ND that go to other ranks (the self slice never leaves)."""
+    row = x_ND[0].numel() * x_ND.element_size() if x_ND.shape[0] else 0
+    return (sum(send_splits) - send_splits[dist.get_rank(group)]) * row
+
+
 def all_to_all_rows(
-    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None
-) -> Tensor:
+    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None,
+    kind: str = "a2a",
+) -> Tensor:  # fmt: skip
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
     to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
-    the seconds of both the forward and the backward exchange under "a2a"."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock)
+    the seconds (and bytes sent) of both the forward and the backward exchange under `kind`."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, kind)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -97,7 +107,8 @@ class AllToAllDispatcher:
     ``placement.local_experts(rank)`` order; ``plan`` uses global expert ids. ``group`` is a
     torch.distributed process group (None: the default group) whose size is
     ``placement.world_size``; ranks are group ranks. ``clock``, when set, accumulates the
-    seconds of every exchange (counts and rows, forward and backward) under "a2a".
+    seconds of every exchange, forward and backward: the counts and the rows out under
+    "dispatch", the results back under "combine".
     """
 
     def __init__(
@@ -123,8 +134,10 @@ class AllToAllDispatcher:
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
         recv_counts_WL = counts_S.new_empty(W * L)
-        with measure(self.clock, "a2a"):
-            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)], group=group)
+        with measure(self.clock, "dispatch"):
+            send_counts = [P.n_local(w) for w in range(W)]
+            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
         # One host transfer for both (one sync on CUDA): split sizes must be host ints.
         host = torch.cat([counts_S, recv_counts_WL]).tolist()
         send_S, recv_WL = host[:E], host[E:]
@@ -140,7 +153,7 @@ class AllToAllDispatcher:
         rows_AD = expert_rows(x_TD, token_A, order_A, plan)
         if torch.is_autocast_enabled(device.type):
             rows_AD = rows_AD.to(torch.get_autocast_dtype(device.type))
-        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock)
+        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock, "dispatch")
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
         # With one source or one local expert the two orders coincide.
@@ -157,7 +170,7 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock)
+        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock, "combine")
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
 

@@ -136,7 +136,13 @@ class Worker:
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
-        return self.trainer.train_step()
+        """The step's row; a traced step's events ride along under "_trace" (the
+        coordinator takes them out)."""
+        row = self.trainer.train_step()
+        trace = self.trainer.take_trace()
+        if trace:
+            row["_trace"] = trace
+        return row
 
     def evaluate(self) -> dict[str, Any]:
         return self.trainer.evaluate().to_json()
