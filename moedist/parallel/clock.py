@@ -79,7 +79,7 @@ class CommClock:
         self.tracing = False  # record events of this step
         self.events: list[tuple[str, float, float, int, int]] = []  # (kind, t0, t1, bytes, collectives)
         self._stack: list[_Frame] = []
-        self._cuda = False
+        self._cuda = _cuda_in_use()
 
     # ------------------------------------------------------------ blocks
     def open(self, kind: str) -> None:
@@ -119,7 +119,6 @@ class CommClock:
     def measure(self, kind: str) -> Iterator[None]:
         """Add the self time of the block (its wall time less the blocks measured inside)
         to `kind`."""
-        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self.open(kind)
         try:
             yield
@@ -152,7 +151,7 @@ class CommClock:
         self.bytes.clear()
         self.tracing = tracing
         self.events = []
-        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._cuda = _cuda_in_use()  # checked once a step (measure is called often)
         return time.perf_counter()
 
     def abandon(self) -> None:
@@ -178,6 +177,10 @@ class CommClock:
     def take_events(self) -> list[tuple[str, float, float, int, int]]:
         out, self.events = self.events, []
         return out
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 class _Null:

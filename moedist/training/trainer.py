@@ -288,25 +288,26 @@ class Trainer:
         tracing = w is not None and w[0] <= self.step <= w[1] and clock is not None and clock.spans
         t0 = clock.begin_step(tracing) if clock is not None else time.perf_counter()
         d = self.dist
-        with self._span("data"):
+        with self._span("data"):  # the batch, and the step's set-up (learning rate, counters)
             if d is None:
                 batch_BS1 = self.sampler.global_batch(self.step)
             else:
                 batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world, cfg.train.micro_batches)
-        n_micro = cfg.train.micro_batches
-        lr = lr_at(self.step, cfg)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        ce_sum, aux_sum = 0.0, 0.0
-        n_moe = len(model.moe_blocks())
-        load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
-        assigned_L = torch.zeros(n_moe, dtype=torch.int64)
-        # Per-expert counts the routers' plans carry (e.g. "capped"), summed like the loads.
-        stat_names = [router.plan_stat_names() for router in model.routers()]
-        stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
-                   for i, names in enumerate(stat_names) for name in names}  # fmt: skip
+            n_micro = cfg.train.micro_batches
+            lr = lr_at(self.step, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            ce_sum, aux_sum = 0.0, 0.0
+            n_moe = len(model.moe_blocks())
+            load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
+            assigned_L = torch.zeros(n_moe, dtype=torch.int64)
+            # Per-expert counts the routers' plans carry (e.g. "capped"), summed like the loads.
+            stat_names = [router.plan_stat_names() for router in model.routers()]
+            stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
+                       for i, names in enumerate(stat_names) for name in names}  # fmt: skip
+            micro_batches = np.split(batch_BS1, n_micro)
         try:
-            for mb in np.split(batch_BS1, n_micro):
+            for mb in micro_batches:
                 with self._span("data"):
                     b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
                 # dense_fwd / dense_bwd are the self times of these two blocks: the forward and
