@@ -183,24 +183,27 @@ def test_clock_spans_are_self_times_and_collectives_go_to_the_innermost_span(mon
         now[0] = 10.0
     clock_mod.note_collective(7)  # outside any block: not counted
 
-    def fn(x):
-        return x * 2
+    def fn(x):  # its backward takes 0.5 s
+        y = x * 2
+        y.register_hook(lambda g: now.__setitem__(0, now[0] + 0.5))
+        return y
 
     x = torch.ones(3, requires_grad=True)
     y = clock.traced("expert", fn, x)  # forward: 0 s
     now[0] = 11.0
     with clock.measure("dense_bwd"):
-        now[0] = 12.0
-        y.sum().backward()  # the expert block opens and closes at 12.0 ...
-    assert clock.take() == {"dense_fwd": 3.0, "dispatch": 3.0, "expert": 4.0, "dense_bwd": 1.0}
+        y.sum().backward()  # the expert block opens at 11.0 and closes at 11.5
+        now[0] = 13.0
+    assert clock.take() == {"dense_fwd": 3.0, "dispatch": 3.0, "expert": 4.5, "dense_bwd": 1.5}
     assert clock.take_counts() == ({"dense_fwd": 0, "dispatch": 2, "expert": 0, "dense_bwd": 0},
                                    {"dense_fwd": 0, "dispatch": 120, "expert": 0, "dense_bwd": 0})  # fmt: skip
     ev = {(k, a, b) for k, a, b, _, _ in clock.take_events()}
-    assert {("dense_fwd", 0.0, 10.0), ("dispatch", 2.0, 5.0), ("expert", 5.0, 9.0), ("dense_bwd", 11.0, 12.0)} <= ev
+    assert {("dense_fwd", 0.0, 10.0), ("dispatch", 2.0, 5.0), ("expert", 5.0, 9.0), ("expert", 11.0, 11.5),
+            ("dense_bwd", 11.0, 13.0)} <= ev
     assert not clock_mod._OPEN and torch.equal(x.grad, torch.full((3,), 2.0))
     off = clock_mod.CommClock()  # spans off: span() is a no-op, measure() still counts
     with off.span("router"), off.measure("pool"):
-        now[0] = 13.0
+        now[0] = 14.0
     assert off.take() == {"pool": 1.0}
 
 
