@@ -97,16 +97,19 @@ def plot_comm_vs_compute(rows: list[dict[str, Any]], path: Path) -> bool:
     if not prof:
         return False
     steps = np.array([r["step"] for r in prof])
-    per_worker = prof[0].get("worker_spans") is not None
-    W = max(len(r["worker_spans"]) for r in prof) if per_worker else 1
+    per_worker = prof[0].get("workers_step_s") is not None
+    W = max(len(r["workers_step_s"]) for r in prof) if per_worker else 1
     shown = min(W, MAX_WORKER_PANELS)
     fig, axes = plt.subplots(shown, 1, figsize=(9, 2.2 * shown + 1.2), squeeze=False, sharex=True, sharey=True)
     for w in range(shown):
         ax = axes[w, 0]
-        if per_worker:
-            spans = [r["worker_spans"][w] if w < len(r["worker_spans"]) else None for r in prof]
-            sec = {s: np.array([sp[s] if sp else np.nan for sp in spans]) for s in SPAN_NAMES}
-            step_s = np.array([sp["step_s"] if sp else np.nan for sp in spans])
+        if per_worker:  # a step run by fewer workers (after a recovery) leaves a gap
+
+            def at(key: str, w: int = w) -> np.ndarray:
+                return np.array([r[key][w] if w < len(r[key]) else np.nan for r in prof])
+
+            sec = {s: at(f"workers_span_{s}_s") for s in SPAN_NAMES}
+            step_s = at("workers_step_s")
             title = f"worker {w}"
         else:
             sec = {s: np.array([r[f"span_{s}_s"] for r in prof]) for s in SPAN_NAMES}

@@ -15,7 +15,8 @@ Columns of a row (profile.spans on; moedist.parallel.clock says how spans are ti
     slowest_worker        rank with the most busy time (step time less collective time: the
                           others wait for it inside collectives)
     slowest_by_s          its busy time less the mean busy time of the other workers
-    worker_spans          per rank: step_s, comm_s and every span's seconds
+    workers_step_s, workers_comm_s, workers_span_<name>_s
+                          the same per rank (lists in rank order)
 The span/bytes/collective columns of an expert-parallel row are the slowest worker's.
 """
 
@@ -34,7 +35,10 @@ from moedist.parallel.clock import COMM_KINDS, EXCHANGE_KINDS, SPANS, CommClock
 SPAN_NAMES = (*SPANS, "other")
 SPAN_COLUMNS = tuple(f"span_{s}_s" for s in SPAN_NAMES)
 COUNT_KINDS = ("pool", "dispatch", "combine", "grad_sync", "stats")
-WORKER_KEYS = ("worker_step_s", "slowest_worker", "slowest_by_s", "worker_spans")
+# Per-rank lists (one number per worker, rank order): plain float arrays, so parquet and the
+# control API's metric streams carry them as they do the per-expert loads.
+WORKER_LISTS = ("workers_step_s", "workers_comm_s", *(f"workers_span_{s}_s" for s in SPAN_NAMES))
+WORKER_KEYS = ("worker_step_s", "slowest_worker", "slowest_by_s", *WORKER_LISTS)
 PROFILE_KEYS = frozenset(
     (*SPAN_COLUMNS, "a2a_bytes", "collectives", *(f"{k}_collectives" for k in COUNT_KINDS),
      *(f"{k}_bytes" for k in COUNT_KINDS), *WORKER_KEYS)
@@ -95,8 +99,10 @@ def worker_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["worker_step_s"] = rows[slow]["step_s"]
     out["slowest_worker"] = slow
     out["slowest_by_s"] = busy[slow] - float(np.mean(others)) if others else 0.0
-    out["worker_spans"] = [{"step_s": r["step_s"], "comm_s": r.get("comm_s", 0.0),
-                            **{s: r[f"span_{s}_s"] for s in SPAN_NAMES}} for r in rows]  # fmt: skip
+    out["workers_step_s"] = [r["step_s"] for r in rows]
+    out["workers_comm_s"] = [r.get("comm_s", 0.0) for r in rows]
+    for s in SPAN_NAMES:
+        out[f"workers_span_{s}_s"] = [r[f"span_{s}_s"] for r in rows]
     return out
 
 
@@ -208,7 +214,7 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
     }
     if dist:
         ranks = [r["slowest_worker"] for r in kept]
-        W = max(len(r["worker_spans"] or []) for r in kept)
+        W = max(len(r["workers_step_s"] or []) for r in kept)
         counts = np.bincount(ranks, minlength=W)
         by = [r["slowest_by_s"] for r in kept]
         by_share = [b / t for b, t in zip(by, step_s, strict=True) if t > 0]

@@ -206,7 +206,8 @@ def assert_profile(run, rows: list[dict], capsys) -> None:
         assert r["dispatch_collectives"] == 2 * 3 and r["combine_collectives"] == 2 * 2, r
         assert r["pool_collectives"] > 0 and r["grad_sync_collectives"] > 0 and r["stats_collectives"] > 0
         assert r["collectives"] >= sum(r[f"{k}_collectives"] for k in ("pool", "dispatch", "combine", "grad_sync"))
-        assert len(r["worker_spans"]) == 2 and r["slowest_worker"] in (0, 1)
+        assert len(r["workers_step_s"]) == len(r["workers_span_expert_s"]) == 2 and r["slowest_worker"] in (0, 1)
+        assert r["span_expert_s"] == r["workers_span_expert_s"][r["slowest_worker"]]
         # The spans are the slowest worker's and cover its step: what is left is the glue
         # between spans (a few statements, well under 1 ms; 25% + 5 ms allows a busy machine).
         inner = sum(r[c] for c in SPAN_COLUMNS)
