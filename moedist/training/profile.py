@@ -214,7 +214,7 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
     }
     if dist:
         ranks = [r["slowest_worker"] for r in kept]
-        W = max(len(r["workers_step_s"] or []) for r in kept)
+        W = max(max(len(r.get("workers_step_s") or []) for r in kept), max(ranks) + 1)
         counts = np.bincount(ranks, minlength=W)
         by = [r["slowest_by_s"] for r in kept]
         by_share = [b / t for b, t in zip(by, step_s, strict=True) if t > 0]
