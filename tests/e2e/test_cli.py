@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moedist.cli import main
+from moedist.training.profile import PROFILE_KEYS, SPAN_COLUMNS
 
 # A small but real model: the tiny preset shrunk so a run takes seconds on 2 cores.
 SMALL = [
@@ -73,13 +74,16 @@ def test_generate_prints_continuation(trained: Path, capsys):
 
 
 # Metric columns a resumed run must reproduce bit for bit, and the ones it cannot.
-RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped"}
+RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped",
+                # the step profile's counts: what the step did, not how long it took
+                *(k for k in PROFILE_KEYS if k.endswith(("_bytes", "collectives")))}  # fmt: skip
 RESUME_EQUAL_PER_LAYER = re.compile(r"^L\d+_(load|fanout|threshold|capped)$")
 # Wall-clock measurements of the step (and its throughput): they differ between any two runs.
-RESUME_TIMING = {"step_s", "tokens_per_s"}
+RESUME_TIMING = {"step_s", "tokens_per_s", *SPAN_COLUMNS}
 # summary.json keys that measure time, or count what this invocation did (the resumed run
 # saved one checkpoint, the uninterrupted one two).
-SUMMARY_NOT_EQUAL = {"wall_s", "tokens_per_s", "step_s_per_step", "checkpoints_saved", "checkpoint_s_per_save"}
+SUMMARY_NOT_EQUAL = {"wall_s", "tokens_per_s", "step_s_per_step", "checkpoints_saved", "checkpoint_s_per_save",
+                     *(f"{c}_per_step" for c in SPAN_COLUMNS)}  # fmt: skip
 
 
 def _assert_rows_equal(want: list[dict], got: list[dict], what: str) -> None:
