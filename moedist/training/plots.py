@@ -97,24 +97,26 @@ def plot_comm_vs_compute(rows: list[dict[str, Any]], path: Path) -> bool:
     if not prof:
         return False
     steps = np.array([r["step"] for r in prof])
-    per_worker = prof[0].get("workers_step_s") is not None
-    W = max(len(r["workers_step_s"]) for r in prof) if per_worker else 1
+    # Expert-parallel rows carry per-rank lists; a single-process row (also part of a run
+    # resumed on one worker) is worker 0's alone.
+    W = max(len(r.get("workers_step_s") or [None]) for r in prof)
+    per_worker = any(r.get("workers_step_s") is not None for r in prof)
     shown = min(W, MAX_WORKER_PANELS)
+
+    def at(r: dict[str, Any], span: str | None, w: int) -> float:
+        lst = r.get(f"workers_span_{span}_s" if span else "workers_step_s")
+        if lst is not None:
+            return lst[w] if w < len(lst) else np.nan
+        if w:
+            return np.nan
+        return r[f"span_{span}_s"] if span else (r.get("worker_step_s") or r["step_s"])
+
     fig, axes = plt.subplots(shown, 1, figsize=(9, 2.2 * shown + 1.2), squeeze=False, sharex=True, sharey=True)
     for w in range(shown):
         ax = axes[w, 0]
-        if per_worker:  # a step run by fewer workers (after a recovery) leaves a gap
-
-            def at(key: str, w: int = w) -> np.ndarray:
-                return np.array([r[key][w] if w < len(r[key]) else np.nan for r in prof])
-
-            sec = {s: at(f"workers_span_{s}_s") for s in SPAN_NAMES}
-            step_s = at("workers_step_s")
-            title = f"worker {w}"
-        else:
-            sec = {s: np.array([r[f"span_{s}_s"] for r in prof]) for s in SPAN_NAMES}
-            step_s = np.array([r["step_s"] for r in prof])
-            title = "one process"
+        sec = {s: np.array([at(r, s, w) for r in prof]) for s in SPAN_NAMES}
+        step_s = np.array([at(r, None, w) for r in prof])
+        title = f"worker {w}" if per_worker else "one process"
         bottom = np.zeros(len(prof))
         for s in SPAN_NAMES:
             if s == "other" and not np.nansum(sec[s]):

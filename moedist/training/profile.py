@@ -178,7 +178,8 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
                            "moedist recorded them)")  # fmt: skip
     first = min(r["step"] for r in prof)
     kept = [r for r in prof if r["step"] >= first + skip] or prof
-    dist = "worker_step_s" in kept[0] and kept[0].get("worker_step_s") is not None
+    # Expert-parallel rows (a resumed run may mix them with single-process ones)
+    dist = any(r.get("worker_step_s") is not None for r in kept)
     step_s = [r["step_s"] for r in kept]
     parts: list[dict[str, Any]] = []
 
@@ -191,10 +192,10 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
         secs = [r[f"span_{s}_s"] for r in kept]
         if s != "other" or any(secs):
             part(s, secs)
-    inner = [r["worker_step_s"] if dist else r["step_s"] for r in kept]
+    inner = [r.get("worker_step_s") or r["step_s"] for r in kept]
     part("unaccounted", [t - sum(r[c] for c in SPAN_COLUMNS) for r, t in zip(kept, inner, strict=True)])
     if dist:
-        part("driver", [r["step_s"] - r["worker_step_s"] for r in kept])
+        part("driver", [r["step_s"] - (r.get("worker_step_s") or r["step_s"]) for r in kept])
     exch_s = sum(r[f"span_{k}_s"] for r in kept for k in ("dispatch", "combine"))
     exch_b = sum(r["a2a_bytes"] for r in kept)
     kinds = {k: {"collectives": float(np.mean([r[f"{k}_collectives"] for r in kept])),
@@ -213,10 +214,10 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
         "workers": 1,
     }
     if dist:
-        ranks = [r["slowest_worker"] for r in kept]
+        ranks = [r.get("slowest_worker") or 0 for r in kept]
         W = max(max(len(r.get("workers_step_s") or []) for r in kept), max(ranks) + 1)
         counts = np.bincount(ranks, minlength=W)
-        by = [r["slowest_by_s"] for r in kept]
+        by = [r.get("slowest_by_s") or 0.0 for r in kept]
         by_share = [b / t for b, t in zip(by, step_s, strict=True) if t > 0]
         out.update(workers=W, slowest_worker=int(np.argmax(counts)),
                    slowest_share_of_steps=float(counts.max() / len(kept)), slowest_by_s=float(np.mean(by)),

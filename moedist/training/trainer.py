@@ -376,19 +376,7 @@ class Trainer:
             "val_loss": None,
             "skipped": skipped,
         }
-        if clock is not None:
-            from moedist.training import profile
-
-            seconds = clock.take()
-            if d is not None:
-                # a2a: token exchanges (dispatch and combine, forward and backward); pool: global
-                # routing statistics (token counts, radix-select cutoffs); grad_sync: the
-                # dense-gradient all-reduce; comm_s their sum.
-                row.update(profile.comm_seconds(seconds))
-            if clock.spans:
-                row.update(profile.step_columns(seconds, *clock.take_counts()))
-            if tracing:
-                self.trace[self.step] = profile.step_events(clock, t0, t1, profile.wall_offset())
+        self._profile_columns(row, t0, t1)
         for i, (layer, router) in enumerate(zip(model.moe_layer_ids(), model.routers(), strict=True)):
             row[f"L{layer}_load"] = load_LE[i].tolist()
             row[f"L{layer}_fanout"] = float(assigned_L[i]) / n_tokens
@@ -399,6 +387,24 @@ class Trainer:
         self.step += 1
         self.last_row = row
         return row
+
+    def _profile_columns(self, row: dict[str, Any], t0: float, t1: float) -> None:
+        """The step clock's columns (and a traced step's events) for the step t0..t1."""
+        clock = self.clock
+        if clock is None:
+            return
+        from moedist.training import profile
+
+        seconds = clock.take()
+        if self.dist is not None:
+            # a2a: token exchanges (dispatch and combine, forward and backward); pool: global
+            # routing statistics (token counts, radix-select cutoffs); grad_sync: the
+            # dense-gradient all-reduce; comm_s their sum.
+            row.update(profile.comm_seconds(seconds))
+        if clock.spans:
+            row.update(profile.step_columns(seconds, *clock.take_counts()))
+        if clock.tracing:
+            self.trace[self.step] = profile.step_events(clock, t0, t1, profile.wall_offset())
 
     def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
         """The forward pass of this step produced NaN router logits: stop or skip."""
@@ -411,11 +417,13 @@ class Trainer:
                 self.step,
             )
         self.skipped += 1
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
         n_tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
         row = {"step": self.step, "loss": math.nan, "aux_loss": math.nan, "lr": lr, "grad_norm": math.nan,
                "tokens": (self.step + 1) * n_tokens, "step_s": dt, "tokens_per_s": n_tokens / dt, "val_loss": None,
                "skipped": True}  # fmt: skip
+        self._profile_columns(row, t0, t1)  # the columns every row has (parquet keeps the first row's)
         for layer, router in zip(self.model.moe_layer_ids(), self.model.routers(), strict=True):
             row[f"L{layer}_load"] = None  # nothing was routed to completion
             row[f"L{layer}_fanout"] = None

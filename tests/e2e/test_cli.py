@@ -314,6 +314,11 @@ def test_expert_parallel_training_from_the_cli(tmp_path: Path, capsys):
     assert ev["step"] == 4 and ev["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
     assert run_cli("train", "--resume", str(out), "--workers", "1", "--steps", "6", "--no-progress") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    # the profile of a run whose rows are part 2-worker, part single-process
+    assert (out / "plots" / "comm_vs_compute.png").is_file()
+    capsys.readouterr()
+    assert run_cli("profile", str(out), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == 2
 
 
 def test_bad_worker_count_is_refused_before_anything_starts(tmp_path: Path, capsys):
