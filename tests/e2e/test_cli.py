@@ -54,8 +54,12 @@ def test_training_lowers_val_loss_and_writes_run_folder(trained: Path):
     assert len(set(rows[0]["L1_load"])) == 1
     k = 8 * 64 / 8
     assert all(math.floor(0.5 * k) <= x <= math.ceil(1.5 * k) for x in rows[-1]["L1_load"])
-    for name in ("loss.png", "expert_load.png", "fanout.png"):
+    for name in ("loss.png", "expert_load.png", "fanout.png", "comm_vs_compute.png"):
         assert (trained / "plots" / name).stat().st_size > 1000
+    # the step profile: trace.json of the default window (steps 2-4), span columns
+    trace = json.loads((trained / "trace.json").read_text())
+    assert {e["args"]["step"] for e in trace["traceEvents"] if e["ph"] == "X"} == {2, 3, 4}
+    assert all(r["span_expert_s"] > 0 and r["collectives"] == 0 for r in rows)
     assert (trained / "config.toml").is_file()
     ckpt = trained / "checkpoints" / "step_000060"
     assert (ckpt / "manifest.json").is_file()
