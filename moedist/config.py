@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -193,7 +194,7 @@ def parse_trace_steps(text: str, steps: int) -> tuple[int, int] | None:
         first = min(2, steps - 1)
         return first, min(first + 2, steps - 1)
     parts = text.split("-")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):
         raise ConfigError(f"profile.trace_steps: expected \"A-B\" (0-based steps, e.g. 10-12), \"auto\" or \"\", "
                           f"got {text!r}")  # fmt: skip
     first, last = int(parts[0]), int(parts[1])
