@@ -1,4 +1,4 @@
-"""`moedist train | eval | generate | signatures | data prepare | ctl`.
+"""`moedist train | eval | generate | signatures | data prepare | ctl | profile | plot`.
 
 Bad input exits with status 2 and one line `moedist: error: ...` naming what is wrong;
 no run folder is created until the configuration and the data have been checked.
@@ -146,7 +146,9 @@ def _print_done(run: Path, summary: dict[str, Any]) -> None:
     if summary.get("failures"):
         print(f"Recovered from {len(summary['failures'])} lost worker(s): see 'failures' in summary.json")
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
-    print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
+    print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png, comm_vs_compute.png)")
+    if (run / "trace.json").is_file():
+        print(f"Trace:      {run / 'trace.json'} (ui.perfetto.dev); breakdown: moedist profile {run}")
     if (run / "tensorboard").is_dir():
         print(f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
     if any((run / "wandb").glob("offline-run-*")):
@@ -293,6 +295,24 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from moedist.training.profile import format_report, profile_report, read_rows
+
+    if args.skip < 0:
+        raise ConfigError(f"--skip: must be >= 0, got {args.skip}")
+    report = profile_report(read_rows(Path(args.run)), args.skip)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moedist.training.plots import redraw_plots
+
+    for path in redraw_plots(Path(args.run)):
+        print(path)
+    return 0
+
+
 def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task-aware expert pre-selection")
     g.add_argument("--experts-from", help="a `moedist signatures` output folder")
@@ -329,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (signatures.parquet, report.json, PNGs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and baselines")
 
+    p = sub.add_parser("profile", help="where a run's step time went: spans, collectives, bytes, slowest worker")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--skip", type=int, default=1, help="leave out the first SKIP steps (warm-up; default 1)")
+
+    p = sub.add_parser("plot", help="redraw every plot of a run folder (plots/*.png)")
+    p.add_argument("run", help="run folder")
+
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("prepare", help="tokenize text/folders/Parquet into Arrow shards")
@@ -349,7 +377,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "signatures": cmd_signatures,
-            "data": cmd_data_prepare, "ctl": cmd_ctl}  # fmt: skip
+            "data": cmd_data_prepare, "ctl": cmd_ctl, "profile": cmd_profile, "plot": cmd_plot}  # fmt: skip
 
 
 def _terminate(signum: int, frame: Any) -> None:

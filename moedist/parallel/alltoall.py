@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert, unique_pairs
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
-from moedist.parallel.clock import CommClock, measure
+from moedist.parallel.clock import CommClock, measure, note_collective
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -73,31 +73,41 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock) -> Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
-        return _exchange(x_ND, send_splits, recv_splits, group, clock)
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, kind) -> Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock, ctx.kind = send_splits, recv_splits, group, clock, kind
+        return _exchange(x_ND, send_splits, recv_splits, group, clock, kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        return _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock), None, None, None, None
+        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.kind)
+        return grad_ND, None, None, None, None, None
 
 
-def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None) -> Tensor:
+def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None,
+              kind: str = "a2a") -> Tensor:  # fmt: skip
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
-    with measure(clock, "a2a"):
+    with measure(clock, kind):
+        note_collective(_bytes_to_others(x_ND, send_splits, group))
         dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
     return out_RD
 
 
+def _bytes_to_others(x_ND: Tensor, send_splits: list[int], group) -> int:
+    """Bytes of the rows of x_ND that go to other ranks (the self slice never leaves)."""
+    row = x_ND[0].numel() * x_ND.element_size() if x_ND.shape[0] else 0
+    return (sum(send_splits) - send_splits[dist.get_rank(group)]) * row
+
+
 def all_to_all_rows(
-    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None
-) -> Tensor:
+    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None,
+    kind: str = "a2a",
+) -> Tensor:  # fmt: skip
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
     to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
-    the seconds of both the forward and the backward exchange under "a2a"."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock)
+    the seconds (and bytes sent) of both the forward and the backward exchange under `kind`."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, kind)
 
 
 def _gate_cols(gate_NL: Tensor, wire: torch.dtype) -> int:
@@ -143,7 +153,7 @@ class _DedupRows(torch.autograd.Function):
         ctx.splits = send_splits, recv_splits
         ctx.owner, ctx.wire, ctx.owner_device = owner, wire, x_UD.device
         ctx.x_dtype, ctx.gate_dtype, ctx.D, ctx.L = x_UD.dtype, gate_UL.dtype, x_UD.shape[1], gate_UL.shape[1]
-        p_RD = _exchange(_pack(x_UD, gate_UL, wire), send_splits, recv_splits, owner.group, owner.clock)
+        p_RD = _exchange(_pack(x_UD, gate_UL, wire), send_splits, recv_splits, owner.group, owner.clock, "dispatch")
         return _unpack(p_RD, ctx.D, ctx.L, compute, gate_UL.dtype)
 
     @staticmethod
@@ -156,7 +166,7 @@ class _DedupRows(torch.autograd.Function):
         if grad_gate_RL is None:
             grad_gate_RL = torch.zeros(R, ctx.L, dtype=ctx.gate_dtype, device=device)
         p_UD = _exchange(_pack(grad_x_RD, grad_gate_RL, ctx.wire), recv_splits, send_splits,
-                         ctx.owner.group, ctx.owner.clock)  # fmt: skip
+                         ctx.owner.group, ctx.owner.clock, "dispatch")  # fmt: skip
         grad_x_UD, grad_gate_UL = _unpack(p_UD, ctx.D, ctx.L, ctx.x_dtype, ctx.gate_dtype)
         return grad_x_UD, grad_gate_UL, None, None, None, None, None
 
@@ -183,7 +193,8 @@ class AllToAllDispatcher:
     ``placement.local_experts(rank)`` order; ``plan`` uses global expert ids. ``group`` is a
     torch.distributed process group (None: the default group) whose size is
     ``placement.world_size``; ranks are group ranks. ``clock``, when set, accumulates the
-    seconds of every exchange (counts and rows, forward and backward) under "a2a".
+    seconds of every exchange, forward and backward: the counts and the rows out under
+    "dispatch", the results back under "combine".
     ``dedup`` and ``wire_dtype`` ("auto", "float32", "bfloat16") choose what travels (see
     the module docstring). ``fwd_bytes_sent`` adds up the row bytes this rank sends in
     forward calls (a backward pass sends the same again; counts exchanges not included).
@@ -225,8 +236,10 @@ class AllToAllDispatcher:
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
         recv_counts_WL = counts_S.new_empty(W * L)
-        with measure(self.clock, "a2a"):
-            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)], group=group)
+        with measure(self.clock, "dispatch"):
+            send_counts = [P.n_local(w) for w in range(W)]
+            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
         # One host transfer for both (one sync on CUDA): split sizes must be host ints.
         host = torch.cat([counts_S, recv_counts_WL]).tolist()
         send_S, recv_WL = host[:E], host[E:]
@@ -242,7 +255,7 @@ class AllToAllDispatcher:
         # (AoE: each row also carries the expert's low-rank activation, the plan's payload.)
         rows_AD = expert_rows(x_TD, token_A, order_A, plan)
         compute, wire = self._dtypes(x_TD)
-        x_RD = all_to_all_rows(rows_AD.to(wire), send_splits, recv_splits, group, self.clock).to(compute)
+        x_RD = all_to_all_rows(rows_AD.to(wire), send_splits, recv_splits, group, self.clock, "dispatch").to(compute)
         self.fwd_bytes_sent += (sum(send_splits) + sum(recv_splits)) * rows_AD.shape[1] * wire.itemsize
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
@@ -260,7 +273,7 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock)
+        out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine")
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
 
@@ -289,7 +302,8 @@ class AllToAllDispatcher:
 
         # 2. Rows per destination -> rows per source (one int each way).
         recv_W = send_W.new_empty(W)
-        with measure(self.clock, "a2a"):
+        with measure(self.clock, "dispatch"):
+            note_collective(_bytes_to_others(send_W.view(-1, 1), [1] * W, group))
             dist.all_to_all_single(recv_W, send_W, group=group)
         host = torch.cat([send_W, recv_W]).tolist()
         send_splits, recv_splits = host[:W], host[W:]
@@ -309,7 +323,7 @@ class AllToAllDispatcher:
         y_RD = combine(out_AD, gate_RL[row_a, local_a], row_a, x_RD.shape[0])
 
         # 5. One summed row per (token, worker) back; the sender adds up its workers' rows.
-        y_UD = all_to_all_rows(y_RD.to(wire), recv_splits, send_splits, group, self.clock)
+        y_UD = all_to_all_rows(y_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine")
         self.fwd_bytes_sent += (sum(send_splits) * (x_UD.shape[1] + _gate_cols(gate_UL, wire)) +
                                 sum(recv_splits) * y_RD.shape[1]) * wire.itemsize  # fmt: skip
         ones_U = torch.ones(token_U.shape[0], dtype=gate_dtype, device=device)

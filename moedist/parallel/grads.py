@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import MoEBlock
 from moedist.parallel.alltoall import AllToAllDispatcher
-from moedist.parallel.clock import CommClock
+from moedist.parallel.clock import CommClock, note_collective
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
@@ -179,6 +179,7 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
     work on an NCCL group: they travel through the current CUDA device.
     """
     device = x.device
+    note_collective(x.numel() * x.element_size())
     if device.type == "cpu" and dist.get_backend(group) == "nccl":
         buf = x.detach().to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(buf, group=group)
@@ -193,5 +194,6 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
 def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:
     """Every rank's picklable `obj`, in rank order (a rare, small exchange: error reports)."""
     out: list[object] = [None] * dist.get_world_size(group)
+    note_collective(0, count=2)  # sizes, then the pickled objects
     dist.all_gather_object(out, obj, group=group)
     return out

@@ -138,10 +138,17 @@ class Worker:
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
+        """The step's row; a traced step's events ride along under "_trace", torch.profiler
+        traces under ROW_KEY (the coordinator takes both out: the run folder is on the
+        driver's machine)."""
         row = self.trainer.train_step()
+        trace = self.trainer.take_trace()
+        if trace:
+            row["_trace"] = trace
         traces = self.trainer.take_torch_traces()
-        # torch.profiler traces travel back with the row: the run folder is on the driver's machine
-        return {**row, ROW_KEY: traces} if traces else row
+        if traces:
+            row[ROW_KEY] = traces
+        return row
 
     def evaluate(self) -> dict[str, Any]:
         return self.trainer.evaluate().to_json()

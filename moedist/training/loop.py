@@ -220,7 +220,10 @@ class RunLoop:
         if self.rows and self.rows[-1]["step"] == self.ex.step - 1:  # the final step (also of a stopped run)
             self.rows[-1]["val_loss"] = final_eval.val_loss
         self.write_metrics()
+        self.write_trace()
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
+        # The final evaluation's fanout histogram: `moedist plot` redraws fanout.png from it.
+        summary["eval_fanout_hist"] = final_eval.fanout_hist
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         from moedist.training.plots import write_plots
 
@@ -337,12 +340,23 @@ class RunLoop:
     def write_metrics(self) -> None:
         write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
 
+    def write_trace(self) -> None:
+        """RUN/trace.json of the steps in profile.trace_steps (executors that trace)."""
+        events = getattr(self.ex, "trace_events", None)
+        if events is None:
+            return
+        from moedist.training.profile import write_trace
+
+        names = getattr(self.ex, "trace_names", dict)
+        write_trace(self.run_dir, events(), names())
+
     def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
         """summary.json: run_summary's keys, the executor's facts, per-step timings, failures."""
         out = run_summary(self.cfg, self.rows, self.ex.step, wall_s, steps_this_run, self.last_eval,
                           self.ex.param_counts())  # fmt: skip
         out.update(self.ex.info())
-        for key in TIMING_KEYS:
+        spans = [k for k in (self.rows[0] if self.rows else {}) if k.startswith("span_")]
+        for key in (*TIMING_KEYS, *spans):
             vals = [r[key] for r in self.rows if r.get(key) is not None]
             if vals:  # mean seconds per step (the slowest rank of each step, when distributed)
                 out[f"{key}_per_step"] = float(np.mean(vals))

@@ -19,6 +19,7 @@ from moedist.model.moe import LocalDispatcher, MoEBlock
 from moedist.model.transformer import MoETransformer
 from moedist.parallel import enable_expert_parallel
 from moedist.parallel.alltoall import AllToAllDispatcher
+from moedist.parallel.clock import CommClock
 from moedist.parallel.grads import (
     all_reduce_sum,
     expert_parameters,
@@ -164,10 +165,26 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False) -> 
     x_r = x_ND[off : off + T].clone().requires_grad_()
     gate_r = gate_A[mine_A].clone().requires_grad_()
     plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, E)
-    dispatcher = AllToAllDispatcher(placement, dedup=dedup)
+    clock = CommClock(spans=True)
+    clock.begin_step()
+    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock)
     y_r = dispatcher(x_r, plan, shard)
     # sum_r loss_r is the oracle's loss, so every gradient must match the oracle's.
     (y_r * grad_ND[off : off + T]).sum().backward()
+
+    # The profile's bytes: rows that leave this rank (its assignments to other ranks' experts
+    # out, their results' gradients back; other ranks' rows for my experts back, their
+    # gradients out), plus the counts for the other ranks' experts; 3 dispatch collectives
+    # (counts, rows, their backward) and 2 combine ones.
+    owner_E = torch.tensor(placement.owner_E)
+    out_rows = int((owner_E[expert_A[mine_A]] != rank).sum())
+    theirs_A = (token_A < off) | (token_A >= off + T)
+    in_rows = int(((owner_E[expert_A] == rank) & theirs_A).sum())
+    colls, nbytes = clock.take_counts()
+    assert colls == {"dispatch": 3, "combine": 2}, colls
+    if not dedup:  # (dedup sends distinct (token, worker) rows with their gates: its bytes are checked below)
+        assert nbytes == {"dispatch": (E - len(local)) * 8 + (out_rows + in_rows) * D * 8,
+                          "combine": (in_rows + out_rows) * D * 8}, (nbytes, out_rows, in_rows)  # fmt: skip
 
     torch.testing.assert_close(y_r, y_ND[off : off + T], **TIGHT)
     torch.testing.assert_close(x_r.grad, x.grad[off : off + T], **TIGHT)

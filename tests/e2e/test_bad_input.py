@@ -146,6 +146,10 @@ def test_data_prepare_does_not_warn_when_the_validation_split_is_long_enough(tmp
         (["--workers", "2", "--torch-profile", "1:2"], "profile.torch_profile: '1:2' is not a step range A-B"),
         (["--workers", "2", "--steps", "4", "--torch-profile", "2-4"],
          "profile.torch_profile: step 4 is past the run's last step (train.steps = 4: steps 0..3)"),
+        (["--workers", "2", "--set", "profile.trace_steps=3-1"], "trace_steps: the first step must not be after"),
+        (["--workers", "2", "--set", "profile.trace_steps=2..4"], "profile.trace_steps: expected \"A-B\""),
+        (["--steps", "4", "--set", "profile.trace_steps=4-5"], "trace_steps: window '4-5' starts after the run"),
+        (["--set", "profile.trace_steps=0-500"], "trace_steps: '0-500' is 501 steps; a trace holds at most 200"),
     ],
 )
 def test_runtime_flags_are_checked_before_ray_starts(flags, match, tmp_path: Path, capsys, no_ray):
@@ -461,3 +465,13 @@ def test_colour_codes_are_stripped_from_errors(monkeypatch, capsys):
     assert main(["eval", "--run", "x"]) == 1
     err = capsys.readouterr().err
     assert err == "moedist: error: JobError: (Worker pid=123) worker died: | RayActorError: gone\n"
+
+
+@pytest.mark.parametrize("command", ["profile", "plot"])
+def test_profile_and_plot_of_a_folder_that_is_not_a_run(command: str, run: Path, tmp_path: Path, capsys):
+    _fails(capsys, command, str(tmp_path / "nope"), match="is not a run folder (no such directory)")
+    _fails(capsys, command, str(tmp_path), match="is not a run folder with metrics (no metrics.parquet)")
+    (tmp_path / "metrics.parquet").write_bytes(b"not parquet")
+    _fails(capsys, command, str(tmp_path), match="metrics.parquet' cannot be read")
+    if command == "profile":
+        _fails(capsys, "profile", str(run), "--skip", "-1", match="--skip: must be >= 0")
