@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moedist.config import CommConfig
 from moedist.parallel.clock import CommClock
 from moedist.parallel.grads import shard_model_experts
 from moedist.parallel.placement import ExpertPlacement
@@ -37,19 +38,21 @@ def enable_expert_parallel(
     rank: int,
     group: dist.ProcessGroup | None = None,
     nodes: list[str] | None = None,
-    fuse: bool = False,
+    comm: CommConfig | None = None,
 ) -> CommClock:
     """Make `model` this rank's part of an expert-parallel model; returns its CommClock.
 
     `group` (None: the default group) need not be initialised yet, but must be by the first
     forward pass; `nodes` gives every rank's node address (None: all ranks on one node);
-    `fuse` makes the pool statistics use fewer, larger collectives (DistributedPoolOps).
+    `comm` holds the exchange's switches (None: the defaults; comm.fuse gives the pool
+    statistics fewer, larger collectives, see DistributedPoolOps).
     """
     if nodes is not None and len(nodes) != placement.world_size:
         raise ValueError(f"nodes names {len(nodes)} ranks, the placement has {placement.world_size}")
     clock = CommClock()
-    shard_model_experts(model, placement, rank, group, clock)
-    pool = DistributedPoolOps(group, clock, fuse=fuse)
+    comm = comm or CommConfig()
+    shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype)
+    pool = DistributedPoolOps(group, clock, fuse=comm.fuse)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device
     for module in model.modules():
