@@ -38,6 +38,7 @@ from moedist.kernels.dispatch import combine, inverse_permutation, sort_by_exper
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
 from moedist.parallel.clock import CommClock, measure
+from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -48,31 +49,39 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock) -> Tensor:
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, exchange) -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
-        return _exchange(x_ND, send_splits, recv_splits, group, clock)
+        ctx.exchange = exchange
+        return _exchange(x_ND, send_splits, recv_splits, group, clock, exchange)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        return _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock), None, None, None, None
+        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.exchange)
+        return grad_ND, None, None, None, None, None
 
 
-def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None) -> Tensor:
+def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None,
+              exchange: RowExchange | None = None) -> Tensor:  # fmt: skip
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
     with measure(clock, "a2a"):
-        dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
+        if exchange is None:
+            dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
+        else:  # shared memory / hierarchical (moedist.parallel.exchange), same contract
+            exchange(out_RD, x_ND, recv_splits, send_splits)
     return out_RD
 
 
 def all_to_all_rows(
-    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None
-) -> Tensor:
+    x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None,
+    exchange: RowExchange | None = None,
+) -> Tensor:  # fmt: skip
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
     to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
-    the seconds of both the forward and the backward exchange under "a2a"."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock)
+    the seconds of both the forward and the backward exchange under "a2a". `exchange`
+    (None: ``dist.all_to_all_single`` on `group`) moves the rows both ways."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, exchange)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -98,14 +107,18 @@ class AllToAllDispatcher:
     torch.distributed process group (None: the default group) whose size is
     ``placement.world_size``; ranks are group ranks. ``clock``, when set, accumulates the
     seconds of every exchange (counts and rows, forward and backward) under "a2a".
+    ``exchange`` (moedist.parallel.exchange.make_exchange; None: the collective on `group`)
+    moves the token rows, e.g. through shared memory within a node.
     """
 
     def __init__(
-        self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None, clock: CommClock | None = None
-    ):
+        self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None, clock: CommClock | None = None,
+        exchange: RowExchange | None = None,
+    ):  # fmt: skip
         self.placement = placement
         self.group = group
         self.clock = clock
+        self.exchange = exchange
         self._slot_E: dict[torch.device, Tensor] = {}
 
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
@@ -140,7 +153,7 @@ class AllToAllDispatcher:
         rows_AD = expert_rows(x_TD, token_A, order_A, plan)
         if torch.is_autocast_enabled(device.type):
             rows_AD = rows_AD.to(torch.get_autocast_dtype(device.type))
-        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock)
+        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock, self.exchange)
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
         # With one source or one local expert the two orders coincide.
@@ -157,7 +170,7 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock)
+        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock, self.exchange)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
 

@@ -231,15 +231,19 @@ class Worker:
 
     def reset(self) -> None:
         """Leave the process group and drop the model (before a re-formed group's setup)."""
+        from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
         self.trainer = None
+        close_exchanges()  # shared-memory segments of the old group
         with contextlib.suppress(Exception):  # a group that lost a peer may not close cleanly
             destroy_group()
 
     def shutdown(self) -> None:
+        from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
+        close_exchanges()
         destroy_group()
 
 

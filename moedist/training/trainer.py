@@ -177,12 +177,18 @@ class Trainer:
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
         self.clock = None
+        self.exchange = None  # a RowExchange; the worker closes it (close_exchanges) on reset/shutdown
         self.expert_ids: list[int] | None = None  # global id of each local expert row
         if dist_ctx is not None:
             from moedist.parallel import enable_expert_parallel
+            from moedist.parallel.exchange import make_exchange
 
+            # [comm] shm / hierarchical: token rows through shared memory within a node
+            # and/or via node leaders (None: the plain collective).
+            if cfg.comm.shm or cfg.comm.hierarchical:
+                self.exchange = make_exchange(dist_ctx.group, dist_ctx.nodes, cfg.comm.shm, cfg.comm.hierarchical)
             self.clock = enable_expert_parallel(
-                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes
+                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes, self.exchange
             )
             self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
         self.opt = make_optimizer(self.model, cfg)
