@@ -34,12 +34,15 @@ exchange first removes the files of dead pids (`sweep_stale_segments`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import mmap
 import os
 import platform
 import secrets
+import socket
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -138,10 +141,8 @@ def _open(name: str, writable: bool = False) -> mmap.mmap:
 
 
 def _unlink(name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)
-    except FileNotFoundError:
-        pass
 
 
 def _bytes(t: Tensor) -> Tensor:
@@ -154,6 +155,7 @@ def _bytes(t: Tensor) -> Tensor:
 # Control slot of one local rank, int64 words.
 _PID, _ROUND, _GEN0 = 0, 1, 2  # _GEN0 + parity: data generation written in that round
 _HDR = 8  # then per parity: n offsets, n byte counts; then n acks (generation mapped, per peer)
+_SLOT_WORDS = _SLOT_BYTES // 8
 
 
 class _NodeShm:
@@ -161,14 +163,21 @@ class _NodeShm:
 
     ``exchange(send, recv)``: ``send[j]`` (contiguous) goes to local rank j, ``recv[j]``
     (contiguous, its size known to the receiver) is filled from local rank j.
+
+    Waiting: a rank that finds a peer's round number behind blocks in recv on its own
+    datagram socket (abstract namespace: no file, gone with the process); every rank sends
+    each peer a token after publishing a round. Blocking, not spinning, because a node may
+    run more workers than cores, and the peers being waited for need the core. A token is
+    only a wake-up (the round numbers decide), so one dropped on a full queue is harmless:
+    the receiver still has unread tokens and re-checks the rounds after each.
     """
 
     def __init__(self, ctl_name: str, token: str, me: int, n: int, timeout_s: float):
         self.me, self.n, self.token, self.timeout_s = me, n, token, timeout_s
         self.round = 0
         self._ctl_mm = _open(ctl_name, writable=True)
-        self.ctl = torch.frombuffer(self._ctl_mm, dtype=torch.int64).view(n, _SLOT_BYTES // 8)
-        self.mine = self.ctl[me]
+        self.ctl = memoryview(self._ctl_mm).cast("q")  # word w of slot j: ctl[j * _SLOT_WORDS + w]
+        self.base = me * _SLOT_WORDS
         self.pids = [0] * n
         self.gen, self.capacity = 0, 0  # my data segment: generation, bytes per half
         self._own: mmap.mmap | None = None
@@ -177,6 +186,19 @@ class _NodeShm:
         self._peer_gen = [0] * n
         self._peer_mm: list[mmap.mmap | None] = [None] * n
         self._peer_u8: list[Tensor | None] = [None] * n
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self._address(me))
+        self._sock.settimeout(0.5)
+        # Sends from a second, non-blocking socket: a send on a socket with a timeout waits
+        # for room in a full queue, and here a full queue means "already woken".
+        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.setblocking(False)
+
+    def _address(self, j: int) -> bytes:
+        return f"\0{PREFIX}.{self.token}.{j}".encode()
+
+    def word(self, j: int, w: int) -> int:
+        return self.ctl[j * _SLOT_WORDS + w]
 
     def _words(self, parity: int) -> tuple[int, int]:
         off = _HDR + parity * 2 * self.n
@@ -194,7 +216,7 @@ class _NodeShm:
         self._pending.append((self.gen, name))
 
     def exchange(self, send: list[Tensor], recv: list[Tensor]) -> None:
-        n, me = self.n, self.me
+        n, me, ctl, base = self.n, self.me, self.ctl, self.base
         self.round += 1
         k, parity = self.round, self.round % 2
         recv[me].copy_(send[me])  # my own rows never touch the segment
@@ -205,48 +227,57 @@ class _NodeShm:
             pos += -(-sizes[j] // _ALIGN) * _ALIGN
         if pos > self.capacity:
             self._grow(pos)
-        if pos:
-            base = parity * self.capacity
-            for j in range(n):
-                if sizes[j]:
-                    self._own_u8[base + offsets[j] : base + offsets[j] + sizes[j]].copy_(_bytes(send[j]))
+        half = parity * self.capacity
+        for j in range(n):
+            if sizes[j]:
+                self._own_u8[half + offsets[j] : half + offsets[j] + sizes[j]].copy_(_bytes(send[j]))
         o, c = self._words(parity)
-        self.mine[o : o + n] = torch.tensor([parity * self.capacity + x for x in offsets])
-        self.mine[c : c + n] = torch.tensor(sizes)
-        self.mine[_GEN0 + parity] = self.gen
-        self.mine[_ROUND] = k  # published last: the peers may read the rows once they see it
+        for j in range(n):
+            ctl[base + o + j] = half + offsets[j]
+            ctl[base + c + j] = sizes[j]
+        ctl[base + _GEN0 + parity] = self.gen
+        ctl[base + _ROUND] = k  # published last: the peers may read the rows once they see it
+        self._notify()
         self._wait(k)
         for j in range(n):
             if j == me:
                 continue
-            slot = self.ctl[j]
-            nbytes = int(slot[c + me])
+            nbytes = self.word(j, c + me)
             want = recv[j].numel() * recv[j].element_size()
             if nbytes != want:
                 raise RuntimeError(
                     f"shared-memory exchange: local rank {j} sent {nbytes} bytes to local rank {me}, "
                     f"which expects {want} (the ranks' splits disagree)"
                 )
-            gen = int(slot[_GEN0 + parity])
+            gen = self.word(j, _GEN0 + parity)
             if gen != self._peer_gen[j]:
                 self._map_peer(j, gen)
             if nbytes:
-                at = int(slot[o + me])
+                at = self.word(j, o + me)
                 _bytes(recv[j]).copy_(self._peer_u8[j][at : at + nbytes])
         self._release()
+
+    def _notify(self) -> None:
+        for j in range(self.n):
+            if j != self.me:
+                # Queue full (it holds wake-ups already) or peer gone (the wait sees it): fine.
+                with contextlib.suppress(BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+                    self._send.sendto(b"k", self._address(j))
 
     def _map_peer(self, j: int, gen: int) -> None:
         self._peer_u8[j] = None
         self._peer_mm[j] = _open(f"{PREFIX}.{self.pids[j]}.{self.token}.r{j}.g{gen}")
-        self._peer_u8[j] = torch.frombuffer(self._peer_mm[j], dtype=torch.uint8)
+        with warnings.catch_warnings():  # read-only mapping: we only ever read from it
+            warnings.simplefilter("ignore", UserWarning)
+            self._peer_u8[j] = torch.frombuffer(self._peer_mm[j], dtype=torch.uint8)
         self._peer_gen[j] = gen
-        self.mine[_HDR + 4 * self.n + j] = gen  # ack: the owner may unlink the file
+        self.ctl[self.base + _HDR + 4 * self.n + j] = gen  # ack: the owner may unlink the file
 
     def _release(self) -> None:
         """Unlink my files that every peer has mapped (or skipped for a newer one)."""
         if not self._pending:
             return
-        acked = min((int(self.ctl[j][_HDR + 4 * self.n + self.me]) for j in range(self.n) if j != self.me),
+        acked = min((self.word(j, _HDR + 4 * self.n + self.me) for j in range(self.n) if j != self.me),
                     default=self.gen)  # fmt: skip
         while self._pending and self._pending[0][0] <= acked:
             _unlink(self._pending.pop(0)[1])
@@ -254,39 +285,39 @@ class _NodeShm:
     def _wait(self, k: int) -> None:
         """Until every node peer has published round k; fails fast if one died."""
         t0 = time.monotonic()
-        spins = 0
         for j in range(self.n):
-            slot = self.ctl[j]
-            while int(slot[_ROUND]) < k:
-                spins += 1
-                if spins < 256:
-                    continue
-                # Yield the core: on a node with more workers than cores the peers we wait
-                # for need it to write their rows.
-                if time.monotonic() - t0 < 1e-3:
-                    os.sched_yield()
-                else:
-                    time.sleep(50e-6)
-                if spins % 512 == 0:
+            for _ in range(64):  # a short spin: the peer is often there already
+                if self.word(j, _ROUND) >= k:
+                    break
+            while self.word(j, _ROUND) < k:
+                try:
+                    self._sock.recv(16)
+                except TimeoutError:
                     if not _alive(self.pids[j]):
-                        raise RuntimeError(f"shared-memory exchange: local rank {j} (pid {self.pids[j]}) died")
+                        raise RuntimeError(
+                            f"shared-memory exchange: local rank {j} (pid {self.pids[j]}) died"
+                        ) from None
                     if time.monotonic() - t0 > self.timeout_s:
                         raise TimeoutError(
                             f"shared-memory exchange: local rank {j} did not reach round {k} in {self.timeout_s:.0f} s"
-                        )
+                        ) from None
 
     def close(self) -> None:
         for _, name in self._pending:
             _unlink(name)
         self._pending.clear()
-        self.ctl = self.mine = None  # tensors over the mappings go first
-        self._own_u8, self._peer_u8 = None, [None] * self.n
+        if self._sock is not None:
+            self._sock.close()
+            self._send.close()
+            self._sock = self._send = None
+        if self.ctl is not None:
+            self.ctl.release()
+            self.ctl = None
+        self._own_u8, self._peer_u8 = None, [None] * self.n  # tensors over the mappings go first
         for mm in [self._ctl_mm, self._own, *self._peer_mm]:
             if mm is not None:
-                try:
+                with contextlib.suppress(BufferError):  # a tensor view still alive somewhere; GC frees it
                     mm.close()
-                except BufferError:  # a tensor view is still alive somewhere; GC frees it
-                    pass
         self._ctl_mm, self._own, self._peer_mm = None, None, [None] * self.n
 
 
@@ -309,9 +340,9 @@ def _node_shm(group, nodes: list[str], rank: int, timeout_s: float) -> _NodeShm:
         dist.all_gather_object(names, ctl_name, group=group)
         leader_ctl = names[local[0]]
         shm = _NodeShm(leader_ctl, leader_ctl.split(".")[2], me, n, timeout_s)
-        shm.mine[_PID] = os.getpid()
-        dist.barrier(group=group)  # every node rank has mapped its control segment
-        shm.pids = [int(shm.ctl[j][_PID]) for j in range(n)]
+        shm.ctl[shm.base + _PID] = os.getpid()
+        dist.barrier(group=group)  # every node rank has mapped its control segment and bound its socket
+        shm.pids = [shm.word(j, _PID) for j in range(n)]
         mine = shm
         return shm
     finally:
@@ -437,7 +468,7 @@ class HierarchicalExchange(RowExchange):
 
     def __call__(self, out: Tensor, inp: Tensor, recv_splits: list[int], send_splits: list[int]) -> None:
         self._setup()
-        W, rank, local, leaders = len(self.nodes), self.rank, self.local, self.leaders
+        W, rank, local = len(self.nodes), self.rank, self.local
         inp = inp.contiguous()
         M = torch.empty(W * W, dtype=torch.int64)
         dist.all_gather_into_tensor(M, torch.tensor(send_splits, dtype=torch.int64), group=self.group)

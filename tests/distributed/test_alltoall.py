@@ -11,6 +11,7 @@ distributed and compares its rows.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -372,3 +373,63 @@ def test_dispatch_through_exchange(gloo_pools, world, exchange):
     """Forward and backward of the dispatcher over each exchange equal the 1-process oracle
     (the same checks as test_all_to_all_equals_local_dispatch)."""
     gloo_pools.run(world, _on_rank_dispatch, "random", exchange)
+
+
+def _killed_creator() -> str:
+    """A segment file left by a process SIGKILLed right after creating it (before its peers
+    mapped it, so nobody unlinked it)."""
+    from moedist.parallel import exchange as X
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child only makes the file and dies
+        name = f"{X.PREFIX}.{os.getpid()}.dead.r0.g1"
+        X._create(name, 4096)
+        os.write(w, name.encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    name = os.read(r, 256).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return name
+
+
+def _on_rank_one_round(rank: int, world: int) -> None:
+    ex = _exchange_of("shm_one_node", world)
+    x = torch.arange(world * 2, dtype=torch.float32).view(world, 2) + 10 * rank
+    out = torch.empty_like(x)
+    ex(out, x, [1] * world, [1] * world)
+    assert out[:, 0].tolist() == [10 * s + 2 * rank for s in range(world)]
+    ex.close()
+
+
+def test_next_start_removes_segments_of_killed_workers(gloo_pools):
+    from moedist.parallel import exchange as X
+
+    name = _killed_creator()
+    assert (X.SHM_DIR / name).exists()
+    gloo_pools.run(2, _on_rank_one_round)  # a new exchange sweeps first
+    assert not (X.SHM_DIR / name).exists()
+
+
+def _on_rank_dies(rank: int, world: int) -> None:
+    ex = _exchange_of("shm_one_node", world)
+    x = torch.ones(world * 3, 4)
+    ex(torch.empty_like(x), x, [3] * world, [3] * world)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    ex(torch.empty_like(x), x, [3] * world, [3] * world)  # rank 0 waits for a dead peer
+
+
+def test_dead_peer_fails_fast_and_leaves_nothing(gloo_pools):
+    """A SIGKILLed rank: its peer raises at once naming it (no wait for the group timeout),
+    and whatever files the dead pool left are gone after the next start's sweep. (Last in
+    the module: it breaks the 2-rank pool.)"""
+    from moedist.parallel import exchange as X
+
+    pool = gloo_pools.get(2)
+    pids = [p.pid for p in pool._procs]
+    with pytest.raises(AssertionError, match=r"local rank 1 \(pid \d+\) died"):
+        pool.run(_on_rank_dies, timeout_s=30)
+    X.sweep_stale_segments()
+    assert [p.name for pid in pids for p in X.SHM_DIR.glob(f"{X.PREFIX}.{pid}.*")] == []
