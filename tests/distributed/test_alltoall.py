@@ -448,15 +448,18 @@ def _on_rank_train(rank: int, world: int, comm: dict) -> list[dict]:
     cfg = build_config("tiny", None, over)
     ctx = DistContext(rank, world, ExpertPlacement(8, world), nodes=list("aabb"[:world]))
     tr = Trainer(cfg, load_dataset(cfg), ctx)
+    used = {type(m.dispatcher.exchange).__name__ for m in tr.model.modules() if hasattr(m, "dispatcher")}
     rows = [tr.train_step() for _ in range(3)]
     close_exchanges()
     # Wall-clock columns aside, every column must be bitwise the plain path's.
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows], sorted(used)
 
 
 def test_training_steps_equal_with_shm_and_hierarchical(gloo_pools):
     plain = gloo_pools.run(4, _on_rank_train, {})
-    assert plain[0][0]["loss"] > 0
+    assert plain[0][0][0]["loss"] > 0 and plain[0][1] == ["NoneType"]
     # (hierarchical over gloo alone: test_dispatch_through_exchange)
-    for comm in ({"shm": True}, {"shm": True, "hierarchical": True}):
-        assert gloo_pools.run(4, _on_rank_train, comm) == plain, comm
+    for comm, used in [({"shm": True}, "ShmExchange"), ({"shm": True, "hierarchical": True}, "HierarchicalExchange")]:
+        out = gloo_pools.run(4, _on_rank_train, comm)
+        assert [rows for rows, _ in out] == [rows for rows, _ in plain], comm
+        assert all(u == [used] for _, u in out), out[0][1]  # the switch reached every MoE block
