@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small messages, few reps (< 1 min)")
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args()
-    sizes = [256, 1024] if args.quick else [256, 4096]
+    sizes = [16, 1024] if args.quick else [16, 256, 4096]  # 64 KB (latency-bound) .. 16.8 MB per worker
     reps = args.reps or (3 if args.quick else 9)
     worlds = [2, 4]
     alone = {rows: memcpy_alone(rows, reps) for rows in sizes}

@@ -471,7 +471,7 @@ class HierarchicalExchange(RowExchange):
         W, rank, local = len(self.nodes), self.rank, self.local
         inp = inp.contiguous()
         M = torch.empty(W * W, dtype=torch.int64)
-        dist.all_gather_into_tensor(M, torch.tensor(send_splits, dtype=torch.int64), group=self.group)
+        dist.all_gather_single(M, torch.tensor(send_splits, dtype=torch.int64), group=self.group)
         M = M.view(W, W).tolist()  # M[s][t]: rows s -> t
         if [M[s][rank] for s in range(W)] != list(recv_splits):
             raise RuntimeError(f"hierarchical exchange: rank {rank}'s recv_splits disagree with the senders' splits")
