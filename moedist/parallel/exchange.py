@@ -63,7 +63,6 @@ __all__ = [
 SHM_DIR = Path("/dev/shm")
 PREFIX = "moedist-x"
 _ALIGN = 64  # row blocks start on cache lines
-_SLOT_BYTES = 512  # one control slot per local rank, a multiple of the cache line
 _MIN_CAPACITY = 1 << 20
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -146,7 +145,9 @@ def _unlink(name: str) -> None:
 
 
 def _bytes(t: Tensor) -> Tensor:
-    """A contiguous tensor's bytes as a flat uint8 view."""
+    """A contiguous tensor's bytes as a flat uint8 view (a view: writes land in `t`)."""
+    if not t.is_contiguous():
+        raise ValueError("the shared-memory exchange moves contiguous tensors only")
     return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
 
 
@@ -155,7 +156,12 @@ def _bytes(t: Tensor) -> Tensor:
 # Control slot of one local rank, int64 words.
 _PID, _ROUND, _GEN0 = 0, 1, 2  # _GEN0 + parity: data generation written in that round
 _HDR = 8  # then per parity: n offsets, n byte counts; then n acks (generation mapped, per peer)
-_SLOT_WORDS = _SLOT_BYTES // 8
+
+
+def _slot_words(n: int) -> int:
+    """int64 words of one control slot for n local ranks, whole cache lines (8 words), so
+    ranks never write to the same line."""
+    return -(-(_HDR + 5 * n) // 8) * 8
 
 
 class _NodeShm:
@@ -176,8 +182,9 @@ class _NodeShm:
         self.me, self.n, self.token, self.timeout_s = me, n, token, timeout_s
         self.round = 0
         self._ctl_mm = _open(ctl_name, writable=True)
-        self.ctl = memoryview(self._ctl_mm).cast("q")  # word w of slot j: ctl[j * _SLOT_WORDS + w]
-        self.base = me * _SLOT_WORDS
+        self.slot = _slot_words(n)
+        self.ctl = memoryview(self._ctl_mm).cast("q")  # word w of slot j: ctl[j * self.slot + w]
+        self.base = me * self.slot
         self.pids = [0] * n
         self.gen, self.capacity = 0, 0  # my data segment: generation, bytes per half
         self._own: mmap.mmap | None = None
@@ -198,7 +205,7 @@ class _NodeShm:
         return f"\0{PREFIX}.{self.token}.{j}".encode()
 
     def word(self, j: int, w: int) -> int:
-        return self.ctl[j * _SLOT_WORDS + w]
+        return self.ctl[j * self.slot + w]
 
     def _words(self, parity: int) -> tuple[int, int]:
         off = _HDR + parity * 2 * self.n
@@ -335,7 +342,7 @@ def _node_shm(group, nodes: list[str], rank: int, timeout_s: float) -> _NodeShm:
         if me == 0:
             token = secrets.token_hex(4)
             ctl_name = f"{PREFIX}.{os.getpid()}.{token}.ctl"
-            _create(ctl_name, n * _SLOT_BYTES).close()
+            _create(ctl_name, n * _slot_words(n) * 8).close()
         names: list = [None] * len(nodes)
         dist.all_gather_object(names, ctl_name, group=group)
         leader_ctl = names[local[0]]
@@ -383,6 +390,8 @@ class ShmExchange(RowExchange):
         return self._shm
 
     def __call__(self, out: Tensor, inp: Tensor, recv_splits: list[int], send_splits: list[int]) -> None:
+        if out.dtype != inp.dtype:
+            raise TypeError(f"exchange: out is {out.dtype}, inp is {inp.dtype}; they must match")
         shm = self._setup()
         W = len(self.nodes)
         s0, r0 = _starts(send_splits), _starts(recv_splits)

@@ -463,3 +463,10 @@ def test_training_steps_equal_with_shm_and_hierarchical(gloo_pools):
         out = gloo_pools.run(4, _on_rank_train, comm)
         assert [rows for rows, _ in out] == [rows for rows, _ in plain], comm
         assert all(u == [used] for _, u in out), out[0][1]  # the switch reached every MoE block
+
+
+def test_control_slots_fit_any_node_size():
+    from moedist.parallel.exchange import _HDR, _slot_words
+
+    # header, 2 parities x (offsets, sizes), acks: 5 words per local rank; whole cache lines
+    assert all(_slot_words(n) >= _HDR + 5 * n and _slot_words(n) % 8 == 0 for n in range(1, 200))
