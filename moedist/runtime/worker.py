@@ -111,10 +111,12 @@ class Worker:
     ) -> dict[str, Any]:
         """Join a process group of `world` ranks as `rank`; build a fresh model shard (from
         the seed) and the data sampler; `cfg_dict` replaces the config (a resized job)."""
+        from moedist.parallel.exchange import sweep_stale_segments
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
         from moedist.training.trainer import DistContext, Trainer
 
+        sweep_stale_segments()  # /dev/shm files of killed workers ([comm] shm), on or off now
         if cfg_dict is not None:
             self.cfg = from_dict(cfg_dict)
         self.rank, self.world = rank, world
