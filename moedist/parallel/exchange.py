@@ -309,7 +309,17 @@ class _NodeShm:
                             f"shared-memory exchange: local rank {j} did not reach round {k} in {self.timeout_s:.0f} s"
                         ) from None
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 2.0) -> None:
+        # A peer may still be in the last round, about to map a file I made in it: give the
+        # live peers `wait_s` to record that they did (they take milliseconds unless they
+        # failed elsewhere), then unlink whatever is left.
+        deadline = time.monotonic() + wait_s
+        while self._pending and self.ctl is not None and time.monotonic() < deadline:
+            self._release()
+            if self._pending:
+                if not all(_alive(pid) for j, pid in enumerate(self.pids) if j != self.me):
+                    break
+                time.sleep(1e-3)
         for _, name in self._pending:
             _unlink(name)
         self._pending.clear()
