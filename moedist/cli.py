@@ -1,4 +1,4 @@
-"""`moedist train | eval | generate | signatures | data prepare | ctl`.
+"""`moedist train | eval | generate | signatures | data prepare | ctl | profile | plot`.
 
 Bad input exits with status 2 and one line `moedist: error: ...` naming what is wrong;
 no run folder is created until the configuration and the data have been checked.
@@ -37,6 +37,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", metavar="SINKS", help="metrics also to tensorboard (RUN/tensorboard/), wandb (offline, "
+                   "RUN/wandb/; wandb:online to stream) or both: tensorboard,wandb (profile.log)")  # fmt: skip
+    p.add_argument("--torch-profile", metavar="A-B", help="torch.profiler Chrome traces of steps A..B on every "
+                   "worker into RUN/torch_profile/ (profile.torch_profile)")  # fmt: skip
     g = p.add_argument_group("expert parallelism on Ray (used when workers > 1 or --address is given)")
     g.add_argument("--workers", type=int, help="worker actors; the global batch is split among them (workers)")
     g.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: a new local instance")
@@ -62,6 +66,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moedist.training.loop import RunLoop, write_config
+    from moedist.training.sinks import check_installed as check_log_installed
     from moedist.training.trainer import Trainer, load_dataset
 
     cli_checks.check_train_flags(args)
@@ -80,6 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.setdefault("train", {})["progress"] = False
     if args.workers is not None:
         overrides["workers"] = args.workers
+    if args.log is not None:
+        overrides.setdefault("profile", {})["log"] = args.log
+    if args.torch_profile is not None:
+        overrides.setdefault("profile", {})["torch_profile"] = args.torch_profile
 
     if args.resume:
         from moedist.config import deep_update, parse_override
@@ -94,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.preset, args.config, overrides, args.set)
         out = None
     cli_checks.check_elastic(args, cfg)
+    check_log_installed(cfg.profile.log)  # before Ray starts or a run folder appears
     dataset = load_dataset(cfg)  # checked before anything is written or started
     if out is None:
         cli_checks.check_fits_in_memory(cfg, dataset.vocab_size)
@@ -136,7 +146,15 @@ def _print_done(run: Path, summary: dict[str, Any]) -> None:
     if summary.get("failures"):
         print(f"Recovered from {len(summary['failures'])} lost worker(s): see 'failures' in summary.json")
     print(f"Run folder: {run}\nSummary:    {run / 'summary.json'}\nMetrics:    {run / 'metrics.parquet'}")
-    print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png)")
+    print(f"Plots:      {run / 'plots'}/ (loss.png, expert_load.png, fanout.png, comm_vs_compute.png)")
+    if (run / "trace.json").is_file():
+        print(f"Trace:      {run / 'trace.json'} (ui.perfetto.dev); breakdown: moedist profile {run}")
+    if (run / "tensorboard").is_dir():
+        print(f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
+    if any((run / "wandb").glob("offline-run-*")):
+        print(f"W&B:        {run / 'wandb'}/ (upload: wandb sync {run / 'wandb'}/offline-run-*)")
+    if (run / "torch_profile").is_dir():
+        print(f"Profiles:   {run / 'torch_profile'}/ (Chrome traces: ui.perfetto.dev)")
 
 
 def _train_distributed(cfg, out: Path, tokenizer_spec: dict[str, Any], args: argparse.Namespace,
@@ -277,6 +295,24 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from moedist.training.profile import format_report, profile_report, read_rows
+
+    if args.skip < 0:
+        raise ConfigError(f"--skip: must be >= 0, got {args.skip}")
+    report = profile_report(read_rows(Path(args.run)), args.skip)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moedist.training.plots import redraw_plots
+
+    for path in redraw_plots(Path(args.run)):
+        print(path)
+    return 0
+
+
 def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task-aware expert pre-selection")
     g.add_argument("--experts-from", help="a `moedist signatures` output folder")
@@ -313,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (signatures.parquet, report.json, PNGs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and baselines")
 
+    p = sub.add_parser("profile", help="where a run's step time went: spans, collectives, bytes, slowest worker")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--skip", type=int, default=1, help="leave out the first SKIP steps (warm-up; default 1)")
+
+    p = sub.add_parser("plot", help="redraw every plot of a run folder (plots/*.png)")
+    p.add_argument("run", help="run folder")
+
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("prepare", help="tokenize text/folders/Parquet into Arrow shards")
@@ -333,7 +377,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "signatures": cmd_signatures,
-            "data": cmd_data_prepare, "ctl": cmd_ctl}  # fmt: skip
+            "data": cmd_data_prepare, "ctl": cmd_ctl, "profile": cmd_profile, "plot": cmd_plot}  # fmt: skip
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -149,9 +150,11 @@ class CommConfig:
     """Fewer, larger collectives: ET's step-end select for all MoE layers in one all-reduce
     per round, and per-step counts merged into shared exchanges."""
     dedup: bool = False
-    """Send a token routed to several experts of one worker once, with its (expert, gate) list."""
+    """Send a token routed to several experts of one worker once, with its gates; that worker
+    combines their outputs and sends one row back (docs/profiling.md)."""
     wire_dtype: str = _choice("auto", "float32", "bfloat16", default="auto")
-    """Dtype of token rows on the wire; auto = the compute dtype (bfloat16 under autocast)."""
+    """Dtype of token rows (and their grads) on the wire; auto = the compute dtype (bfloat16
+    under autocast); sums stay in float32."""
     shm: bool = False
     """Exchange rows through shared memory between workers on the same node."""
     hierarchical: bool = False
@@ -175,6 +178,37 @@ class ProfileConfig:
     """Steps "A-B" captured with torch.profiler on every worker into RUN/torch_profile/."""
     log: str = ""
     """Extra metric sinks: "tensorboard", "wandb" or both ("tensorboard,wandb")."""
+
+
+TRACE_MAX_STEPS = 200  # steps trace.json may hold (events are kept in memory until the run ends)
+
+
+def parse_trace_steps(text: str, steps: int) -> tuple[int, int] | None:
+    """profile.trace_steps -> the inclusive window (first, last) of 0-based steps, or None.
+
+    "" = no trace; "auto" = steps 2-4 (after the warm-up steps that compile kernels), cut
+    to the run's steps; "A-B" = steps A..B (0 <= A <= B < train.steps, at most
+    TRACE_MAX_STEPS steps)."""
+    text = text.strip()
+    if text == "" or (text == "auto" and steps <= 0):
+        return None
+    if text == "auto":
+        first = min(2, steps - 1)
+        return first, min(first + 2, steps - 1)
+    parts = text.split("-")
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):
+        raise ConfigError(f"profile.trace_steps: expected \"A-B\" (0-based steps, e.g. 10-12), \"auto\" or \"\", "
+                          f"got {text!r}")  # fmt: skip
+    first, last = int(parts[0]), int(parts[1])
+    if first > last:
+        raise ConfigError(f"profile.trace_steps: the first step must not be after the last, got {text!r}")
+    if first >= steps:
+        raise ConfigError(f"profile.trace_steps: window {text!r} starts after the run's last step "
+                          f"(train.steps = {steps}, steps 0..{steps - 1})")  # fmt: skip
+    if last - first + 1 > TRACE_MAX_STEPS:
+        raise ConfigError(f"profile.trace_steps: {text!r} is {last - first + 1} steps; a trace holds at most "
+                          f"{TRACE_MAX_STEPS}")  # fmt: skip
+    return first, last
 
 
 @dataclass
@@ -325,6 +359,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"({t.micro_batches} x {cfg.workers})"
         )
     check_expert_placement(m.n_experts, cfg.workers)
+    from moedist.training import sinks, torch_profile  # light modules (no torch until used)
+
+    sinks.parse_log(cfg.profile.log)
+    torch_profile.parse_window(cfg.profile.torch_profile, t.steps)
+    parse_trace_steps(cfg.profile.trace_steps, t.steps)
     return cfg
 
 

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 Backend = Literal["auto", "numba", "torch"]
 
-__all__ = ["Backend", "combine", "gather_rows", "inverse_permutation", "sort_by_expert"]
+__all__ = ["Backend", "combine", "gather_rows", "inverse_permutation", "sort_by_expert", "unique_pairs"]
 
 _NUMBA_FLOATS = (torch.float32, torch.float64)
 
@@ -203,6 +203,26 @@ def inverse_permutation(order_A: Tensor) -> Tensor:
     inv_A = torch.empty_like(order_A)
     inv_A[order_A] = torch.arange(order_A.shape[0], dtype=order_A.dtype, device=order_A.device)
     return inv_A
+
+
+def unique_pairs(token_A: Tensor, group_A: Tensor, n_tokens: int, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct (group, token) pairs among the assignments, group-major then by token.
+
+    Returns ``(u_A, token_U, counts_G)``: ``u_A[a]`` is the index of assignment a's pair
+    among the U distinct pairs, ``token_U[u]`` the pair's token, ``counts_G[g]`` the number of
+    pairs of group g (group g's pairs are the g-th segment). With groups = destination
+    workers this is deduplicated dispatch: a token goes to each worker once, however many of
+    that worker's experts it was routed to. O(A + G * T) with torch ops (a mark per possible
+    pair and a prefix sum), so it runs on any device without a host sync.
+    """
+    _check_index("token_A", token_A)
+    _check_index("group_A", group_A, token_A.shape[0])
+    key_A = group_A.to(torch.int64) * n_tokens + token_A.to(torch.int64)
+    seen_K = torch.zeros(n_groups * n_tokens, dtype=torch.bool, device=token_A.device)
+    seen_K[key_A] = True
+    key_U = seen_K.nonzero().squeeze(1)
+    u_A = (torch.cumsum(seen_K, 0) - 1)[key_A]
+    return u_A, key_U % max(n_tokens, 1), torch.bincount(key_U // max(n_tokens, 1), minlength=n_groups)
 
 
 # ----------------------------------------------------------------------------- combine

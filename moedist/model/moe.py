@@ -98,10 +98,21 @@ class MoEBlock(nn.Module):
             else None
         )
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # A step profiler (moedist.parallel.clock.CommClock, spans on) the trainer attaches:
+        # it times the router and the experts' part of the block (forward and backward).
+        self.clock = None
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, RoutingPlan]:
-        plan = self.router(x_TD)
-        y_TD = self.dispatcher(x_TD, plan, self.experts)
+        clock = self.clock
+        if clock is None:
+            plan = self.router(x_TD)
+            y_TD = self.dispatcher(x_TD, plan, self.experts)
+        else:
+            with clock.measure("router"):
+                plan = self.router(x_TD)
+            # "expert": the block's local work (sort, gather, expert MLPs, gated combine);
+            # the exchanges inside it are measured as dispatch and combine (self times).
+            y_TD = clock.traced("expert", self.dispatcher, x_TD, plan, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD, [x_TD.shape[0]])
         return y_TD, plan

@@ -22,6 +22,26 @@ Functions whose backward is the reverse exchange, so a backward pass runs the sa
 all-to-alls in reverse order on every rank; hence every rank must also run backward
 through the same layers, with the same inputs requiring grad (as in any SPMD training).
 
+Two switches change what travels, not the result (docs/profiling.md, "Deduplication and
+bf16 on the wire"):
+
+- ``wire_dtype``: rows (and their grads in backward) travel in this dtype; "auto" is the
+  compute dtype (bfloat16 under autocast, else x's dtype). The receiver casts rows back to
+  the compute dtype before the experts, and the sender's combine accumulates in the gates'
+  dtype (float32 or wider), so only the bytes on the wire are rounded.
+- ``dedup``: a token routed to several experts of one worker travels to it once. Its row
+  carries, bit-packed after the D features, its gates for that worker's local experts
+  (a sentinel NaN pattern marks "not routed"), so the gates travel with the token and the
+  receiver combines: it expands the row to its experts (index_select), runs them and sends
+  back ONE gated, summed row per (token, worker). In backward the grad of that row comes
+  in, the receiver computes the gates' grads itself (<grad_y, expert output>, the formula
+  the sender's combine would use) and sends them back bit-packed after the row's x-grad:
+  4 U rows per layer instead of 4 A (U distinct (token, worker) pairs, A assignments), no
+  extra collective beyond a counts exchange of W ints. The alternative that keeps gates on
+  the sender must return every expert output unsummed (2 U + 2 A rows). Gradients stay
+  exact (the same formulas); sums over a token's experts change order (float tolerance).
+  Plans with a payload per assignment (AoE) use the plain path.
+
 Works on any initialised torch.distributed group whose backend has all_to_all (gloo on
 CPU; NCCL with tensors on the current CUDA device), so a torchrun script can use the MoE
 layer without moedist's runtime. Under autocast the rows travel in the compute dtype.
@@ -34,38 +54,45 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moedist.kernels.dispatch import combine, inverse_permutation, sort_by_expert
+from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert, unique_pairs
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
-from moedist.parallel.clock import CommClock, measure
+from moedist.parallel.clock import CommClock, measure, note_collective
 from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
-__all__ = ["AllToAllDispatcher", "all_to_all_rows"]
+__all__ = ["WIRE_DTYPES", "AllToAllDispatcher", "all_to_all_rows"]
+
+WIRE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Bit pattern of a gate slot that holds no assignment (a NaN payload torch arithmetic does not
+# produce; compared as integers, so a NaN gate computed by a router is never mistaken for it).
+_ABSENT = {torch.float32: (torch.int32, 0x7FA5A5A5), torch.float64: (torch.int64, 0x7FF4A5A5A5A5A5A5)}
 
 
 class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, exchange) -> Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, kind,
+                exchange) -> Tensor:  # fmt: skip
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock, ctx.kind = send_splits, recv_splits, group, clock, kind
         ctx.exchange = exchange
-        return _exchange(x_ND, send_splits, recv_splits, group, clock, exchange)
+        return _exchange(x_ND, send_splits, recv_splits, group, clock, kind, exchange)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.exchange)
-        return grad_ND, None, None, None, None, None
+        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.kind, ctx.exchange)
+        return grad_ND, None, None, None, None, None, None
 
 
 def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None,
-              exchange: RowExchange | None = None) -> Tensor:  # fmt: skip
+              kind: str = "a2a", exchange: RowExchange | None = None) -> Tensor:  # fmt: skip
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
-    with measure(clock, "a2a"):
+    with measure(clock, kind):
+        note_collective(_bytes_to_others(x_ND, send_splits, group))
         if exchange is None:
             dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
         else:  # shared memory / hierarchical (moedist.parallel.exchange), same contract
@@ -73,15 +100,83 @@ def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], grou
     return out_RD
 
 
+def _bytes_to_others(x_ND: Tensor, send_splits: list[int], group) -> int:
+    """Bytes of the rows of x_ND that go to other ranks (the self slice never leaves)."""
+    row = x_ND[0].numel() * x_ND.element_size() if x_ND.shape[0] else 0
+    return (sum(send_splits) - send_splits[dist.get_rank(group)]) * row
+
+
 def all_to_all_rows(
     x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None,
-    exchange: RowExchange | None = None,
+    kind: str = "a2a", exchange: RowExchange | None = None,
 ) -> Tensor:  # fmt: skip
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
     to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
-    the seconds of both the forward and the backward exchange under "a2a". `exchange`
-    (None: ``dist.all_to_all_single`` on `group`) moves the rows both ways."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, exchange)
+    the seconds (and bytes sent) of both the forward and the backward exchange under `kind`.
+    `exchange` (None: ``dist.all_to_all_single`` on `group`) moves the rows both ways."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, kind, exchange)
+
+
+def _gate_cols(gate_NL: Tensor, wire: torch.dtype) -> int:
+    """Columns of the wire dtype that hold the bits of one row of gates."""
+    return -(-gate_NL.shape[1] * gate_NL.element_size() // wire.itemsize)
+
+
+def _pack(x_ND: Tensor, gate_NL: Tensor, wire: torch.dtype) -> Tensor:
+    """[x cast to the wire dtype | the gates' bits, padded to whole wire-dtype columns],
+    written in one pass (no intermediate cast or concatenation)."""
+    (N, D), nbytes = x_ND.shape, gate_NL.shape[1] * gate_NL.element_size()
+    p_ND = x_ND.new_empty((N, D + _gate_cols(gate_NL, wire)), dtype=wire)
+    p_ND[:, :D].copy_(x_ND)
+    bits_NB = p_ND.view(torch.uint8)[:, D * wire.itemsize :]
+    bits_NB[:, :nbytes].copy_(gate_NL.contiguous().view(torch.uint8))
+    bits_NB[:, nbytes:].zero_()
+    return p_ND
+
+
+def _unpack(p_ND: Tensor, D: int, L: int, x_dtype: torch.dtype, gate_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """_pack's inverse: (x in x_dtype, gates bit-exact)."""
+    bits_NB = p_ND[:, D:].contiguous().view(torch.uint8)
+    gate_NL = bits_NB[:, : L * gate_dtype.itemsize].contiguous().view(gate_dtype)
+    return p_ND[:, :D].to(x_dtype), gate_NL
+
+
+class _DedupRows(torch.autograd.Function):
+    """Deduplicated rows with their gates out, (x_RD, gate_RL) in; the backward sends the
+    grads of both back in the same packed layout (gate grads bit-exact, x-grads in the wire
+    dtype)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_UD: Tensor,
+        gate_UL: Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        wire: torch.dtype,
+        compute: torch.dtype,
+        owner: AllToAllDispatcher,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.splits = send_splits, recv_splits
+        ctx.owner, ctx.wire, ctx.owner_device = owner, wire, x_UD.device
+        ctx.x_dtype, ctx.gate_dtype, ctx.D, ctx.L = x_UD.dtype, gate_UL.dtype, x_UD.shape[1], gate_UL.shape[1]
+        p_RD = _exchange(_pack(x_UD, gate_UL, wire), send_splits, recv_splits, owner.group, owner.clock, "dispatch",
+                         owner.exchange)  # fmt: skip
+        return _unpack(p_RD, ctx.D, ctx.L, compute, gate_UL.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x_RD: Tensor | None, grad_gate_RL: Tensor | None):
+        send_splits, recv_splits = ctx.splits
+        R, device = sum(recv_splits), ctx.owner_device
+        if grad_x_RD is None:
+            grad_x_RD = torch.zeros(R, ctx.D, dtype=ctx.wire, device=device)
+        if grad_gate_RL is None:
+            grad_gate_RL = torch.zeros(R, ctx.L, dtype=ctx.gate_dtype, device=device)
+        p_UD = _exchange(_pack(grad_x_RD, grad_gate_RL, ctx.wire), recv_splits, send_splits,
+                         ctx.owner.group, ctx.owner.clock, "dispatch", ctx.owner.exchange)  # fmt: skip
+        grad_x_UD, grad_gate_UL = _unpack(p_UD, ctx.D, ctx.L, ctx.x_dtype, ctx.gate_dtype)
+        return grad_x_UD, grad_gate_UL, None, None, None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -106,24 +201,41 @@ class AllToAllDispatcher:
     ``placement.local_experts(rank)`` order; ``plan`` uses global expert ids. ``group`` is a
     torch.distributed process group (None: the default group) whose size is
     ``placement.world_size``; ranks are group ranks. ``clock``, when set, accumulates the
-    seconds of every exchange (counts and rows, forward and backward) under "a2a".
+    seconds of every exchange, forward and backward: the counts and the rows out under
+    "dispatch", the results back under "combine".
+    ``dedup`` and ``wire_dtype`` ("auto", "float32", "bfloat16") choose what travels (see
+    the module docstring). ``fwd_bytes_sent`` adds up the row bytes this rank sends in
+    forward calls (a backward pass sends the same again; counts exchanges not included).
     ``exchange`` (moedist.parallel.exchange.make_exchange; None: the collective on `group`)
     moves the token rows, e.g. through shared memory within a node.
     """
 
     def __init__(
-        self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None, clock: CommClock | None = None,
+        self,
+        placement: ExpertPlacement,
+        group: dist.ProcessGroup | None = None,
+        clock: CommClock | None = None,
+        dedup: bool = False,
+        wire_dtype: str = "auto",
         exchange: RowExchange | None = None,
-    ):  # fmt: skip
+    ):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
         self.placement = placement
         self.group = group
         self.clock = clock
+        self.dedup = bool(dedup)
+        self.wire_dtype = wire_dtype
         self.exchange = exchange
         self._slot_E: dict[torch.device, Tensor] = {}
+        self._owner_local: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.fwd_bytes_sent = 0
 
     def __call__(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> Tensor:
         P, group = self.placement, self.group
         W, L, E = self._check(x_TD, plan, experts)
+        if self.dedup and plan.payload_A is None:
+            return self._dedup_call(x_TD, plan, experts, W, L)
         T, device = x_TD.shape[0], x_TD.device
 
         # 1. Sender: one counting sort by slot groups assignments by destination, then by
@@ -136,8 +248,10 @@ class AllToAllDispatcher:
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
         recv_counts_WL = counts_S.new_empty(W * L)
-        with measure(self.clock, "a2a"):
-            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)], group=group)
+        with measure(self.clock, "dispatch"):
+            send_counts = [P.n_local(w) for w in range(W)]
+            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
         # One host transfer for both (one sync on CUDA): split sizes must be host ints.
         host = torch.cat([counts_S, recv_counts_WL]).tolist()
         send_S, recv_WL = host[:E], host[E:]
@@ -147,13 +261,15 @@ class AllToAllDispatcher:
             start += P.n_local(w)
             recv_splits.append(sum(recv_WL[w * L : (w + 1) * L]))
 
-        # 3. Token rows out. Under autocast they travel in the compute dtype (half the bytes
-        # in bf16); the experts would cast them on arrival anyway.
+        # 3. Token rows out, in the wire dtype (auto: the compute dtype, so under autocast
+        # half the bytes in bf16; the experts would cast them on arrival anyway), back to
+        # the compute dtype on arrival. Autograd's casts send the grads in the wire dtype too.
         # (AoE: each row also carries the expert's low-rank activation, the plan's payload.)
         rows_AD = expert_rows(x_TD, token_A, order_A, plan)
-        if torch.is_autocast_enabled(device.type):
-            rows_AD = rows_AD.to(torch.get_autocast_dtype(device.type))
-        x_RD = all_to_all_rows(rows_AD, send_splits, recv_splits, group, self.clock, self.exchange)
+        compute, wire = self._dtypes(x_TD)
+        x_RD = all_to_all_rows(rows_AD.to(wire), send_splits, recv_splits, group, self.clock, "dispatch",
+                              self.exchange).to(compute)  # fmt: skip
+        self.fwd_bytes_sent += (sum(send_splits) + sum(recv_splits)) * rows_AD.shape[1] * wire.itemsize
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
         # With one source or one local expert the two orders coincide.
@@ -170,9 +286,77 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD, recv_splits, send_splits, group, self.clock, self.exchange)
+        out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
+
+    def _dedup_call(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts, W: int, L: int) -> Tensor:
+        """The deduplicated exchange (module docstring): U rows out, U gated sums back."""
+        P, group = self.placement, self.group
+        T, device = x_TD.shape[0], x_TD.device
+        compute, wire = self._dtypes(x_TD)
+        owner_E, local_E = self._owner_local_E(device)
+        expert_A = plan.expert_idx_A.to(device)
+        dest_A, local_A = owner_E[expert_A], local_E[expert_A]
+
+        # 1. Sender: distinct (destination, token) pairs, destination-major; each pair's row
+        # carries its gates for the destination's experts (absent ones hold the sentinel).
+        u_A, token_U, send_W = unique_pairs(plan.token_idx_A.to(device), dest_A, T, W)
+        Lmax = max(P.n_local(w) for w in range(W))
+        gate_dtype = torch.float64 if plan.weight_A.dtype == torch.float64 else torch.float32
+        int_dtype, absent = _ABSENT[gate_dtype]
+        blank_UL = torch.full((token_U.shape[0], Lmax), absent, dtype=int_dtype, device=device).view(gate_dtype)
+        gate_UL = blank_UL.index_put((u_A, local_A), plan.weight_A.to(gate_dtype))
+        # A (token, expert) pair twice in one plan would keep one gate of the two; routers
+        # build plans from a [T, E] mask, so this is a bad plan (checked: U x L is small).
+        n_set = int((gate_UL.detach().view(int_dtype) != absent).sum())
+        if n_set != u_A.shape[0]:
+            raise ValueError(f"plan repeats {u_A.shape[0] - n_set} (token, expert) pair(s); dedup needs distinct pairs")
+
+        # 2. Rows per destination -> rows per source (one int each way).
+        recv_W = send_W.new_empty(W)
+        with measure(self.clock, "dispatch"):
+            note_collective(_bytes_to_others(send_W.view(-1, 1), [1] * W, group))
+            dist.all_to_all_single(recv_W, send_W, group=group)
+        host = torch.cat([send_W, recv_W]).tolist()
+        send_splits, recv_splits = host[:W], host[W:]
+
+        # 3. Rows and gates out; the receiver sees each (source, token) once.
+        x_UD = gather_rows(x_TD, token_U)
+        x_RD, gate_RL = _DedupRows.apply(x_UD, gate_UL, send_splits, recv_splits, wire, compute, self)
+
+        # 4. Receiver: expand to (local expert, row) pairs, expert-major (nonzero of the
+        # transposed mask is sorted by expert, then row), run the experts, combine per row.
+        present_RL = gate_RL.detach()[:, :L].contiguous().view(int_dtype) != absent
+        pair_A2 = present_RL.t().nonzero()
+        local_a, row_a = pair_A2[:, 0], pair_A2[:, 1].contiguous()
+        counts_L = present_RL.sum(0).tolist()
+        out_AD = experts(gather_rows(x_RD, row_a), counts_L)
+        # float32 (or wider) gates: each row's sum accumulates in float32 even from bf16 experts.
+        y_RD = combine(out_AD, gate_RL[row_a, local_a], row_a, x_RD.shape[0])
+
+        # 5. One summed row per (token, worker) back; the sender adds up its workers' rows.
+        y_UD = all_to_all_rows(y_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
+        self.fwd_bytes_sent += (sum(send_splits) * (x_UD.shape[1] + _gate_cols(gate_UL, wire)) +
+                                sum(recv_splits) * y_RD.shape[1]) * wire.itemsize  # fmt: skip
+        ones_U = torch.ones(token_U.shape[0], dtype=gate_dtype, device=device)
+        return combine(y_UD, ones_U, token_U, T)
+
+    def _dtypes(self, x_TD: Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """(compute dtype of the experts, dtype of rows on the wire)."""
+        device_type = x_TD.device.type
+        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+        return compute, WIRE_DTYPES[self.wire_dtype] or compute
+
+    def _owner_local_E(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(owner rank, local index there) of every global expert, cached per device."""
+        if device not in self._owner_local:
+            P = self.placement
+            self._owner_local[device] = (
+                torch.tensor(P.owner_E, dtype=torch.int64, device=device),
+                torch.tensor([P.local_index(e) for e in range(P.n_experts)], dtype=torch.int64, device=device),
+            )
+        return self._owner_local[device]
 
     # ----------------------------------------------------------------- helpers
     def _check(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts) -> tuple[int, int, int]:

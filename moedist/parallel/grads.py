@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import MoEBlock
 from moedist.parallel.alltoall import AllToAllDispatcher
-from moedist.parallel.clock import CommClock
+from moedist.parallel.clock import CommClock, note_collective
 from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 
@@ -44,6 +44,9 @@ def shard_model_experts(
     rank: int,
     group: dist.ProcessGroup | None = None,
     clock: CommClock | None = None,
+    *,
+    dedup: bool = False,
+    wire_dtype: str = "auto",
     exchange: RowExchange | None = None,
 ) -> nn.Module:
     """Turn a full model into `rank`'s shard, in place, and return it.
@@ -54,7 +57,8 @@ def shard_model_experts(
     norms, embeddings, routers, shared experts) stays a replica. The shard is built on the
     meta device first, so sharding draws no random numbers: the process's RNG stream stays
     that of the 1-process model. The process group need not exist yet; it must by the first
-    forward pass. A `clock` times the dispatchers' exchanges; `exchange` (shared by all
+    forward pass. A `clock` times the dispatchers' exchanges; `dedup` and `wire_dtype`
+    are the dispatchers' switches (moedist.parallel.alltoall); `exchange` (shared by all
     blocks; None: the plain collective) moves their token rows.
     """
     local = placement.local_experts(rank)
@@ -67,7 +71,8 @@ def shard_model_experts(
             raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
         if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
             block.experts = full.subset(local)
-            block.dispatcher = AllToAllDispatcher(placement, group, clock, exchange)
+            block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
+                                                  exchange=exchange)  # fmt: skip
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
@@ -79,7 +84,8 @@ def shard_model_experts(
                 p.copy_(getattr(full, name).index_select(0, idx))
         shard.train(full.training)
         block.experts = shard  # same attribute: the module (and parameter) order is unchanged
-        block.dispatcher = AllToAllDispatcher(placement, group, clock, exchange)
+        block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
+                                              exchange=exchange)  # fmt: skip
     return model
 
 
@@ -178,6 +184,7 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
     work on an NCCL group: they travel through the current CUDA device.
     """
     device = x.device
+    note_collective(x.numel() * x.element_size())
     if device.type == "cpu" and dist.get_backend(group) == "nccl":
         buf = x.detach().to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(buf, group=group)
@@ -192,5 +199,6 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None, inplace: b
 def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:
     """Every rank's picklable `obj`, in rank order (a rare, small exchange: error reports)."""
     out: list[object] = [None] * dist.get_world_size(group)
+    note_collective(0, count=2)  # sizes, then the pickled objects
     dist.all_gather_object(out, obj, group=group)
     return out

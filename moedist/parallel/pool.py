@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moedist.kernels.dispatch import Backend
 from moedist.kernels.radix import N_BUCKETS, N_ROUNDS, RadixCounter, key_to_float
-from moedist.parallel.clock import CommClock, measure
+from moedist.parallel.clock import CommClock, measure, note_collective
 from moedist.routing.base import NonFiniteLogitsError, PoolOps
 
 __all__ = ["AllGatherPoolOps", "DistributedPoolOps", "radix_kth_largest", "threshold_sync_bytes"]
@@ -60,6 +60,7 @@ def _comm_device(group, data: torch.device) -> torch.device:
 def _all_reduce_(x: Tensor, group) -> Tensor:
     """In-place sum over the group (no-op for a single process)."""
     if _active(group):
+        note_collective(x.numel() * x.element_size())
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
@@ -73,15 +74,17 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, x: Tensor, group, clock: CommClock | None = None) -> Tensor:
+        ctx.group, ctx.clock = group, clock
         out = x.clone(memory_format=torch.contiguous_format)
+        note_collective(out.numel() * out.element_size())
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return _AllReduceSum.apply(grad_out, ctx.group), None
+        with measure(ctx.clock, "pool"):  # the backward all-reduce is pool statistics too
+            return _AllReduceSum.apply(grad_out, ctx.group, ctx.clock), None, None
 
 
 # ----------------------------------------------------------------------------- radix select
@@ -224,7 +227,7 @@ class DistributedPoolOps(PoolOps):
             return x
         dev = _comm_device(self.group, x.device)
         with measure(self.clock, "pool"):
-            return _AllReduceSum.apply(x.to(dev), self.group).to(x.device)
+            return _AllReduceSum.apply(x.to(dev), self.group, self.clock).to(x.device)
 
     def exclusive_prefix(self, counts_E: Tensor) -> Tensor:
         """Per-expert sum of the counts of lower ranks (rank 0 gets zeros)."""
@@ -239,6 +242,7 @@ class DistributedPoolOps(PoolOps):
         local_2E = torch.stack([sum_E.detach(), prefix_E.detach()]).to(dev, torch.int64).contiguous()
         parts_W2E = [torch.empty_like(local_2E) for _ in range(world)]
         with measure(self.clock, "pool"):
+            note_collective(local_2E.numel() * local_2E.element_size())
             dist.all_gather(parts_W2E, local_2E, group=self.group)
         all_W2E = torch.stack(parts_W2E)
         total_E = all_W2E[:, 0].sum(0).to(sum_E.device, sum_E.dtype)

@@ -29,6 +29,7 @@ from moedist.errors import JobError  # defined there: the CLI handles it without
 from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
+from moedist.training.torch_profile import ROW_KEY
 
 if TYPE_CHECKING:
     from moedist.parallel.placement import ExpertPlacement
@@ -103,6 +104,8 @@ class Coordinator:
         self._spawned = 0  # actors started so far (names stay unique across replacements)
         self._growth: _Growth | None = None  # new workers starting ahead of a live scale-up
         self._actor_cls = None
+        self.torch_traces: dict[str, bytes] = {}  # file name -> Chrome trace, until taken
+        self.trace: dict[int, dict[int, list[list[Any]]]] = {}  # traced step -> rank -> events
 
     # ------------------------------------------------------------------ start
     def start(self) -> list[dict[str, Any]]:
@@ -262,6 +265,12 @@ class Coordinator:
         """One step on every worker; rank 0's row (already global) plus cluster facts."""
         t0 = time.perf_counter()
         rows = self._get([w.train_step.remote() for w in self.workers], f"finish step {self.step}")
+        for r in rows:  # torch.profiler traces of a finished window (the run loop writes them)
+            self.torch_traces.update(r.pop(ROW_KEY, {}))
+        traced = {rank: r.pop("_trace") for rank, r in enumerate(rows) if "_trace" in r}
+        for rank, per_step in traced.items():  # a replayed step's events replace the lost ones
+            for step, events in per_step.items():
+                self.trace.setdefault(step, {})[rank] = events
         row = dict(rows[0])
         row["step_s"] = time.perf_counter() - t0  # wall clock seen by the coordinator
         row["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.model.seq_len / row["step_s"]
@@ -270,9 +279,26 @@ class Coordinator:
             row[key] = max(r.get(key, 0.0) for r in rows)
         row["compute_s"] = max(r["step_s"] - r.get("comm_s", 0.0) for r in rows)
         row["workers"] = len(self.workers)
+        if "span_data_s" in rows[0]:  # profile.spans: the slowest worker's spans, and every worker's
+            from moedist.training.profile import worker_columns
+
+            row.update(worker_columns(rows))
         self.step += 1
         self.last_row = row
         return row
+
+    def take_torch_traces(self) -> dict[str, bytes]:
+        """The workers' torch.profiler traces that came in (file name -> bytes), once."""
+        out, self.torch_traces = self.torch_traces, {}
+        return out
+
+    def trace_events(self) -> dict[int, dict[int, list[list[Any]]]]:
+        """{step: {rank: events}} of the traced steps (the run loop writes trace.json)."""
+        return {step: dict(sorted(per.items())) for step, per in sorted(self.trace.items())}
+
+    def trace_names(self) -> dict[int, str]:
+        """Each rank's track name in trace.json: rank, node and process id."""
+        return {i["rank"]: f"worker {i['rank']} ({i['node']}, pid {i['pid']})" for i in self.infos}
 
     def evaluate(self) -> EvalResult:
         ev = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moedist.config import RunConfig, from_dict, to_dict
+from moedist.training.torch_profile import ROW_KEY
 
 
 def node_address() -> str:
@@ -82,6 +83,7 @@ class Worker:
         cfg.model.n_layers = 2 if cfg.model.first_layer_dense else 1  # one MoE layer is enough
         cfg.train.micro_batches = 1
         cfg.train.batch_size = 1
+        cfg.profile.torch_profile = ""
         # The throwaway step must not trip the run's own guards: no eval, no checkpoint.
         Trainer(cfg, self._load_dataset()).train_step()
         return time.perf_counter() - t0
@@ -138,7 +140,17 @@ class Worker:
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
-        return self.trainer.train_step()
+        """The step's row; a traced step's events ride along under "_trace", torch.profiler
+        traces under ROW_KEY (the coordinator takes both out: the run folder is on the
+        driver's machine)."""
+        row = self.trainer.train_step()
+        trace = self.trainer.take_trace()
+        if trace:
+            row["_trace"] = trace
+        traces = self.trainer.take_torch_traces()
+        if traces:
+            row[ROW_KEY] = traces
+        return row
 
     def evaluate(self) -> dict[str, Any]:
         return self.trainer.evaluate().to_json()
@@ -236,6 +248,8 @@ class Worker:
         from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
+        if self.trainer is not None:  # a capture cut short by a lost peer ends here, unwritten
+            self.trainer.torch_profiler.stop()
         self.trainer = None
         close_exchanges()  # shared-memory segments of the old group
         with contextlib.suppress(Exception):  # a group that lost a peer may not close cleanly

@@ -41,6 +41,7 @@ from moedist.config import RunConfig, to_dict
 from moedist.errors import TooManyFailuresError  # defined there: the CLI handles it without importing torch
 from moedist.training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from moedist.training.evaluate import EvalResult
+from moedist.training.sinks import MetricSinks
 from moedist.training.trainer import parquet_bytes, read_resume_checkpoint, write_atomic
 
 # Per-step timing columns whose means summary.json reports (those a run's rows have).
@@ -150,6 +151,7 @@ class RunLoop:
         self.saved_path: Path | None = None  # the newest checkpoint written or restored
         self._recovering: Failure | None = None
         self.save_s: list[float] = []  # seconds of each checkpoint (gather, merge, write, fsync)
+        self.sinks = MetricSinks()  # profile.log's TensorBoard / W&B, open while run() runs
 
     @property
     def step(self) -> int:
@@ -190,6 +192,7 @@ class RunLoop:
         total = self.cfg.train.steps
         t_start = time.perf_counter()
         first = self.ex.step
+        self.sinks = MetricSinks.open(self.cfg, self.run_dir, self.ex.step)
         bar = tqdm(total=total, initial=self.ex.step, disable=not self.cfg.train.progress, unit="step",
                    dynamic_ncols=True)  # fmt: skip
         self.write_members()
@@ -200,6 +203,8 @@ class RunLoop:
                     if self.saved_step != self.ex.step:
                         self.save()  # before the final evaluation: a failure there loses no training
                     final_eval = self._evaluate()
+                    if self.rows and self.rows[-1]["step"] == self.ex.step - 1:
+                        self.sinks.write_value(self.ex.step - 1, "val_loss", final_eval.val_loss)
                     break
                 except WorkerLostError as e:
                     self._recover(e)
@@ -211,10 +216,14 @@ class RunLoop:
             raise
         finally:
             bar.close()
+            self.sinks.close()  # finished, stopped or failed: the sinks' files are complete
         if self.rows and self.rows[-1]["step"] == self.ex.step - 1:  # the final step (also of a stopped run)
             self.rows[-1]["val_loss"] = final_eval.val_loss
         self.write_metrics()
+        self.write_trace()
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
+        # The final evaluation's fanout histogram: `moedist plot` redraws fanout.png from it.
+        summary["eval_fanout_hist"] = final_eval.fanout_hist
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         from moedist.training.plots import write_plots
 
@@ -225,6 +234,7 @@ class RunLoop:
         cfg = self.cfg.train
         while self.ex.step < cfg.steps:
             row = self.ex.train_step()
+            self.write_torch_traces()
             done = self.ex.step
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 row["val_loss"] = self._evaluate().val_loss
@@ -233,6 +243,7 @@ class RunLoop:
             self.rows.append(row)
             bar.update(done - bar.n)
             bar.set_postfix(progress_postfix(row), refresh=False)
+            self.sinks.write(row)
             for fn in self.on_row:
                 fn(row)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
@@ -298,6 +309,7 @@ class RunLoop:
             failure.restored_step = 0
             self.rows, self.saved_step, self.saved_path = [], None, None
         failure.parts["load_s"] = time.perf_counter() - t0
+        self.sinks.rewind(failure.restored_step)  # the steps from there on are replayed
         self._recovering = failure
         self._recovery_t = time.perf_counter()
         _log(f"moedist: recovered in {time.monotonic() - err.noticed:.1f} s; replaying from step "
@@ -318,15 +330,33 @@ class RunLoop:
         if members is not None:
             write_atomic(self.run_dir / "workers.json", json.dumps(members(), indent=1).encode())
 
+    def write_torch_traces(self) -> None:
+        """RUN/torch_profile/: the torch.profiler traces the executor's workers finished."""
+        take = getattr(self.ex, "take_torch_traces", None)
+        for name, data in (take() if take is not None else {}).items():
+            (self.run_dir / "torch_profile").mkdir(exist_ok=True)
+            write_atomic(self.run_dir / "torch_profile" / name, data)
+
     def write_metrics(self) -> None:
         write_atomic(self.run_dir / "metrics.parquet", parquet_bytes(self.rows))
+
+    def write_trace(self) -> None:
+        """RUN/trace.json of the steps in profile.trace_steps (executors that trace)."""
+        events = getattr(self.ex, "trace_events", None)
+        if events is None:
+            return
+        from moedist.training.profile import write_trace
+
+        names = getattr(self.ex, "trace_names", dict)
+        write_trace(self.run_dir, events(), names())
 
     def summary(self, wall_s: float, steps_this_run: int) -> dict[str, Any]:
         """summary.json: run_summary's keys, the executor's facts, per-step timings, failures."""
         out = run_summary(self.cfg, self.rows, self.ex.step, wall_s, steps_this_run, self.last_eval,
                           self.ex.param_counts())  # fmt: skip
         out.update(self.ex.info())
-        for key in TIMING_KEYS:
+        spans = [k for k in (self.rows[0] if self.rows else {}) if k.startswith("span_")]
+        for key in (*TIMING_KEYS, *spans):
             vals = [r[key] for r in self.rows if r.get(key) is not None]
             if vals:  # mean seconds per step (the slowest rank of each step, when distributed)
                 out[f"{key}_per_step"] = float(np.mean(vals))

@@ -1,4 +1,4 @@
-"""PNG plots of a run: loss curves, expert load over time, fanout histogram."""
+"""PNG plots of a run: loss curves, expert load over time, fanout histogram, time per step by span."""
 
 from __future__ import annotations
 
@@ -81,6 +81,63 @@ def plot_fanout(ev: EvalResult, layer_names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+# Span colours: communication in reds/oranges, compute in blues/greens, bookkeeping in greys.
+SPAN_COLOURS = {"data": "#bdbdbd", "router": "#6baed6", "pool": "#fd8d3c", "dispatch": "#e6550d", "expert": "#2171b5",
+                "combine": "#a63603", "dense_fwd": "#74c476", "dense_bwd": "#238b45", "stats": "#969696",
+                "grad_sync": "#de2d26", "optimiser": "#9e9ac8", "other": "#636363"}  # fmt: skip
+MAX_WORKER_PANELS = 8
+
+
+def plot_comm_vs_compute(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Stacked seconds per step by span, one panel per worker (the first MAX_WORKER_PANELS);
+    False when the rows have no span columns (profile.spans off)."""
+    from moedist.training.profile import SPAN_NAMES
+
+    prof = [r for r in rows if r.get("span_data_s") is not None]
+    if not prof:
+        return False
+    steps = np.array([r["step"] for r in prof])
+    # Expert-parallel rows carry per-rank lists; a single-process row (also part of a run
+    # resumed on one worker) is worker 0's alone.
+    W = max(len(r.get("workers_step_s") or [None]) for r in prof)
+    per_worker = any(r.get("workers_step_s") is not None for r in prof)
+    shown = min(W, MAX_WORKER_PANELS)
+
+    def at(r: dict[str, Any], span: str | None, w: int) -> float:
+        lst = r.get(f"workers_span_{span}_s" if span else "workers_step_s")
+        if lst is not None:
+            return lst[w] if w < len(lst) else np.nan
+        if w:
+            return np.nan
+        return r[f"span_{span}_s"] if span else (r.get("worker_step_s") or r["step_s"])
+
+    fig, axes = plt.subplots(shown, 1, figsize=(9, 2.2 * shown + 1.2), squeeze=False, sharex=True, sharey=True)
+    for w in range(shown):
+        ax = axes[w, 0]
+        sec = {s: np.array([at(r, s, w) for r in prof]) for s in SPAN_NAMES}
+        step_s = np.array([at(r, None, w) for r in prof])
+        title = f"worker {w}" if per_worker else "one process"
+        bottom = np.zeros(len(prof))
+        for s in SPAN_NAMES:
+            if s == "other" and not np.nansum(sec[s]):
+                continue
+            ms = np.nan_to_num(sec[s]) * 1e3
+            ax.bar(steps, ms, bottom=bottom, width=1.0, color=SPAN_COLOURS[s], label=s, linewidth=0)
+            bottom += ms
+        ax.plot(steps, step_s * 1e3, "k-", lw=0.7, label="step time")
+        ax.set_ylabel(f"{title}\nms")
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xlabel("step")
+    more = f" (first {shown} of {W} workers)" if shown < W else ""
+    axes[0, 0].set_title(f"Time per step by span{more}: communication red/orange, compute blue/green")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=7, fontsize=7, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def write_plots(run_dir: Path, rows: list[dict[str, Any]], ev: EvalResult | None) -> list[Path]:
     """Write every plot that applies to this run into RUN/plots; return the paths."""
     out = Path(run_dir) / "plots"
@@ -96,4 +153,23 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]], ev: EvalResult | None
             if ev is not None and ev.fanout_hist:
                 plot_fanout(ev, layers, out / "fanout.png")
                 written.append(out / "fanout.png")
+        if plot_comm_vs_compute(rows, out / "comm_vs_compute.png"):
+            written.append(out / "comm_vs_compute.png")
     return written
+
+
+def redraw_plots(run_dir: Path) -> list[Path]:
+    """Every plot of a run folder again, from metrics.parquet and summary.json (`moedist plot`)."""
+    import json
+
+    from moedist.training.profile import read_rows
+
+    run_dir = Path(run_dir)
+    rows = read_rows(run_dir)
+    ev = None
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        hist = json.loads(summary.read_text()).get("eval_fanout_hist")
+        if hist:
+            ev = EvalResult(val_loss=float("nan"), tokens=0, fanout_hist=hist)
+    return write_plots(run_dir, rows, ev)

@@ -8,6 +8,7 @@ schedule, and loading trained runs. Legend: B batch, S positions, E experts, L M
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from moedist.config import ConfigError, RunConfig, deep_update, from_dict, to_dict
+from moedist.config import ConfigError, RunConfig, deep_update, from_dict, parse_trace_steps, to_dict
 from moedist.data import BatchSampler, TokenDataset, tokenizer_from_spec
 from moedist.model.transformer import MoETransformer
 from moedist.routing.base import NonFiniteLogitsError
@@ -32,6 +33,7 @@ from moedist.training.checkpoint import (
 )
 from moedist.training.evaluate import EvalResult, evaluate
 from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
+from moedist.training.torch_profile import StepProfiler, parse_window
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,26 +179,32 @@ class Trainer:
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
         self.clock = None
-        self.exchange = None  # a RowExchange; the worker closes it (close_exchanges) on reset/shutdown
         self.expert_ids: list[int] | None = None  # global id of each local expert row
         if dist_ctx is not None:
             from moedist.parallel import enable_expert_parallel
-            from moedist.parallel.exchange import make_exchange
 
-            # [comm] shm / hierarchical: token rows through shared memory within a node
-            # and/or via node leaders (None: the plain collective).
-            if cfg.comm.shm or cfg.comm.hierarchical:
-                self.exchange = make_exchange(dist_ctx.group, dist_ctx.nodes, cfg.comm.shm, cfg.comm.hierarchical)
             self.clock = enable_expert_parallel(
-                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes, self.exchange
+                self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes, comm=cfg.comm
             )
             self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
+        # The step profile (docs/profiling.md): spans of every step, events of the trace window.
+        self.trace_window = parse_trace_steps(cfg.profile.trace_steps, cfg.train.steps)
+        self.trace: dict[int, list[list[Any]]] = {}  # step -> events (moedist.training.profile)
+        if cfg.profile.spans:
+            from moedist.parallel.clock import CommClock
+
+            if self.clock is None:
+                self.clock = CommClock()
+            self.clock.spans = True
+            self._attach_clock()
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
         self.skipped = 0
         self.last_row: dict[str, Any] | None = None  # its loads choose the experts a resize splits
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+        self.torch_profiler = StepProfiler(parse_window(cfg.profile.torch_profile),
+                                           dist_ctx.rank if dist_ctx else 0, self.device.type)  # fmt: skip
 
     # ----------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -236,6 +244,7 @@ class Trainer:
         new_cfg, tensors, layers = resize_experts(self.cfg, tensors, n_experts, self.last_row, noise)
         self.cfg.model.n_experts = new_cfg.model.n_experts
         self.model = build_model(self.cfg).to(self.device)  # reseeds: load_state restores the RNG
+        self._attach_clock()
         self.opt = make_optimizer(self.model, self.cfg)
         self.load_state(tensors, extra, self.step)
         self.last_row = None  # its loads were the old experts'
@@ -245,52 +254,90 @@ class Trainer:
         """Facts about where the run ran, for summary.json."""
         return {"device": str(self.device), "workers": 1}
 
+    # ----------------------------------------------------------------- profile
+    def _attach_clock(self) -> None:
+        """Let the MoE blocks time their router and experts on the step clock (spans on)."""
+        if self.clock is not None and self.clock.spans:
+            for block in self.model.moe_blocks():
+                block.clock = self.clock
+
+    def _span(self, kind: str):
+        """The step clock's span `kind` (a no-op without spans)."""
+        return self.clock.span(kind) if self.clock is not None else contextlib.nullcontext()
+
+    def take_trace(self) -> dict[int, list[list[Any]]]:
+        """The traced steps' events recorded since the last call ({step: events})."""
+        out, self.trace = self.trace, {}
+        return out
+
+    def trace_events(self) -> dict[int, dict[int, list[list[Any]]]]:
+        """{step: {rank 0: events}} of the traced steps (the run loop writes trace.json)."""
+        return {step: {0: evs} for step, evs in sorted(self.trace.items())}
+
     def param_counts(self) -> dict[str, int]:
         return self.model.param_counts()
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
+        """One optimiser step (`_train_step`), under torch.profiler in profile.torch_profile's steps."""
+        return self.torch_profiler.run(self.step, self._train_step)
+
+    def take_torch_traces(self) -> dict[str, bytes]:
+        """Chrome traces of finished torch.profiler windows (file name -> bytes), once."""
+        return self.torch_profiler.take()
+
+    def _train_step(self) -> dict[str, Any]:
         """One optimiser step over the global batch (split into micro-batches).
 
         The loss and the global gradient norm are checked before the update and the
         parameters after it: a non-finite value raises NonFiniteError naming the step and
         layer (train.nonfinite = "stop"), or drops the step's update and counts it ("skip").
         """
-        cfg, model = self.cfg, self.model
+        cfg, model, clock = self.cfg, self.model, self.clock
         model.train()
-        t0 = time.perf_counter()
+        w = self.trace_window
+        tracing = w is not None and w[0] <= self.step <= w[1] and clock is not None and clock.spans
+        t0 = clock.begin_step(tracing) if clock is not None else time.perf_counter()
         d = self.dist
-        if d is None:
-            batch_BS1 = self.sampler.global_batch(self.step)
-        else:
-            batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world, cfg.train.micro_batches)
-        n_micro = cfg.train.micro_batches
-        lr = lr_at(self.step, cfg)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        ce_sum, aux_sum = 0.0, 0.0
-        n_moe = len(model.moe_blocks())
-        load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
-        assigned_L = torch.zeros(n_moe, dtype=torch.int64)
-        # Per-expert counts the routers' plans carry (e.g. "capped"), summed like the loads.
-        stat_names = [router.plan_stat_names() for router in model.routers()]
-        stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
-                   for i, names in enumerate(stat_names) for name in names}  # fmt: skip
+        with self._span("data"):  # the batch, and the step's set-up (learning rate, counters)
+            if d is None:
+                batch_BS1 = self.sampler.global_batch(self.step)
+            else:
+                batch_BS1 = self.sampler.local_batch(self.step, d.rank, d.world, cfg.train.micro_batches)
+            n_micro = cfg.train.micro_batches
+            lr = lr_at(self.step, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            ce_sum, aux_sum = 0.0, 0.0
+            n_moe = len(model.moe_blocks())
+            load_LE = torch.zeros(n_moe, cfg.model.n_experts, dtype=torch.int64)
+            assigned_L = torch.zeros(n_moe, dtype=torch.int64)
+            # Per-expert counts the routers' plans carry (e.g. "capped"), summed like the loads.
+            stat_names = [router.plan_stat_names() for router in model.routers()]
+            stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
+                       for i, names in enumerate(stat_names) for name in names}  # fmt: skip
+            micro_batches = np.split(batch_BS1, n_micro)
         try:
-            for mb in np.split(batch_BS1, n_micro):
-                b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
-                amp = self.autocast_dtype
-                with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = model(b[:, :-1], b[:, 1:])
-                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                (loss / n_micro).backward()
-                ce_sum += float(out.loss.detach())
-                aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-                for i, plan in enumerate(out.plans):
-                    load_LE[i] += plan.load_E.cpu()
-                    assigned_L[i] += plan.token_idx_A.numel()
-                    for name in stat_names[i]:
-                        stat_LE[i, name] += plan.stats[name].cpu()
+            for mb in micro_batches:
+                with self._span("data"):
+                    b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
+                # dense_fwd / dense_bwd are the self times of these two blocks: the forward and
+                # backward passes less the router, pool, expert and exchange spans inside them.
+                with self._span("dense_fwd"):
+                    amp = self.autocast_dtype
+                    with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = model(b[:, :-1], b[:, 1:])
+                    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                with self._span("dense_bwd"):
+                    (loss / n_micro).backward()
+                with self._span("stats"):
+                    ce_sum += float(out.loss.detach())
+                    aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+                    for i, plan in enumerate(out.plans):
+                        load_LE[i] += plan.load_E.cpu()
+                        assigned_L[i] += plan.token_idx_A.numel()
+                        for name in stat_names[i]:
+                            stat_LE[i, name] += plan.stats[name].cpu()
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
         if d is not None:
@@ -299,30 +346,34 @@ class Trainer:
             with self.clock.measure("grad_sync"):
                 sync_gradients(model, d.group)
             # Every worker reports the global numbers: losses averaged, loads summed.
-            stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
-            ce_sum, aux_sum = float(stats[0]), float(stats[1])
-            load_LE = all_reduce_sum(load_LE, d.group)
-            assigned_L = all_reduce_sum(assigned_L, d.group)
-            if stat_LE:
-                summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
-                stat_LE = dict(zip(stat_LE, summed, strict=True))
-        grad_norm = self.clip_gradients()
-        # Loss and norm are global (all-reduced), so every worker takes the same branch.
-        skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))
-        if skipped:
-            self._nonfinite_step(ce_sum, grad_norm)
-        else:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            model.routing_step_end()
-            if not params_finite(list(model.parameters())):
-                where = first_nonfinite(model, "param", self.expert_ids)
-                raise NonFiniteError(
-                    f"parameters became non-finite in step {self.step}'s update ({where}; loss {ce_sum / n_micro:.4g}, "
-                    f"gradient norm {grad_norm:.4g}); nothing was saved from this step: lower train.lr",
-                    self.step,
-                )
-        dt = time.perf_counter() - t0
+            with self._span("stats"):
+                stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
+                ce_sum, aux_sum = float(stats[0]), float(stats[1])
+                load_LE = all_reduce_sum(load_LE, d.group)
+                assigned_L = all_reduce_sum(assigned_L, d.group)
+                if stat_LE:
+                    summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
+                    stat_LE = dict(zip(stat_LE, summed, strict=True))
+        with self._span("optimiser"):  # clipping (its norm all-reduce), the update, the routers' step end
+            grad_norm = self.clip_gradients()
+            # Loss and norm are global (all-reduced), so every worker takes the same branch.
+            skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))
+            if skipped:
+                self._nonfinite_step(ce_sum, grad_norm)
+            else:
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                model.routing_step_end()
+                if not params_finite(list(model.parameters())):
+                    where = first_nonfinite(model, "param", self.expert_ids)
+                    raise NonFiniteError(
+                        f"parameters became non-finite in step {self.step}'s update ({where}; loss "
+                        f"{ce_sum / n_micro:.4g}, gradient norm {grad_norm:.4g}); nothing was saved from this step: "
+                        "lower train.lr",
+                        self.step,
+                    )
+        t1 = time.perf_counter()
+        dt = t1 - t0
         n_tokens = cfg.train.batch_size * cfg.model.seq_len  # the global batch
         row: dict[str, Any] = {
             "step": self.step,
@@ -336,13 +387,7 @@ class Trainer:
             "val_loss": None,
             "skipped": skipped,
         }
-        if d is not None:
-            comm = self.clock.take()
-            # a2a: token exchanges (forward and backward); pool: global routing statistics
-            # (token counts, radix-select cutoffs); grad_sync: the dense-gradient all-reduce.
-            for kind in ("a2a", "pool", "grad_sync"):
-                row[f"{kind}_s"] = comm.get(kind, 0.0)
-            row["comm_s"] = sum(comm.values())
+        self._profile_columns(row, t0, t1)
         for i, (layer, router) in enumerate(zip(model.moe_layer_ids(), model.routers(), strict=True)):
             row[f"L{layer}_load"] = load_LE[i].tolist()
             row[f"L{layer}_fanout"] = float(assigned_L[i]) / n_tokens
@@ -353,6 +398,24 @@ class Trainer:
         self.step += 1
         self.last_row = row
         return row
+
+    def _profile_columns(self, row: dict[str, Any], t0: float, t1: float) -> None:
+        """The step clock's columns (and a traced step's events) for the step t0..t1."""
+        clock = self.clock
+        if clock is None:
+            return
+        from moedist.training import profile
+
+        seconds = clock.take()
+        if self.dist is not None:
+            # a2a: token exchanges (dispatch and combine, forward and backward); pool: global
+            # routing statistics (token counts, radix-select cutoffs); grad_sync: the
+            # dense-gradient all-reduce; comm_s their sum.
+            row.update(profile.comm_seconds(seconds))
+        if clock.spans:
+            row.update(profile.step_columns(seconds, *clock.take_counts()))
+        if clock.tracing:
+            self.trace[self.step] = profile.step_events(clock, t0, t1, profile.wall_offset())
 
     def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
         """The forward pass of this step produced NaN router logits: stop or skip."""
@@ -365,11 +428,13 @@ class Trainer:
                 self.step,
             )
         self.skipped += 1
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
         n_tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
         row = {"step": self.step, "loss": math.nan, "aux_loss": math.nan, "lr": lr, "grad_norm": math.nan,
                "tokens": (self.step + 1) * n_tokens, "step_s": dt, "tokens_per_s": n_tokens / dt, "val_loss": None,
                "skipped": True}  # fmt: skip
+        self._profile_columns(row, t0, t1)  # the columns every row has (parquet keeps the first row's)
         for layer, router in zip(self.model.moe_layer_ids(), self.model.routers(), strict=True):
             row[f"L{layer}_load"] = None  # nothing was routed to completion
             row[f"L{layer}_fanout"] = None

@@ -16,11 +16,13 @@ import signal
 import pytest
 import torch
 
-from moedist.config import ModelConfig, RouterConfig
+from moedist.config import CommConfig, ModelConfig, RouterConfig
 from moedist.model.experts import GroupedExperts
-from moedist.model.moe import LocalDispatcher
+from moedist.model.moe import LocalDispatcher, MoEBlock
 from moedist.model.transformer import MoETransformer
+from moedist.parallel import enable_expert_parallel
 from moedist.parallel.alltoall import AllToAllDispatcher
+from moedist.parallel.clock import CommClock
 from moedist.parallel.grads import (
     all_reduce_sum,
     expert_parameters,
@@ -35,6 +37,7 @@ TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 # A float64 model keeps float64 logits and router scores; whole-model results differ only by
 # the order of sums (gradients are reduced across ranks).
 MODEL_TOL = {"rtol": 1e-9, "atol": 1e-12}
+F32_TOL = {"rtol": 1e-4, "atol": 1e-6}
 D, F = 12, 10
 
 # ----------------------------------------------------------------------------- placement
@@ -143,7 +146,7 @@ def _shard(full: GroupedExperts, local: list[int]) -> GroupedExperts:
     return shard
 
 
-def _on_rank_dispatch(rank: int, world: int, name: str, exchange: str | None = None) -> dict:
+def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exchange: str | None = None) -> dict:
     case = CASES[name]
     T_W, x_ND, token_A, expert_A, gate_A, grad_ND, full = _problem(case, world)
     N, E = x_ND.shape[0], full.n_experts
@@ -165,10 +168,27 @@ def _on_rank_dispatch(rank: int, world: int, name: str, exchange: str | None = N
     x_r = x_ND[off : off + T].clone().requires_grad_()
     gate_r = gate_A[mine_A].clone().requires_grad_()
     plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, E)
+    clock = CommClock(spans=True)
+    clock.begin_step()
     ex = _exchange_of(exchange, world) if exchange else None
-    y_r = AllToAllDispatcher(placement, exchange=ex)(x_r, plan, shard)
+    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock, exchange=ex)
+    y_r = dispatcher(x_r, plan, shard)
     # sum_r loss_r is the oracle's loss, so every gradient must match the oracle's.
     (y_r * grad_ND[off : off + T]).sum().backward()
+
+    # The profile's bytes: rows that leave this rank (its assignments to other ranks' experts
+    # out, their results' gradients back; other ranks' rows for my experts back, their
+    # gradients out), plus the counts for the other ranks' experts; 3 dispatch collectives
+    # (counts, rows, their backward) and 2 combine ones.
+    owner_E = torch.tensor(placement.owner_E)
+    out_rows = int((owner_E[expert_A[mine_A]] != rank).sum())
+    theirs_A = (token_A < off) | (token_A >= off + T)
+    in_rows = int(((owner_E[expert_A] == rank) & theirs_A).sum())
+    colls, nbytes = clock.take_counts()
+    assert colls == {"dispatch": 3, "combine": 2}, colls
+    if not dedup:  # (dedup sends distinct (token, worker) rows with their gates: its bytes are checked below)
+        assert nbytes == {"dispatch": (E - len(local)) * 8 + (out_rows + in_rows) * D * 8,
+                          "combine": (in_rows + out_rows) * D * 8}, (nbytes, out_rows, in_rows)  # fmt: skip
 
     torch.testing.assert_close(y_r, y_ND[off : off + T], **TIGHT)
     torch.testing.assert_close(x_r.grad, x.grad[off : off + T], **TIGHT)
@@ -177,17 +197,26 @@ def _on_rank_dispatch(rank: int, world: int, name: str, exchange: str | None = N
         torch.testing.assert_close(p.grad, getattr(full, pname).grad[local], **TIGHT, msg=pname)
     if ex is not None:
         ex.close()
-    return {"assignments": int(mine_A.numel()), "experts": local}
+    # Row bytes of this rank's forward exchanges: A rows out and back, or U with dedup.
+    pairs = {(int(t), placement.owner(int(e))) for t, e in zip(token_A[mine_A], expert_A[mine_A], strict=True)}
+    rows = len(pairs) if dedup else int(mine_A.numel())
+    return {"assignments": int(mine_A.numel()), "experts": local, "rows": rows, "bytes": dispatcher.fwd_bytes_sent}
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(CASES))
-def test_all_to_all_equals_local_dispatch(gloo_pools, world, name):
-    out = gloo_pools.run(world, _on_rank_dispatch, name)
+def test_all_to_all_equals_local_dispatch(gloo_pools, world, name, dedup):
+    out = gloo_pools.run(world, _on_rank_dispatch, name, dedup)
     assert sorted(e for o in out for e in o["experts"]) == list(range(world if name == "one_per_worker" else E8))
+    # Every row sent is received once: the bytes of the whole group are 2 x rows x row bytes
+    # (+ the gate columns with dedup: 8 experts over W ranks, float64 gates, float64 rows).
+    L = max(len(o["experts"]) for o in out)
+    sent_rows = sum(o["rows"] for o in out)
+    assert sum(o["bytes"] for o in out) == (2 * sent_rows * D + (sent_rows * L if dedup else 0)) * 8
 
 
-def _on_rank_bf16(rank: int, world: int) -> None:
+def _on_rank_bf16(rank: int, world: int, dedup: bool) -> None:
     """Under bf16 autocast rows travel in bf16 and y comes back in float32."""
     T_W, x_ND, token_A, expert_A, gate_A, _, full = _problem(CASES["random"], world)
     full, x_ND, gate_A = full.float(), x_ND.float(), gate_A.float()
@@ -200,15 +229,61 @@ def _on_rank_bf16(rank: int, world: int) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref = LocalDispatcher()(x_ND, RoutingPlan(token_A, expert_A, gate_A, N, E), full.float())
         plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_A[mine_A], T, E)
-        y_r = AllToAllDispatcher(placement)(x_r, plan, shard)
+        y_r = AllToAllDispatcher(placement, dedup=dedup)(x_r, plan, shard)
     assert y_r.dtype == torch.float32
     torch.testing.assert_close(y_r, y_ref[off : off + T], rtol=2e-2, atol=2e-2)
     y_r.sum().backward()
     assert x_r.grad.dtype == torch.float32 and torch.isfinite(x_r.grad).all()
 
 
-def test_bf16_autocast(gloo_pools):
-    gloo_pools.run(2, _on_rank_bf16)
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_bf16_autocast(gloo_pools, dedup):
+    gloo_pools.run(2, _on_rank_bf16, dedup)
+
+
+# bf16 on the wire against the float32 wire: rows rounded to bf16 (8 bits of mantissa, a
+# relative step of 2^-8) on the way to the experts and back, fp32 everywhere else. Per
+# tensor: max error <= 2^-6 of its largest entry, and relative Frobenius error <= 1%
+# (measured: 0.3-0.4% for both).
+BF16_WIRE_TOL = {"max": 2.0**-6, "norm": 1e-2}
+
+
+def _on_rank_wire(rank: int, world: int, dedup: bool) -> dict:
+    """Rows (and grads) in bf16 on the wire: y, x's grad, the gates' grad and every expert
+    weight's grad within BF16_WIRE_TOL of the float32 wire; y and the grads stay float32."""
+    T_W, x_ND, token_A, expert_A, gate_A, grad_ND, full = _problem(CASES["random"], world)
+    placement = ExpertPlacement(full.n_experts, world)
+    off, T = sum(T_W[:rank]), T_W[rank]
+    mine_A = ((token_A >= off) & (token_A < off + T)).nonzero().squeeze(1)
+    local = placement.local_experts(rank)
+    got, sent = {}, {}
+    for wire in ("float32", "bfloat16"):
+        shard = _shard(full, local).float()
+        x_r = x_ND[off : off + T].float().requires_grad_()
+        gate_r = gate_A[mine_A].float().requires_grad_()
+        plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, full.n_experts)
+        dispatcher = AllToAllDispatcher(placement, dedup=dedup, wire_dtype=wire)
+        y_r = dispatcher(x_r, plan, shard)
+        (y_r * grad_ND[off : off + T].float()).sum().backward()
+        got[wire] = {"y": y_r, "x.grad": x_r.grad, "gate.grad": gate_r.grad,
+                     **{n: p.grad for n, p in shard.named_parameters()}}  # fmt: skip
+        sent[wire] = dispatcher.fwd_bytes_sent
+    for name, ref in got["float32"].items():
+        assert got["bfloat16"][name].dtype == torch.float32, name
+        err = (got["bfloat16"][name] - ref).abs()
+        if err.numel() == 0:  # a rank without tokens
+            continue
+        assert err.max() <= BF16_WIRE_TOL["max"] * ref.abs().max(), (name, float(err.max()), float(ref.abs().max()))
+        assert err.norm() <= BF16_WIRE_TOL["norm"] * ref.norm(), (name, float(err.norm() / ref.norm()))
+    return sent
+
+
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_bf16_wire_within_tolerance(gloo_pools, dedup):
+    sent = gloo_pools.run(2, _on_rank_wire, dedup)
+    f32, bf16 = sum(s["float32"] for s in sent), sum(s["bfloat16"] for s in sent)
+    # half the row bytes; dedup's gate columns stay float32 bits (2 bf16 columns per gate)
+    assert bf16 * 2 == f32 if not dedup else f32 / 2 < bf16 < f32 * 0.6
 
 
 def _on_rank_bad_shard(rank: int, world: int) -> None:
@@ -218,6 +293,12 @@ def _on_rank_bad_shard(rank: int, world: int) -> None:
     plan = RoutingPlan(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.ones(4), 4, 8)
     with pytest.raises(ValueError, match=r"owns 4 experts .* has 3"):
         AllToAllDispatcher(placement)(x, plan, wrong)
+    # dedup keeps one gate per (token, expert): a repeated pair is an error, on every rank
+    twice = RoutingPlan(torch.tensor([0, 1, 1]), torch.tensor([2, 5, 5]), torch.ones(3), 4, 8)
+    with pytest.raises(ValueError, match=r"repeats 1 \(token, expert\) pair"):
+        AllToAllDispatcher(placement, dedup=True)(x, twice, GroupedExperts(4, D, F))
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        AllToAllDispatcher(placement, wire_dtype="float16")
 
 
 def test_clear_error_for_wrong_shard(gloo_pools):
@@ -229,10 +310,12 @@ def test_clear_error_for_wrong_shard(gloo_pools):
 MODEL = {"vocab_size": 50, "seq_len": 16, "d_model": 32, "n_layers": 3, "n_heads": 2, "n_experts": 8}
 
 
-def _tiny_model(seed: int = 0) -> MoETransformer:
+def _tiny_model(seed: int = 0, router: str = "tc", dtype: torch.dtype = torch.float64) -> MoETransformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(**MODEL)  # first layer dense, 1 shared expert: every kind of parameter
-    return MoETransformer(cfg, RouterConfig(kind="tc", top_k=2, aux_loss_coef=0.0)).double()
+    # ET without warm-up routes by its thresholds (zeros at first) under the capacity guard
+    rcfg = RouterConfig(kind=router, top_k=2, aux_loss_coef=0.0, et_warmup_steps=0)
+    return MoETransformer(cfg, rcfg).to(dtype)
 
 
 def _on_rank_model(rank: int, world: int) -> float:
@@ -266,6 +349,44 @@ def _on_rank_model(rank: int, world: int) -> float:
 def test_sharded_model_equals_one_process(gloo_pools, world):
     losses = gloo_pools.run(world, _on_rank_model)
     assert len(set(losses)) == world  # each rank really saw different tokens
+
+
+def _on_rank_model_dedup(rank: int, world: int, router: str) -> dict:
+    """EC / ET (variable fanout, pool statistics over all ranks): the deduplicated exchange
+    gives the 1-process loss and every gradient (routers' included), as the plain one does.
+    float32 (the distributed radix select's dtype): sums in another order, F32_TOL."""
+    batch_BS = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(3))
+    one = _tiny_model(router=router, dtype=torch.float32)
+    ref_loss = one(batch_BS[:, :-1], batch_BS[:, 1:]).loss
+    ref_loss.backward()
+    ref = dict(one.named_parameters())
+    placement = ExpertPlacement(8, world)
+    local = placement.local_experts(rank)
+    B = batch_BS.shape[0] // world
+    mine = batch_BS[rank * B : (rank + 1) * B]
+    sent = {}
+    for dedup in (False, True):
+        model = _tiny_model(router=router, dtype=torch.float32)
+        enable_expert_parallel(model, placement, rank, comm=CommConfig(dedup=dedup))
+        loss_r = model(mine[:, :-1], mine[:, 1:]).loss
+        loss_r.backward()
+        sync_gradients(model)
+        mean_loss = all_reduce_sum(loss_r.detach().reshape(1))[0] / world
+        torch.testing.assert_close(mean_loss, ref_loss.detach(), **F32_TOL)
+        sharded = {id(p) for p in expert_parameters(model)}
+        for name, p in model.named_parameters():
+            want = ref[name].grad[local] if id(p) in sharded else ref[name].grad
+            torch.testing.assert_close(p.grad, want, **F32_TOL, msg=f"dedup={dedup} {name}")
+        sent[dedup] = sum(m.dispatcher.fwd_bytes_sent for m in model.modules() if isinstance(m, MoEBlock))
+    return sent
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("router", ["ec", "et"])
+def test_dedup_model_equals_one_process(gloo_pools, world, router):
+    sent = gloo_pools.run(world, _on_rank_model_dedup, router)
+    # fewer bytes in total: some token met two experts of one rank
+    assert sum(s[True] for s in sent) < sum(s[False] for s in sent)
 
 
 def _on_rank_unused_param(rank: int, world: int) -> None:
@@ -367,12 +488,13 @@ def test_exchange_equals_all_to_all_single(gloo_pools, world, name):
     assert left == [[]] * world  # no segment survives close()
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("exchange", list(EXCHANGES))
-def test_dispatch_through_exchange(gloo_pools, world, exchange):
+def test_dispatch_through_exchange(gloo_pools, world, exchange, dedup):
     """Forward and backward of the dispatcher over each exchange equal the 1-process oracle
-    (the same checks as test_all_to_all_equals_local_dispatch)."""
-    gloo_pools.run(world, _on_rank_dispatch, "random", exchange)
+    (the same checks as test_all_to_all_equals_local_dispatch), also with dedup."""
+    gloo_pools.run(world, _on_rank_dispatch, "random", dedup, exchange)
 
 
 def _killed_creator() -> str:

@@ -29,6 +29,14 @@ def one_node():
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def ref_rows(random_text, tmp_path_factory) -> list[dict]:
+    """The unscaled single-process run both tests compare with (the same config)."""
+    ref = single_process_loop(cfg_for(1, random_text), tmp_path_factory.mktemp("one"))
+    ref.run()
+    return ref.rows
+
+
 def wait_for_free_cpus(n: float, timeout_s: float = 30.0) -> None:
     """Until the cluster's resource view shows `n` free CPUs (a joined node's are seen a
     moment after its raylet starts)."""
@@ -53,9 +61,7 @@ def until_ready(coord: Coordinator):
     return hook
 
 
-def test_a_joining_node_grows_the_job_and_every_loss_stays(one_node, random_text, tmp_path):
-    ref = single_process_loop(cfg_for(1, random_text), tmp_path / "one")
-    ref.run()
+def test_a_joining_node_grows_the_job_and_every_loss_stays(one_node, ref_rows, random_text, tmp_path):
 
     cfg = cfg_for(2, random_text)
     coord = Coordinator(cfg, strategy="PACK", start_timeout_s=60)
@@ -89,20 +95,18 @@ def test_a_joining_node_grows_the_job_and_every_loss_stays(one_node, random_text
     assert said[1].startswith(f"moedist: elastic: 2 -> 4 workers at step {grown_at} in ")
     assert s["warm_s"] > 0  # the new workers warmed up before the switch
     assert summary["workers"] == 4 and cfg.workers == 4
-    assert_rows_match(ref.rows, loop.rows)
+    assert_rows_match(ref_rows, loop.rows)
     assert_no_leftovers()
 
 
 def test_after_a_lost_node_and_a_recovery_to_fewer_workers_a_new_node_grows_the_job_again(
-    one_node, random_text, tmp_path
+    one_node, ref_rows, random_text, tmp_path
 ):
     """2 workers, a node joins: 4 (2 per node, the growth in a second placement group). The
     node is lost after step 6: the recovery goes on with 2 workers from the checkpoint at 6
     (no room for the others), while Ray keeps the lost group's bundles waiting. A new node
     joins: Ray places those idle bundles on it; the policy counts them as room, releases
     them and grows the job to 4 again. Every row still equals the single-process run's."""
-    ref = single_process_loop(cfg_for(1, random_text), tmp_path / "one")
-    ref.run()
 
     cfg = cfg_for(2, random_text)
     cfg.train.checkpoint_every = 2
@@ -147,5 +151,5 @@ def test_after_a_lost_node_and_a_recovery_to_fewer_workers_a_new_node_grows_the_
     assert summary["scales"][1]["reason"] == ("elastic: room for 4 workers (2 running, 2 idle bundles, 0 more "
                                               "fit), range 2:4")  # fmt: skip
     assert nodes == {"127.0.0.2", "127.0.0.3"}
-    assert_rows_match(ref.rows, loop.rows)
+    assert_rows_match(ref_rows, loop.rows)
     assert_no_leftovers()

@@ -217,7 +217,7 @@ def test_with_no_room_for_a_replacement_the_job_goes_on_with_fewer_workers(clust
         # One thread per worker all the same: two spinning threads on a 2-core machine shared
         # with Ray's daemons and this test make the survivor's steps crawl.
         # 20 steps (the others run 40): one worker with one thread is slow on 2 shared cores.
-        job = start_job(run, random_text, "--cpus-per-worker", "2", "--start-timeout", "20", "--set",
+        job = start_job(run, random_text, "--cpus-per-worker", "2", "--start-timeout", "10", "--set",
                         "train.threads=1", steps=20)  # fmt: skip
         wait_for(run / "checkpoints" / "step_000005", job)
         before = worker_pids(run)

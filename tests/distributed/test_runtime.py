@@ -17,7 +17,9 @@ from moedist.config import build_config
 from moedist.runtime.coordinator import Coordinator, PlacementTimeoutError, WorkerDiedError
 from moedist.training.evaluate import evaluate
 from moedist.training.loop import TIMING_KEYS, RunLoop, single_process_loop, write_config
+from moedist.training.profile import PROFILE_KEYS, SPAN_COLUMNS
 from moedist.training.trainer import Trainer, load_dataset, load_trained, resume_config
+from tests.sink_helpers import assert_tensorboard_equals_metrics
 
 # Tiny on purpose: what is tested is the exchange of tokens and statistics, not learning.
 SMALL = {
@@ -54,7 +56,8 @@ def cfg_for(case: str, workers: int, steps: int = STEPS, data: str = ""):
 # Metrics columns that are not compared between runs: wall-clock seconds and the rate
 # derived from them. Every other column is compared (see COLUMN_RULES); a column with no
 # rule fails the comparison, so a new column is never skipped silently.
-NOT_COMPARED = frozenset(TIMING_KEYS) | {"tokens_per_s"}
+# The step profile's columns (spans, bytes, collectives: a single process has no exchanges).
+NOT_COMPARED = frozenset(TIMING_KEYS) | {"tokens_per_s"} | PROFILE_KEYS
 # Only expert-parallel rows have it; each test checks it against the workers it ran.
 WORKERS_KEY = "workers"
 # Step 0 runs on identical weights and EP's forward pass is bitwise that of one process;
@@ -161,8 +164,10 @@ def test_n_workers_equal_one_worker(local_ray, random_text, case, workers):
     assert_no_leftovers()
 
 
-def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
+def test_job_writes_the_run_folder(local_ray, random_text, tmp_path, capsys):
     cfg = cfg_for("et", 2, steps=6, data=random_text)
+    cfg.profile.torch_profile, cfg.profile.log = "2-3", "tensorboard"  # traces of every rank; rows to TensorBoard
+    cfg.profile.trace_steps = "2-3"
     coord = Coordinator(cfg, start_timeout_s=120)
     try:
         coord.start()
@@ -181,6 +186,14 @@ def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     assert all(r["comm_s"] >= max(r["a2a_s"], r["pool_s"], r["grad_sync_s"]) and r["compute_s"] > 0 for r in rows)
     assert summary["nodes"] == 1 and summary["comm_s_per_step"] > 0 and summary["a2a_s_per_step"] > 0
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    # each worker's torch.profiler trace came back to the driver, one per rank
+    traces = sorted((tmp_path / "run" / "torch_profile").iterdir())
+    assert [p.name for p in traces] == ["rank0.step2-3.pt.trace.json", "rank1.step2-3.pt.trace.json"]
+    for p in traces:
+        names = {e.get("name", "") for e in json.loads(p.read_text())["traceEvents"]}
+        assert "aten::mm" in names and any("all_to_all" in n for n in names), (p.name, sorted(names)[:30])
+    assert_tensorboard_equals_metrics(tmp_path / "run")  # the coordinator's rows (a2a_s, comm_s, ... included)
+    assert_profile(tmp_path / "run", rows, capsys)
     # The checkpoint holds the whole model, like a single-process run's: evaluating it in
     # one process gives the loss the two workers measured on their shards of the val set.
     _, model, _, step = load_trained(tmp_path / "run")
@@ -188,6 +201,51 @@ def test_job_writes_the_run_folder(local_ray, random_text, tmp_path):
     ev = evaluate(model, load_dataset(cfg), cfg.model.seq_len, cfg.train.batch_size, cfg.train.eval_tokens)
     assert ev.val_loss == pytest.approx(summary["final_val_loss"], rel=1e-4)
     assert_no_leftovers()
+
+
+def assert_profile(run, rows: list[dict], capsys) -> None:
+    """A 2-worker ET run's profile: every step exchanged tokens (bytes and collectives of
+    dispatch and combine, as many as 2 MoE layers x (counts + rows forward + rows backward)
+    and 2 x 2), ran pool statistics; trace.json has one track per worker holding the chosen
+    steps; `moedist profile` and `moedist plot` read the folder."""
+    from moedist.cli import main
+
+    for r in rows:
+        assert r["a2a_bytes"] > 0 and r["a2a_bytes"] == r["dispatch_bytes"] + r["combine_bytes"]
+        assert r["dispatch_collectives"] == 2 * 3 and r["combine_collectives"] == 2 * 2, r
+        assert r["pool_collectives"] > 0 and r["grad_sync_collectives"] > 0 and r["stats_collectives"] > 0
+        assert r["collectives"] >= sum(r[f"{k}_collectives"] for k in ("pool", "dispatch", "combine", "grad_sync"))
+        assert len(r["workers_step_s"]) == len(r["workers_span_expert_s"]) == 2 and r["slowest_worker"] in (0, 1)
+        assert r["span_expert_s"] == r["workers_span_expert_s"][r["slowest_worker"]]
+        # The spans are the slowest worker's and cover its step: what is left is the glue
+        # between spans (a few statements, well under 1 ms; 25% + 5 ms allows a busy machine).
+        inner = sum(r[c] for c in SPAN_COLUMNS)
+        assert inner <= r["worker_step_s"] + 1e-9 and r["worker_step_s"] - inner < 0.25 * r["worker_step_s"] + 5e-3
+        assert r["worker_step_s"] <= r["step_s"]
+        # The legacy columns are the profile's kinds: a2a = dispatch + combine (each the max over ranks).
+        assert r["a2a_s"] >= r["span_dispatch_s"] + r["span_combine_s"] - 1e-9 and r["span_expert_s"] > 0
+    trace = json.loads((run / "trace.json").read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert all(isinstance(e["name"], str) and e["ts"] >= 0 and e["dur"] >= 0 and e["tid"] == 0 for e in xs)
+    assert {e["pid"] for e in xs} == {0, 1} and {e["args"]["step"] for e in xs} == {2, 3}
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert sorted(names) == [0, 1] and all(n.startswith(f"worker {r}") for r, n in names.items())
+    for pid in (0, 1):
+        mine = {e["name"] for e in xs if e["pid"] == pid}
+        assert {"step 2", "step 3", "router", "pool", "dispatch", "expert", "combine", "dense_fwd", "dense_bwd",
+                "grad_sync", "optimiser"} <= mine, mine  # fmt: skip
+        assert any(e["args"].get("bytes", 0) > 0 for e in xs if e["pid"] == pid and e["name"] == "dispatch")
+    capsys.readouterr()
+    assert main(["profile", str(run), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["workers"] == 2 and rep["steps"] == [1, 5] and rep["exchange_bandwidth_Bps"] > 0
+    assert rep["kinds"]["dispatch"]["collectives"] == 6 and rep["slowest_worker"] in (0, 1)
+    shares = {p["span"]: p["share"] for p in rep["spans"]}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # spans + unaccounted + driver = the step
+    assert main(["profile", str(run)]) == 0 and "slowest worker: rank" in capsys.readouterr().out
+    (run / "plots" / "comm_vs_compute.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "plots" / "comm_vs_compute.png").stat().st_size > 1000 and (run / "plots" / "fanout.png").is_file()
 
 
 def test_resume_on_other_worker_counts_continues_the_same_run(local_ray, random_text, tmp_path):

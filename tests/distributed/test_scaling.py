@@ -16,12 +16,14 @@ from moedist.parallel.shards import dense_state
 from moedist.runtime.coordinator import Coordinator, ScaleError
 from moedist.runtime.worker import _tensors
 from moedist.training.loop import TIMING_KEYS
+from moedist.training.profile import PROFILE_KEYS
 from moedist.training.trainer import Trainer, load_dataset
 from tests.distributed.test_runtime import SMALL, assert_no_leftovers
 
 STEPS = 12
 # Columns that measure time or say how many workers ran, not what was computed.
-NOT_COMPARED = set(TIMING_KEYS) | {"tokens_per_s", "workers", "step_s"}
+# (The step profile's spans, bytes and collectives: one process exchanges nothing.)
+NOT_COMPARED = set(TIMING_KEYS) | {"tokens_per_s", "workers", "step_s"} | PROFILE_KEYS
 
 
 def cfg_for(workers: int, data: str, router: str = "et"):

@@ -139,11 +139,33 @@ def test_data_prepare_does_not_warn_when_the_validation_split_is_long_enough(tmp
             "--elastic: the job starts with 2 workers (--workers or the config's workers), outside 3:4",
         ),
         (["--elastic", "1:4"], "--elastic: a single-process run cannot change its worker count"),
+        (["--workers", "2", "--log", "tensorboard,foo"],
+         "profile.log: 'foo' is not one of: tensorboard, wandb, wandb:offline, wandb:online (comma-separated)"),
+        (["--workers", "2", "--log", "wandb,wandb:online"], "profile.log: 'wandb,wandb:online' names a sink twice"),
+        (["--workers", "2", "--torch-profile", "3-1"], "profile.torch_profile: '3-1' ends before it starts"),
+        (["--workers", "2", "--torch-profile", "1:2"], "profile.torch_profile: '1:2' is not a step range A-B"),
+        (["--workers", "2", "--steps", "4", "--torch-profile", "2-4"],
+         "profile.torch_profile: step 4 is past the run's last step (train.steps = 4: steps 0..3)"),
+        (["--workers", "2", "--set", "profile.trace_steps=3-1"], "trace_steps: the first step must not be after"),
+        (["--workers", "2", "--set", "profile.trace_steps=2..4"], "profile.trace_steps: expected \"A-B\""),
+        (["--steps", "4", "--set", "profile.trace_steps=4-5"], "trace_steps: window '4-5' starts after the run"),
+        (["--set", "profile.trace_steps=0-500"], "trace_steps: '0-500' is 501 steps; a trace holds at most 200"),
     ],
 )
 def test_runtime_flags_are_checked_before_ray_starts(flags, match, tmp_path: Path, capsys, no_ray):
     out = tmp_path / "r"
     _fails(capsys, "train", "--out", str(out), *SMALL, *flags, match=match)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "package"), [("tensorboard", "tensorboard"), ("tensorboard,wandb", "wandb")])
+def test_a_metric_sink_that_is_not_installed_is_refused_before_ray_starts(flag, package, tmp_path: Path, capsys,
+                                                                          monkeypatch, no_ray):  # fmt: skip
+    monkeypatch.setitem(sys.modules, package, None)  # as if absent: find_spec and import fail
+    out = tmp_path / "r"
+    line = _fails(capsys, "train", "--out", str(out), "--workers", "2", "--log", flag, *SMALL,
+                  match=f"needs the {package} package, which is not installed: pip install 'moedist[log]'")  # fmt: skip
+    assert f"pip install {package})" in line
     assert not out.exists()
 
 
@@ -443,3 +465,13 @@ def test_colour_codes_are_stripped_from_errors(monkeypatch, capsys):
     assert main(["eval", "--run", "x"]) == 1
     err = capsys.readouterr().err
     assert err == "moedist: error: JobError: (Worker pid=123) worker died: | RayActorError: gone\n"
+
+
+@pytest.mark.parametrize("command", ["profile", "plot"])
+def test_profile_and_plot_of_a_folder_that_is_not_a_run(command: str, run: Path, tmp_path: Path, capsys):
+    _fails(capsys, command, str(tmp_path / "nope"), match="is not a run folder (no such directory)")
+    _fails(capsys, command, str(tmp_path), match="is not a run folder with metrics (no metrics.parquet)")
+    (tmp_path / "metrics.parquet").write_bytes(b"not parquet")
+    _fails(capsys, command, str(tmp_path), match="metrics.parquet' cannot be read")
+    if command == "profile":
+        _fails(capsys, "profile", str(run), "--skip", "-1", match="--skip: must be >= 0")

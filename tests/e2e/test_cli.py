@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from moedist.cli import main
+from moedist.training.profile import PROFILE_KEYS, SPAN_COLUMNS
+from tests.sink_helpers import assert_tensorboard_equals_metrics
 
 # A small but real model: the tiny preset shrunk so a run takes seconds on 2 cores.
 SMALL = [
@@ -53,8 +55,12 @@ def test_training_lowers_val_loss_and_writes_run_folder(trained: Path):
     assert len(set(rows[0]["L1_load"])) == 1
     k = 8 * 64 / 8
     assert all(math.floor(0.5 * k) <= x <= math.ceil(1.5 * k) for x in rows[-1]["L1_load"])
-    for name in ("loss.png", "expert_load.png", "fanout.png"):
+    for name in ("loss.png", "expert_load.png", "fanout.png", "comm_vs_compute.png"):
         assert (trained / "plots" / name).stat().st_size > 1000
+    # the step profile: trace.json of the default window (steps 2-4), span columns
+    trace = json.loads((trained / "trace.json").read_text())
+    assert {e["args"]["step"] for e in trace["traceEvents"] if e["ph"] == "X"} == {2, 3, 4}
+    assert all(r["span_expert_s"] > 0 and r["collectives"] == 0 for r in rows)
     assert (trained / "config.toml").is_file()
     ckpt = trained / "checkpoints" / "step_000060"
     assert (ckpt / "manifest.json").is_file()
@@ -73,13 +79,16 @@ def test_generate_prints_continuation(trained: Path, capsys):
 
 
 # Metric columns a resumed run must reproduce bit for bit, and the ones it cannot.
-RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped"}
+RESUME_EQUAL = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "val_loss", "skipped",
+                # the step profile's counts: what the step did, not how long it took
+                *(k for k in PROFILE_KEYS if k.endswith(("_bytes", "collectives")))}  # fmt: skip
 RESUME_EQUAL_PER_LAYER = re.compile(r"^L\d+_(load|fanout|threshold|capped)$")
 # Wall-clock measurements of the step (and its throughput): they differ between any two runs.
-RESUME_TIMING = {"step_s", "tokens_per_s"}
+RESUME_TIMING = {"step_s", "tokens_per_s", *SPAN_COLUMNS}
 # summary.json keys that measure time, or count what this invocation did (the resumed run
 # saved one checkpoint, the uninterrupted one two).
-SUMMARY_NOT_EQUAL = {"wall_s", "tokens_per_s", "step_s_per_step", "checkpoints_saved", "checkpoint_s_per_save"}
+SUMMARY_NOT_EQUAL = {"wall_s", "tokens_per_s", "step_s_per_step", "checkpoints_saved", "checkpoint_s_per_save",
+                     *(f"{c}_per_step" for c in SPAN_COLUMNS)}  # fmt: skip
 
 
 def _assert_rows_equal(want: list[dict], got: list[dict], what: str) -> None:
@@ -310,6 +319,11 @@ def test_expert_parallel_training_from_the_cli(tmp_path: Path, capsys):
     assert ev["step"] == 4 and ev["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
     assert run_cli("train", "--resume", str(out), "--workers", "1", "--steps", "6", "--no-progress") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    # the profile of a run whose rows are part 2-worker, part single-process
+    assert (out / "plots" / "comm_vs_compute.png").is_file()
+    capsys.readouterr()
+    assert run_cli("profile", str(out), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == 2
 
 
 def test_bad_worker_count_is_refused_before_anything_starts(tmp_path: Path, capsys):
@@ -348,3 +362,47 @@ def test_aoe_and_etr_train_eval_generate_resume(router: str, tmp_path: Path, cap
     assert run_cli("generate", "--run", str(out), "--prompt", "import ", "--max-new-tokens", "8") == 0
     assert run_cli("train", "--resume", str(out), "--steps", "6", "--no-progress") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+# A model for tests of outputs, not of learning: a step takes milliseconds.
+TINY = [
+    "--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
+    "--set", "model.seq_len=16", "--set", "model.n_experts=4", "--set", "train.batch_size=4",
+    "--set", "train.eval_tokens=256", "--set", "router.et_warmup_steps=2", "--no-progress", "--no-control",
+]  # fmt: skip
+
+
+def test_tensorboard_log_and_torch_profile_survive_ctrl_c_and_resume(tmp_path: Path, monkeypatch, capsys):
+    """--log tensorboard --torch-profile 0-1, Ctrl-C before step 3 (checkpoint at 2, an
+    evaluation logged at step 2), then --resume without evaluations: TensorBoard's reader
+    sees exactly metrics.parquet (the interrupted run's sinks were closed, so its steps are
+    on disk; the replayed step 2 replaces the old one, its val_loss included), and the
+    profiled window is one Chrome trace of rank 0."""
+    from moedist.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def interrupted_step(self: Trainer) -> dict:
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupted_step)
+        code = run_cli("train", "--steps", "5", "--out", str(run), "--log", "tensorboard", "--torch-profile", "0-1",
+                       "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3", *TINY)  # fmt: skip
+    assert code == 130
+    assert pq.read_table(run / "metrics.parquet").to_pylist()[2]["val_loss"] is not None
+    assert_tensorboard_equals_metrics(run)  # what the interrupted run left: steps 0..2
+    assert run_cli("train", "--resume", str(run), "--set", "train.eval_every=0", "--no-progress", "--no-control") == 0
+    assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in capsys.readouterr().out
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == list(range(5))
+    assert rows[2]["val_loss"] is None and rows[4]["val_loss"] is not None  # the final evaluation
+    assert_tensorboard_equals_metrics(run)
+
+    assert sorted(p.name for p in (run / "torch_profile").iterdir()) == ["rank0.step0-1.pt.trace.json"]
+    trace = json.loads((run / "torch_profile" / "rank0.step0-1.pt.trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names) and "aten::mm" in names, sorted(names)[:20]

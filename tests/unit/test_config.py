@@ -190,3 +190,28 @@ def test_integers_outside_64_bits_are_refused(value: int):
 
 def test_largest_seed_is_accepted():
     assert from_dict(_cfg(train={"seed": 2**63 - 1})).train.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [
+        ({"log": "tensorboard,tb"}, "profile.log: 'tb' is not one of: tensorboard, wandb, wandb:offline, wandb:online"),
+        ({"log": "tensorboard,tensorboard"}, "profile.log: 'tensorboard,tensorboard' names a sink twice"),
+        ({"torch_profile": "2-x"}, "profile.torch_profile: '2-x' is not a step range A-B (e.g. 10-12) or a step A"),
+        ({"torch_profile": "4"}, "profile.torch_profile: step 4 is past the run's last step (train.steps = 4"),
+    ],
+)
+def test_profile_sinks_and_torch_profile_steps_are_checked(profile: dict, message: str):
+    """From a dict too (a config file, a resumed run's config.toml), not only the CLI."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(_cfg(profile=profile, train={"steps": 4}))
+
+
+def test_profile_sinks_and_torch_profile_steps_parse():
+    cfg = from_dict(_cfg(profile={"log": " tensorboard , wandb:online", "torch_profile": "1 - 3"}, train={"steps": 4}))
+    from moedist.training.sinks import parse_log
+    from moedist.training.torch_profile import parse_window
+
+    assert parse_log(cfg.profile.log) == ["tensorboard", "wandb:online"] and parse_log("") == []
+    assert parse_window(cfg.profile.torch_profile) == (1, 3) and parse_window("2") == (2, 2)
+    assert parse_window("") is None

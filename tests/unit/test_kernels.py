@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert
+from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert, unique_pairs
 
 BACKENDS = ["numba", "torch"]
 
@@ -103,6 +103,21 @@ def test_inverse_permutation():
     x = torch.randn(50, 3)
     assert torch.equal(x[order_A][inv_A], x)
     assert inverse_permutation(torch.zeros(0, dtype=torch.int64)).shape == (0,)
+
+
+def test_unique_pairs_against_python_sets():
+    g = torch.Generator().manual_seed(4)
+    T, G = 9, 3
+    token_A = torch.randint(0, T, (40,), generator=g)
+    group_A = torch.randint(0, G, (40,), generator=g)
+    u_A, token_U, counts_G = unique_pairs(token_A, group_A, T, G)
+    pairs = sorted({(int(gr), int(t)) for t, gr in zip(token_A, group_A, strict=True)})  # group-major, then token
+    assert token_U.tolist() == [t for _, t in pairs]
+    assert counts_G.tolist() == [sum(gr == k for gr, _ in pairs) for k in range(G)]
+    assert [pairs[u] for u in u_A.tolist()] == [(int(gr), int(t)) for t, gr in zip(token_A, group_A, strict=True)]
+    empty = torch.zeros(0, dtype=torch.int64)
+    u_A, token_U, counts_G = unique_pairs(empty, empty, 0, 2)
+    assert u_A.numel() == token_U.numel() == 0 and counts_G.tolist() == [0, 0]
 
 
 # ----------------------------------------------------------------------------- combine

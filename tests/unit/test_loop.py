@@ -12,7 +12,9 @@ from moedist.config import build_config
 from moedist.training.checkpoint import list_checkpoints, load_checkpoint
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import RunLoop, TooManyFailuresError, WorkerLostError, write_config
+from moedist.training.sinks import MetricSinks
 from moedist.training.trainer import load_dataset
+from tests.sink_helpers import wandb_runs
 
 
 class FakeExecutor:
@@ -159,3 +161,196 @@ def test_summary_is_valid_json_when_a_step_was_skipped(tmp_path):
     rows = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
     # the tail (10% of 9 kept steps = the last kept one) leaves the skipped step out
     assert summary["skipped_steps"] == 1 and summary["final_train_loss"] == rows[8]["loss"]
+
+
+def test_wandb_offline_run_holds_every_row_once_across_a_recovery_and_a_resume(tmp_path):
+    """profile.log = wandb, offline: a lost worker at step 5 (replayed from the checkpoint
+    at 3), then a resume to 12 steps: one W&B run id for the folder (a second offline run
+    directory for the resumed job), every step logged once, each scalar equal to
+    metrics.parquet (val_loss where evaluated, the final one included); lists not logged."""
+    pytest.importorskip("wandb")
+
+    def run(steps, resume=False, fail_at=()):
+        cfg = build_config("tiny", None, {"train": {"steps": steps, "eval_every": 4, "progress": False,
+                                                    "checkpoint_every": 3}, "profile": {"log": "wandb"}})  # fmt: skip
+        if not resume:
+            write_config(tmp_path, cfg)
+        loop = RunLoop(cfg, tmp_path, FakeExecutor(fail_at=fail_at), load_dataset(cfg).tokenizer.to_spec())
+        if resume:
+            loop.restore()
+        return loop.run()
+
+    assert run(8, fail_at={5})["failures"][0]["restored_step"] == 3
+    first = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
+    run(12, resume=True)
+    # the resumed rows come from the checkpoint at 8, written before the final evaluation
+    # of step 7: W&B keeps that val_loss, as the first run's metrics.parquet did
+    rows = first + pq.read_table(tmp_path / "metrics.parquet").to_pylist()[8:]
+    runs = wandb_runs(tmp_path)
+    run_id = (tmp_path / "wandb" / "moedist_run_id").read_text().strip()
+    assert [r[0] for r in runs] == [run_id, run_id]
+    history = [h for _, hs in runs for h in hs]
+    assert [h["_step"] for h in history] == list(range(12)) == [r["step"] for r in rows]
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [3, 7, 11]
+    for h, r in zip(history, rows, strict=True):
+        want = {"train/loss": r["loss"], "train/tokens_per_s": r["tokens_per_s"]}
+        if r["val_loss"] is not None:
+            want["train/val_loss"] = r["val_loss"]
+        assert {k: v for k, v in h.items() if not k.startswith("_")} == want, r["step"]
+
+
+class RecordingSink:
+    """A metric sink that records what the run loop asks of it."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def write(self, row):
+        self.calls.append(("row", row["step"], row["val_loss"] is not None))
+
+    def write_value(self, step, column, value):
+        self.calls.append((column, step))
+
+    def rewind(self, step):
+        self.calls.append(("rewind", step))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.mark.parametrize("how", ["finish", "stop", "error", "recovery"])
+def test_the_loop_feeds_its_sinks_every_row_and_closes_them_on_every_way_out(tmp_path, monkeypatch, how):
+    """Rows as they come (evaluated ones with their val_loss), the final evaluation's
+    val_loss, a rewind to the checkpoint a recovery replays from, and one close: at the
+    end, after a stop at a step boundary, after an error, after a recovery."""
+    sink = RecordingSink()
+    monkeypatch.setattr(MetricSinks, "open", classmethod(lambda cls, cfg, run_dir, step: cls([sink])))
+    monkeypatch.setattr("moedist.training.plots.write_plots", lambda *a: None)  # not what is tested; slow
+    ex = FakeExecutor(fail_at={5} if how == "recovery" else (), eval_fails=how == "error")
+    loop = make(tmp_path, ex, steps=6, eval_every=4 if how != "error" else 0, ckpt_every=3)
+    if how == "stop":
+        loop.on_boundary.append(lambda lp: lp.request_stop() if lp.step == 3 else None)
+    if how == "error":
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            loop.run()
+    else:
+        loop.run()
+    rows = {"finish": [0, 1, 2, 3, 4, 5], "stop": [0, 1, 2], "error": [0, 1, 2, 3, 4, 5],
+            "recovery": [0, 1, 2, 3, 4, 3, 4, 5]}[how]  # fmt: skip
+    want = [("row", s, s == 3 and how != "error") for s in rows]
+    if how == "recovery":
+        want.insert(5, ("rewind", 3))
+    if how != "error":
+        want.append(("val_loss", rows[-1]))
+    assert sink.calls == [*want, ("close",)]
+
+
+# ----------------------------------------------------------------------------- the step profile
+def test_clock_spans_are_self_times_and_collectives_go_to_the_innermost_span(monkeypatch):
+    """Nested blocks: each kind gets its wall time less the blocks inside it, a collective
+    is counted on the innermost open block, events are the blocks' whole intervals; a
+    block measured through autograd (clock.traced) is timed in the backward pass too."""
+    from moedist.parallel import clock as clock_mod
+
+    now = [0.0]
+    monkeypatch.setattr(clock_mod.time, "perf_counter", lambda: now[0])
+    clock = clock_mod.CommClock(spans=True)
+    clock.begin_step(tracing=True)
+    with clock.measure("dense_fwd"):
+        now[0] = 2.0
+        with clock.measure("dispatch"):
+            clock_mod.note_collective(100)
+            clock_mod.note_collective(20)
+            now[0] = 5.0
+        with clock.span("expert"):
+            now[0] = 9.0
+        now[0] = 10.0
+    clock_mod.note_collective(7)  # outside any block: not counted
+
+    def fn(x):  # its backward takes 0.5 s
+        y = x * 2
+        y.register_hook(lambda g: now.__setitem__(0, now[0] + 0.5))
+        return y
+
+    x = torch.ones(3, requires_grad=True)
+    y = clock.traced("expert", fn, x)  # forward: 0 s
+    now[0] = 11.0
+    with clock.measure("dense_bwd"):
+        y.sum().backward()  # the expert block opens at 11.0 and closes at 11.5
+        now[0] = 13.0
+    assert clock.take() == {"dense_fwd": 3.0, "dispatch": 3.0, "expert": 4.5, "dense_bwd": 1.5}
+    assert clock.take_counts() == ({"dense_fwd": 0, "dispatch": 2, "expert": 0, "dense_bwd": 0},
+                                   {"dense_fwd": 0, "dispatch": 120, "expert": 0, "dense_bwd": 0})  # fmt: skip
+    ev = {(k, a, b) for k, a, b, _, _ in clock.take_events()}
+    assert {("dense_fwd", 0.0, 10.0), ("dispatch", 2.0, 5.0), ("expert", 5.0, 9.0), ("expert", 11.0, 11.5),
+            ("dense_bwd", 11.0, 13.0)} <= ev
+    assert not clock_mod._OPEN and torch.equal(x.grad, torch.full((3,), 2.0))
+    off = clock_mod.CommClock()  # spans off: span() is a no-op, measure() still counts
+    with off.span("router"), off.measure("pool"):
+        now[0] = 14.0
+    assert off.take() == {"pool": 1.0}
+
+
+def _tiny(tmp_path, spans: bool = True, trace: str = "1-2", router: str = "et"):
+    cfg = build_config("tiny", None, {
+        "model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 16, "n_experts": 4},
+        "router": {"kind": router},
+        "train": {"steps": 4, "batch_size": 4, "eval_every": 0, "eval_tokens": 64, "progress": False,
+                  "checkpoint_every": 0},
+        "profile": {"spans": spans, "trace_steps": trace}})  # fmt: skip
+    return cfg
+
+
+def test_single_process_run_writes_the_trace_window_and_spans_that_add_up(tmp_path):
+    """The trainer's rows and trace.json (the run loop writes it from trace_events, as the
+    e2e tests' runs show); no run loop here: its evaluation, checkpoint and plots would
+    double the test's time."""
+    from moedist.training.profile import SPAN_COLUMNS, write_trace
+    from moedist.training.trainer import Trainer
+
+    cfg = _tiny(tmp_path)
+    cfg.train.steps = 3
+    tr = Trainer(cfg, load_dataset(cfg))
+    rows = [tr.train_step() for _ in range(3)]
+    write_trace(tmp_path, tr.trace_events(), {})
+    for r in rows:
+        inner = sum(r[c] for c in SPAN_COLUMNS)
+        # What the spans leave out of step_s is the glue between them (a few statements:
+        # 0.1-0.5 ms measured); 5% + 2 ms allows a busy machine, and is far less than any
+        # real span (the optimiser's alone is ~20% of a step).
+        assert inner <= r["step_s"] and r["step_s"] - inner < 0.05 * r["step_s"] + 2e-3, (r["step_s"], inner)
+        assert r["span_expert_s"] > 0 and r["span_router_s"] > 0 and r["span_optimiser_s"] > 0
+        # one process: no exchange, no collective
+        assert r["a2a_bytes"] == 0 and r["collectives"] == 0 and r["span_dispatch_s"] == r["span_pool_s"] == 0
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    # Chrome trace event format: complete events ("X") and metadata ("M": the track names)
+    assert xs and all({"name", "ph", "ts", "dur", "pid", "tid"} <= set(e) for e in xs)
+    assert all({"name", "ph", "pid", "tid", "args"} <= set(e) and e["ph"] in "XM" for e in trace["traceEvents"])
+    assert {e["args"]["step"] for e in xs} == {1, 2} and {(e["pid"], e["tid"]) for e in xs} == {(0, 0)}
+    for step in (1, 2):
+        whole = next(e for e in xs if e["name"] == f"step {step}")
+        assert whole["dur"] == pytest.approx(rows[step]["step_s"] * 1e6, abs=1.0)
+        inside = [e for e in xs if e["args"]["step"] == step and e is not whole]
+        assert all(whole["ts"] <= e["ts"] and e["ts"] + e["dur"] <= whole["ts"] + whole["dur"] + 1e-3 for e in inside)
+        names = {e["name"] for e in inside}
+        assert {"data", "dense_fwd", "router", "expert", "dense_bwd", "stats", "optimiser"} <= names
+
+
+def test_spans_do_not_change_the_run():
+    """Spans add autograd identity nodes and timers only: every non-timing column of a run
+    with spans is bitwise that of the same run without."""
+    from moedist.training.loop import TIMING_KEYS
+    from moedist.training.profile import PROFILE_KEYS
+    from moedist.training.trainer import Trainer
+
+    runs = []
+    for spans in (True, False):
+        cfg = _tiny(None, spans=spans, trace="", router="tc")
+        cfg.router.aux_loss_coef = 0.01
+        tr = Trainer(cfg, load_dataset(cfg))
+        runs.append([tr.train_step() for _ in range(3)])
+    skip = set(TIMING_KEYS) | PROFILE_KEYS | {"tokens_per_s"}
+    for a, b in zip(*runs, strict=True):
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+        assert "span_expert_s" in a and "span_expert_s" not in b
