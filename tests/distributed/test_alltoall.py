@@ -545,8 +545,8 @@ def _on_rank_dies(rank: int, world: int) -> None:
 
 def test_dead_peer_fails_fast_and_leaves_nothing(gloo_pools):
     """A SIGKILLed rank: its peer raises at once naming it (no wait for the group timeout),
-    and whatever files the dead pool left are gone after the next start's sweep. (Last in
-    the module: it breaks the 2-rank pool.)"""
+    and whatever files the dead pool left are gone after the next start's sweep. (It breaks
+    the 2-rank pool, so no later test of the module may use it.)"""
     from moedist.parallel import exchange as X
 
     pool = gloo_pools.get(2)
