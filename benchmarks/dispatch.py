@@ -19,8 +19,9 @@ over reps; candidates interleaved rep by rep so a noisy phase hits them alike:
                            rest is sorting, gathers, reordering, combine and their backward)
   memcpy                   one torch copy of the bytes a worker sends in a plain fwd+bwd, all
                            workers at once (the bandwidth a shared-memory path could reach)
-  shm                      dispatch with ``shm=True`` (the shared-memory path of another
-                           piece of issue 10) when ``--shm`` is given and the dispatcher has it
+  shm                      dispatch through moedist.parallel.exchange's shared-memory path
+                           (``[comm] shm``: shared memory within a node, gloo between the
+                           nodes) when ``--shm`` is given
   ray_objects              (timed by the driver) each worker ships each destination's rows as a
                            Ray object to the owning actor, which runs the experts and ships the
                            results back the same way; run twice (forward and backward move the
@@ -133,7 +134,7 @@ class Worker:
         self.grad_TD = torch.randn(T, D, generator=g)
         self.experts = _Identity(self.P.n_local(self.rank))
         self.fns = {}
-        has_shm = "shm" in inspect.signature(AllToAllDispatcher.__init__).parameters
+        has_shm = "exchange" in inspect.signature(AllToAllDispatcher.__init__).parameters
         bytes_fwd = {}
         self.clocks = {}
         for suffix, (dedup, wire) in VARIANTS.items():
@@ -145,7 +146,12 @@ class Worker:
             disp.clock = self.clocks["dispatch" + suffix] = CommClock()
         self.fns["raw_fresh"] = self._raw_fn(False, torch.float32, fresh=True)
         if shm and has_shm:
-            disp = AllToAllDispatcher(self.P, shm=True)
+            from moedist.parallel.exchange import make_exchange
+
+            # shared memory between the workers of a node, gloo between the nodes
+            nodes = [NODES[r % 2] for r in range(W)]
+            disp = AllToAllDispatcher(self.P, exchange=make_exchange(None, nodes, shm=True))
+            self._dispatch(disp)  # warm-up: maps the segments
             self.fns["shm"] = lambda disp=disp: self._dispatch(disp)
             disp.clock = self.clocks["shm"] = CommClock()
         n = 2 * bytes_fwd[""] // 4  # float32 elements a worker sends in a plain fwd + bwd
@@ -230,8 +236,10 @@ class Worker:
         return int(y_TD.shape[0])
 
     def close(self) -> None:
+        from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
+        close_exchanges()
         destroy_group()
 
 

@@ -58,6 +58,7 @@ from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, 
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
 from moedist.parallel.clock import CommClock, measure, note_collective
+from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -73,24 +74,29 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows x_ND -> rows received from every rank; the backward sends the grads back."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, kind) -> Tensor:
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock, kind,
+                exchange) -> Tensor:  # fmt: skip
         ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock, ctx.kind = send_splits, recv_splits, group, clock, kind
-        return _exchange(x_ND, send_splits, recv_splits, group, clock, kind)
+        ctx.exchange = exchange
+        return _exchange(x_ND, send_splits, recv_splits, group, clock, kind, exchange)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD: Tensor):
-        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.kind)
-        return grad_ND, None, None, None, None, None
+        grad_ND = _exchange(grad_RD, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.clock, ctx.kind, ctx.exchange)
+        return grad_ND, None, None, None, None, None, None
 
 
 def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, clock=None,
-              kind: str = "a2a") -> Tensor:  # fmt: skip
+              kind: str = "a2a", exchange: RowExchange | None = None) -> Tensor:  # fmt: skip
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
     with measure(clock, kind):
         note_collective(_bytes_to_others(x_ND, send_splits, group))
-        dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
+        if exchange is None:
+            dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
+        else:  # shared memory / hierarchical (moedist.parallel.exchange), same contract
+            exchange(out_RD, x_ND, recv_splits, send_splits)
     return out_RD
 
 
@@ -102,12 +108,13 @@ def _bytes_to_others(x_ND: Tensor, send_splits: list[int], group) -> int:
 
 def all_to_all_rows(
     x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group=None, clock: CommClock | None = None,
-    kind: str = "a2a",
+    kind: str = "a2a", exchange: RowExchange | None = None,
 ) -> Tensor:  # fmt: skip
     """Differentiable uneven all-to-all of rows: ``send_splits[w]`` consecutive rows of x_ND go
     to rank w, ``recv_splits[w]`` rows arrive from rank w (in rank order). A `clock` gets
-    the seconds (and bytes sent) of both the forward and the backward exchange under `kind`."""
-    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, kind)
+    the seconds (and bytes sent) of both the forward and the backward exchange under `kind`.
+    `exchange` (None: ``dist.all_to_all_single`` on `group`) moves the rows both ways."""
+    return _AllToAllRows.apply(x_ND, list(send_splits), list(recv_splits), group, clock, kind, exchange)
 
 
 def _gate_cols(gate_NL: Tensor, wire: torch.dtype) -> int:
@@ -153,7 +160,8 @@ class _DedupRows(torch.autograd.Function):
         ctx.splits = send_splits, recv_splits
         ctx.owner, ctx.wire, ctx.owner_device = owner, wire, x_UD.device
         ctx.x_dtype, ctx.gate_dtype, ctx.D, ctx.L = x_UD.dtype, gate_UL.dtype, x_UD.shape[1], gate_UL.shape[1]
-        p_RD = _exchange(_pack(x_UD, gate_UL, wire), send_splits, recv_splits, owner.group, owner.clock, "dispatch")
+        p_RD = _exchange(_pack(x_UD, gate_UL, wire), send_splits, recv_splits, owner.group, owner.clock, "dispatch",
+                         owner.exchange)  # fmt: skip
         return _unpack(p_RD, ctx.D, ctx.L, compute, gate_UL.dtype)
 
     @staticmethod
@@ -166,7 +174,7 @@ class _DedupRows(torch.autograd.Function):
         if grad_gate_RL is None:
             grad_gate_RL = torch.zeros(R, ctx.L, dtype=ctx.gate_dtype, device=device)
         p_UD = _exchange(_pack(grad_x_RD, grad_gate_RL, ctx.wire), recv_splits, send_splits,
-                         ctx.owner.group, ctx.owner.clock, "dispatch")  # fmt: skip
+                         ctx.owner.group, ctx.owner.clock, "dispatch", ctx.owner.exchange)  # fmt: skip
         grad_x_UD, grad_gate_UL = _unpack(p_UD, ctx.D, ctx.L, ctx.x_dtype, ctx.gate_dtype)
         return grad_x_UD, grad_gate_UL, None, None, None, None, None
 
@@ -198,6 +206,8 @@ class AllToAllDispatcher:
     ``dedup`` and ``wire_dtype`` ("auto", "float32", "bfloat16") choose what travels (see
     the module docstring). ``fwd_bytes_sent`` adds up the row bytes this rank sends in
     forward calls (a backward pass sends the same again; counts exchanges not included).
+    ``exchange`` (moedist.parallel.exchange.make_exchange; None: the collective on `group`)
+    moves the token rows, e.g. through shared memory within a node.
     """
 
     def __init__(
@@ -207,6 +217,7 @@ class AllToAllDispatcher:
         clock: CommClock | None = None,
         dedup: bool = False,
         wire_dtype: str = "auto",
+        exchange: RowExchange | None = None,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -215,6 +226,7 @@ class AllToAllDispatcher:
         self.clock = clock
         self.dedup = bool(dedup)
         self.wire_dtype = wire_dtype
+        self.exchange = exchange
         self._slot_E: dict[torch.device, Tensor] = {}
         self._owner_local: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.fwd_bytes_sent = 0
@@ -255,7 +267,8 @@ class AllToAllDispatcher:
         # (AoE: each row also carries the expert's low-rank activation, the plan's payload.)
         rows_AD = expert_rows(x_TD, token_A, order_A, plan)
         compute, wire = self._dtypes(x_TD)
-        x_RD = all_to_all_rows(rows_AD.to(wire), send_splits, recv_splits, group, self.clock, "dispatch").to(compute)
+        x_RD = all_to_all_rows(rows_AD.to(wire), send_splits, recv_splits, group, self.clock, "dispatch",
+                              self.exchange).to(compute)  # fmt: skip
         self.fwd_bytes_sent += (sum(send_splits) + sum(recv_splits)) * rows_AD.shape[1] * wire.itemsize
 
         # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
@@ -273,7 +286,7 @@ class AllToAllDispatcher:
             out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
-        out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine")
+        out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
 
@@ -323,7 +336,7 @@ class AllToAllDispatcher:
         y_RD = combine(out_AD, gate_RL[row_a, local_a], row_a, x_RD.shape[0])
 
         # 5. One summed row per (token, worker) back; the sender adds up its workers' rows.
-        y_UD = all_to_all_rows(y_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine")
+        y_UD = all_to_all_rows(y_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
         self.fwd_bytes_sent += (sum(send_splits) * (x_UD.shape[1] + _gate_cols(gate_UL, wire)) +
                                 sum(recv_splits) * y_RD.shape[1]) * wire.itemsize  # fmt: skip
         ones_U = torch.ones(token_U.shape[0], dtype=gate_dtype, device=device)

@@ -20,6 +20,7 @@ from torch import nn
 
 from moedist.config import CommConfig
 from moedist.parallel.clock import CommClock
+from moedist.parallel.exchange import RowExchange, make_exchange
 from moedist.parallel.grads import shard_model_experts
 from moedist.parallel.placement import ExpertPlacement
 from moedist.parallel.pool import DistributedPoolOps
@@ -39,19 +40,25 @@ def enable_expert_parallel(
     group: dist.ProcessGroup | None = None,
     nodes: list[str] | None = None,
     comm: CommConfig | None = None,
+    exchange: RowExchange | None = None,
 ) -> CommClock:
     """Make `model` this rank's part of an expert-parallel model; returns its CommClock.
 
     `group` (None: the default group) need not be initialised yet, but must be by the first
     forward pass; `nodes` gives every rank's node address (None: all ranks on one node);
     `comm` holds the exchange's switches (None: the defaults; comm.fuse gives the pool
-    statistics fewer, larger collectives, see DistributedPoolOps).
+    statistics fewer, larger collectives, see DistributedPoolOps). With ``comm.shm`` or
+    ``comm.hierarchical`` the token rows move through `exchange` (None: one made by
+    moedist.parallel.exchange.make_exchange from `nodes`; the worker closes it on reset).
     """
     if nodes is not None and len(nodes) != placement.world_size:
         raise ValueError(f"nodes names {len(nodes)} ranks, the placement has {placement.world_size}")
     clock = CommClock()
     comm = comm or CommConfig()
-    shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype)
+    if exchange is None and (comm.shm or comm.hierarchical):
+        exchange = make_exchange(group, nodes, shm=comm.shm, hierarchical=comm.hierarchical)
+    shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype,
+                        exchange=exchange)  # fmt: skip
     pool = DistributedPoolOps(group, clock, fuse=comm.fuse)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device

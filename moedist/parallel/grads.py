@@ -23,6 +23,7 @@ from moedist.model.experts import GroupedExperts
 from moedist.model.moe import MoEBlock
 from moedist.parallel.alltoall import AllToAllDispatcher
 from moedist.parallel.clock import CommClock, note_collective
+from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
@@ -48,6 +49,7 @@ def shard_model_experts(
     *,
     dedup: bool = False,
     wire_dtype: str = "auto",
+    exchange: RowExchange | None = None,
 ) -> nn.Module:
     """Turn a full model into `rank`'s shard, in place, and return it.
 
@@ -58,7 +60,8 @@ def shard_model_experts(
     meta device first, so sharding draws no random numbers: the process's RNG stream stays
     that of the 1-process model. The process group need not exist yet; it must by the first
     forward pass. A `clock` times the dispatchers' exchanges; `dedup` and `wire_dtype`
-    are the dispatchers' switches (moedist.parallel.alltoall).
+    are the dispatchers' switches (moedist.parallel.alltoall); `exchange` (shared by all
+    blocks; None: the plain collective) moves their token rows.
     """
     local = placement.local_experts(rank)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
@@ -70,7 +73,8 @@ def shard_model_experts(
             raise ValueError(f"MoE block {i} has {full.n_experts} experts, the placement places {placement.n_experts}")
         if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
             block.experts = full.subset(local)
-            block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype)
+            block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
+                                                  exchange=exchange)  # fmt: skip
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
@@ -82,7 +86,8 @@ def shard_model_experts(
                 p.copy_(getattr(full, name).index_select(0, idx))
         shard.train(full.training)
         block.experts = shard  # same attribute: the module (and parameter) order is unchanged
-        block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype)
+        block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
+                                              exchange=exchange)  # fmt: skip
     return model
 
 

@@ -113,10 +113,12 @@ class Worker:
     ) -> dict[str, Any]:
         """Join a process group of `world` ranks as `rank`; build a fresh model shard (from
         the seed) and the data sampler; `cfg_dict` replaces the config (a resized job)."""
+        from moedist.parallel.exchange import sweep_stale_segments
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
         from moedist.training.trainer import DistContext, Trainer
 
+        sweep_stale_segments()  # /dev/shm files of killed workers ([comm] shm), on or off now
         if cfg_dict is not None:
             self.cfg = from_dict(cfg_dict)
         self.rank, self.world = rank, world
@@ -243,17 +245,21 @@ class Worker:
 
     def reset(self) -> None:
         """Leave the process group and drop the model (before a re-formed group's setup)."""
+        from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
         if self.trainer is not None:  # a capture cut short by a lost peer ends here, unwritten
             self.trainer.torch_profiler.stop()
         self.trainer = None
+        close_exchanges()  # shared-memory segments of the old group
         with contextlib.suppress(Exception):  # a group that lost a peer may not close cleanly
             destroy_group()
 
     def shutdown(self) -> None:
+        from moedist.parallel.exchange import close_exchanges
         from moedist.parallel.group import destroy_group
 
+        close_exchanges()
         destroy_group()
 
 

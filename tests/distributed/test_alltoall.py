@@ -10,6 +10,9 @@ distributed and compares its rows.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -143,7 +146,7 @@ def _shard(full: GroupedExperts, local: list[int]) -> GroupedExperts:
     return shard
 
 
-def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False) -> dict:
+def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exchange: str | None = None) -> dict:
     case = CASES[name]
     T_W, x_ND, token_A, expert_A, gate_A, grad_ND, full = _problem(case, world)
     N, E = x_ND.shape[0], full.n_experts
@@ -167,7 +170,8 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False) -> 
     plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, E)
     clock = CommClock(spans=True)
     clock.begin_step()
-    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock)
+    ex = _exchange_of(exchange, world) if exchange else None
+    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock, exchange=ex)
     y_r = dispatcher(x_r, plan, shard)
     # sum_r loss_r is the oracle's loss, so every gradient must match the oracle's.
     (y_r * grad_ND[off : off + T]).sum().backward()
@@ -191,6 +195,8 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False) -> 
     torch.testing.assert_close(gate_r.grad, gate.grad[mine_A], **TIGHT)
     for pname, p in shard.named_parameters():
         torch.testing.assert_close(p.grad, getattr(full, pname).grad[local], **TIGHT, msg=pname)
+    if ex is not None:
+        ex.close()
     # Row bytes of this rank's forward exchanges: A rows out and back, or U with dedup.
     pairs = {(int(t), placement.owner(int(e))) for t, e in zip(token_A[mine_A], expert_A[mine_A], strict=True)}
     rows = len(pairs) if dedup else int(mine_A.numel())
@@ -500,3 +506,170 @@ def test_fused_collectives_equal_unfused(gloo_pools, world):
         if kind == "et":  # the guard really changed decisions after the warm-up step
             assert any(sum(v) > 0 for row in plain[0]["rows"][1:] for k, v in row.items() if k.endswith("_capped"))
             assert plain[0]["rows"][-1]["L1_threshold"] != [0.0] * 8
+
+
+# ----------------------------------------------------------------------------- shm / hierarchical
+
+# Exchange variants: (shm, hierarchical, nodes by world). "aabb": ranks 0,1 on one node and
+# 2,3 on another (both paths of the flat shm exchange); "abab": interleaved nodes, so a
+# node's ranks are not contiguous (the leaders' block order is tested).
+EXCHANGES = {
+    "shm_one_node": (True, False, {2: "aa", 4: "aaaa"}),
+    "shm_two_nodes": (True, False, {2: "ab", 4: "aabb"}),
+    "hier_shm": (True, True, {2: "ab", 4: "abab"}),
+    "hier_gloo": (False, True, {2: "ab", 4: "aabb"}),
+}
+
+
+def _exchange_of(name: str, world: int):
+    from moedist.parallel.exchange import make_exchange
+
+    shm, hier, nodes = EXCHANGES[name]
+    return make_exchange(None, list(nodes[world]), shm=shm, hierarchical=hier)
+
+
+def _on_rank_exchange(rank: int, world: int, name: str) -> list[str]:
+    """Random uneven splits (zeros included), several dtypes and row shapes, a round big
+    enough to grow the segments: bitwise equal to dist.all_to_all_single."""
+    import torch.distributed as dist
+
+    from moedist.parallel import exchange as X
+
+    ex = _exchange_of(name, world)
+    g = torch.Generator().manual_seed(100 + rank)
+    rounds = [(torch.float64, (D,), 9)] * 4 + [(torch.bfloat16, (3, 5), 9), (torch.int64, (), 9),
+                                                 (torch.float32, (64,), 6000)]  # fmt: skip
+    for i, (dtype, row, hi) in enumerate(rounds):
+        # Every rank draws the whole split matrix from one seed; row s is rank s's sends.
+        m = torch.randint(0, hi, (world, world), generator=torch.Generator().manual_seed(i))
+        m[m < hi // 4] = 0  # plenty of zero pairs
+        if i == 1:
+            m.zero_()  # an empty round
+        send, recv = m[rank].tolist(), m[:, rank].tolist()
+        x = (torch.randn(sum(send), *row, generator=g) * 100).to(dtype)
+        want = x.new_empty((sum(recv), *row))
+        dist.all_to_all_single(want, x, recv, send)
+        got = torch.full_like(want, 7)
+        ex(got, x, recv, send)
+        assert torch.equal(got, want), (name, i)
+    if name == "shm_one_node":
+        # The splits must agree: a receiver expecting one row too many fails loudly.
+        bad = [r + (1 if s == (rank + 1) % world else 0) for s, r in enumerate([1] * world)]
+        with pytest.raises(RuntimeError, match="splits disagree"):
+            ex(torch.empty(sum(bad), 2), torch.zeros(world, 2), bad, [1] * world)
+    ex.close()
+    dist.barrier()
+    return [p.name for p in X.SHM_DIR.glob(f"{X.PREFIX}.{os.getpid()}.*")]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(EXCHANGES))
+def test_exchange_equals_all_to_all_single(gloo_pools, world, name):
+    left = gloo_pools.run(world, _on_rank_exchange, name)
+    assert left == [[]] * world  # no segment survives close()
+
+
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("exchange", list(EXCHANGES))
+def test_dispatch_through_exchange(gloo_pools, world, exchange, dedup):
+    """Forward and backward of the dispatcher over each exchange equal the 1-process oracle
+    (the same checks as test_all_to_all_equals_local_dispatch), also with dedup."""
+    gloo_pools.run(world, _on_rank_dispatch, "random", dedup, exchange)
+
+
+def _killed_creator() -> str:
+    """A segment file left by a process SIGKILLed right after creating it (before its peers
+    mapped it, so nobody unlinked it)."""
+    from moedist.parallel import exchange as X
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child only makes the file and dies
+        name = f"{X.PREFIX}.{os.getpid()}.dead.r0.g1"
+        X._create(name, 4096)
+        os.write(w, name.encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    name = os.read(r, 256).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return name
+
+
+def _on_rank_one_round(rank: int, world: int) -> None:
+    ex = _exchange_of("shm_one_node", world)
+    x = torch.arange(world * 2, dtype=torch.float32).view(world, 2) + 10 * rank
+    out = torch.empty_like(x)
+    ex(out, x, [1] * world, [1] * world)
+    assert out[:, 0].tolist() == [10 * s + 2 * rank for s in range(world)]
+    ex.close()
+
+
+def test_next_start_removes_segments_of_killed_workers(gloo_pools):
+    from moedist.parallel import exchange as X
+
+    name = _killed_creator()
+    assert (X.SHM_DIR / name).exists()
+    gloo_pools.run(2, _on_rank_one_round)  # a new exchange sweeps first
+    assert not (X.SHM_DIR / name).exists()
+
+
+def _on_rank_dies(rank: int, world: int) -> None:
+    ex = _exchange_of("shm_one_node", world)
+    x = torch.ones(world * 3, 4)
+    ex(torch.empty_like(x), x, [3] * world, [3] * world)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    ex(torch.empty_like(x), x, [3] * world, [3] * world)  # rank 0 waits for a dead peer
+
+
+def test_dead_peer_fails_fast_and_leaves_nothing(gloo_pools):
+    """A SIGKILLed rank: its peer raises at once naming it (no wait for the group timeout),
+    and whatever files the dead pool left are gone after the next start's sweep. (It breaks
+    the 2-rank pool, so no later test of the module may use it.)"""
+    from moedist.parallel import exchange as X
+
+    pool = gloo_pools.get(2)
+    pids = [p.pid for p in pool._procs]
+    with pytest.raises(AssertionError, match=r"local rank 1 \(pid \d+\) died"):
+        pool.run(_on_rank_dies, timeout_s=30)
+    X.sweep_stale_segments()
+    assert [p.name for pid in pids for p in X.SHM_DIR.glob(f"{X.PREFIX}.{pid}.*")] == []
+
+
+def _on_rank_train(rank: int, world: int, comm: dict) -> list[dict]:
+    """Three optimiser steps of a tiny ET model through the Trainer, with the given [comm]
+    switches, ranks 0,1 on one node and 2,3 on another."""
+    from moedist.config import build_config
+    from moedist.parallel.exchange import close_exchanges
+    from moedist.training.trainer import DistContext, Trainer, load_dataset
+
+    over = {"model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 16, "n_experts": 8},
+            "train": {"batch_size": 4, "steps": 3, "eval_every": 0, "progress": False},
+            "router": {"kind": "et", "top_k": 2}, "comm": comm, "workers": world}  # fmt: skip
+    cfg = build_config("tiny", None, over)
+    ctx = DistContext(rank, world, ExpertPlacement(8, world), nodes=list("aabb"[:world]))
+    tr = Trainer(cfg, load_dataset(cfg), ctx)
+    used = {type(m.dispatcher.exchange).__name__ for m in tr.model.modules() if hasattr(m, "dispatcher")}
+    rows = [tr.train_step() for _ in range(3)]
+    close_exchanges()
+    # Wall-clock columns aside, every column must be bitwise the plain path's.
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows], sorted(used)
+
+
+def test_training_steps_equal_with_shm_and_hierarchical(gloo_pools):
+    plain = gloo_pools.run(4, _on_rank_train, {})
+    assert plain[0][0][0]["loss"] > 0 and plain[0][1] == ["NoneType"]
+    # (hierarchical over gloo alone: test_dispatch_through_exchange)
+    for comm, used in [({"shm": True}, "ShmExchange"), ({"shm": True, "hierarchical": True}, "HierarchicalExchange")]:
+        out = gloo_pools.run(4, _on_rank_train, comm)
+        assert [rows for rows, _ in out] == [rows for rows, _ in plain], comm
+        assert all(u == [used] for _, u in out), out[0][1]  # the switch reached every MoE block
+
+
+def test_control_slots_fit_any_node_size():
+    from moedist.parallel.exchange import _HDR, _slot_words
+
+    # header, 2 parities x (offsets, sizes), acks: 5 words per local rank; whole cache lines
+    assert all(_slot_words(n) >= _HDR + 5 * n and _slot_words(n) % 8 == 0 for n in range(1, 200))
