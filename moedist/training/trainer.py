@@ -31,6 +31,7 @@ from moedist.training.checkpoint import (
     load_latest_checkpoint,
 )
 from moedist.training.evaluate import EvalResult, evaluate
+from moedist.training.heap import keep_heap, keep_heap_status
 from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
 
 
@@ -173,6 +174,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.keep_heap:  # once per process, before the model's buffers exist
+            keep_heap()
         # The full model is built (and seeded) the same way on every worker, so a worker's
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
@@ -185,6 +188,14 @@ class Trainer:
                 self.model, dist_ctx.placement, dist_ctx.rank, dist_ctx.group, dist_ctx.nodes
             )
             self.expert_ids = list(dist_ctx.placement.local_experts(dist_ctx.rank))
+        # [comm] overlap_grad_sync: dense-gradient all-reduces start during the last
+        # micro-batch's backward (hooks on this model's parameters; a rebuilt model gets a
+        # new Trainer or new hooks).
+        self.grad_sync = None
+        if dist_ctx is not None and cfg.comm.overlap_grad_sync:
+            from moedist.parallel import OverlappedGradSync
+
+            self.grad_sync = OverlappedGradSync(self.model, dist_ctx.group)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
@@ -237,7 +248,7 @@ class Trainer:
 
     def info(self) -> dict[str, Any]:
         """Facts about where the run ran, for summary.json."""
-        return {"device": str(self.device), "workers": 1}
+        return {"device": str(self.device), "workers": 1, "keep_heap": keep_heap_status()}
 
     def param_counts(self) -> dict[str, int]:
         return self.model.param_counts()
@@ -271,12 +282,14 @@ class Trainer:
         stat_LE = {(i, name): torch.zeros(cfg.model.n_experts, dtype=torch.int64)
                    for i, names in enumerate(stat_names) for name in names}  # fmt: skip
         try:
-            for mb in np.split(batch_BS1, n_micro):
+            for i_mb, mb in enumerate(np.split(batch_BS1, n_micro)):
                 b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
                 amp = self.autocast_dtype
                 with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     out = model(b[:, :-1], b[:, 1:])
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                if self.grad_sync is not None and i_mb == n_micro - 1:
+                    self.grad_sync.arm()  # only the last backward's gradients are final
                 (loss / n_micro).backward()
                 ce_sum += float(out.loss.detach())
                 aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
@@ -290,8 +303,13 @@ class Trainer:
         if d is not None:
             from moedist.parallel import all_reduce_sum, sync_gradients
 
+            # Overlapped, this measures only the wait for the all-reduces still running
+            # after backward (the exposed part); the rest hid behind the backward pass.
             with self.clock.measure("grad_sync"):
-                sync_gradients(model, d.group)
+                if self.grad_sync is not None:
+                    self.grad_sync.finish()
+                else:
+                    sync_gradients(model, d.group)
             # Every worker reports the global numbers: losses averaged, loads summed.
             stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
             ce_sum, aux_sum = float(stats[0]), float(stats[1])
@@ -350,6 +368,8 @@ class Trainer:
 
     def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
         """The forward pass of this step produced NaN router logits: stop or skip."""
+        if self.grad_sync is not None:
+            self.grad_sync.reset()
         self.opt.zero_grad(set_to_none=True)
         self.model.train()  # drops the routers' pending step statistics
         if self.cfg.train.nonfinite == "stop":
