@@ -192,6 +192,10 @@ class OverlappedGradSync:
 
     def arm(self) -> None:
         """The next backward is the step's last: start all-reduces as buckets complete."""
+        if self.armed and self._next > 0:
+            # All-reduces of earlier gradients are in flight (armed before a micro-batch
+            # that was not the last): their buffers would be packed again under them.
+            raise RuntimeError("OverlappedGradSync armed twice in one step: arm only before the last backward")
         self.reset()
         self.armed = True
 
