@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_BUCKET_BYTES = 32 << 20
+OVERLAP_MIN_BUCKET_BYTES = 256 << 10
 
 
 def shard_model_experts(
@@ -152,8 +153,9 @@ def sync_gradients(
 class OverlappedGradSync:
     """`sync_gradients` overlapped with the backward pass ([comm] overlap_grad_sync).
 
-    Replicated parameters are cut once into buckets of at most ``bucket_bytes`` (reverse
-    model order: backward produces the last layers' gradients first). A post-accumulate-grad
+    Replicated parameters are cut once into buckets of at most ``bucket_bytes`` (default:
+    an eighth of the replicated gradients, within 256 KiB .. 32 MiB), in reverse model
+    order (backward produces the last layers' gradients first). A post-accumulate-grad
     hook on each counts the parameters whose gradient is final; when a bucket is complete
     its gradients are copied into its flat buffer and an async all-reduce starts, while
     backward goes on. `finish` starts the buckets still open, waits, divides by W and
@@ -176,7 +178,7 @@ class OverlappedGradSync:
     """
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):  # fmt: skip
+                 bucket_bytes: int | None = None):  # fmt: skip
         ranks = dist.get_process_group_ranks(group) if group is not None else None
         self.group = dist.new_group(ranks)  # collective: every rank of the default group
         self.world = dist.get_world_size(self.group)
@@ -184,6 +186,11 @@ class OverlappedGradSync:
         rep = replicated_parameters(model)
         if any(p.device.type == "cpu" for p in rep) and dist.get_backend(self.group) == "nccl":
             raise ValueError("overlap_grad_sync needs the gradients on the GPU with an NCCL group")
+        if bucket_bytes is None:
+            # About 8 buckets (the first starts once the last eighth of the gradients is
+            # done), none under 256 KiB (each collective has a fixed cost) or over 32 MiB.
+            total = sum(p.numel() * p.element_size() for p in rep)
+            bucket_bytes = min(DEFAULT_BUCKET_BYTES, max(OVERLAP_MIN_BUCKET_BYTES, total // 8))
         self.buckets = [_Bucket(ps) for ps in _buckets(reversed(rep), bucket_bytes)]
         self._slot = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in rep]
