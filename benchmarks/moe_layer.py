@@ -252,7 +252,7 @@ def main() -> None:
     default_heap = "on" if TrainConfig().keep_heap else "off"
     ap.add_argument("--keep-heap", choices=["on", "off"], default=default_heap,
                     help=f"keep_heap for the main table (default: the config's, {default_heap})")
-    ap.add_argument("--heap-rounds", type=int, default=None, help="subprocesses per keep_heap mode and shape")
+    ap.add_argument("--heap-rounds", type=int, default=None, help="subprocesses per keep_heap mode and shape (0: skip)")
     ap.add_argument("--heap-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -263,10 +263,10 @@ def main() -> None:
         return
     tokens = args.tokens or (2048 if args.quick else 8192)
     reps = args.reps or (3 if args.quick else 5)
-    heap_rounds = args.heap_rounds or (1 if args.quick else 3)
+    heap_rounds = args.heap_rounds if args.heap_rounds is not None else (1 if args.quick else 3)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     heap_results = []
-    for shape_name in SHAPES:
+    for shape_name in SHAPES if heap_rounds > 0 else []:
         h = heap_ab(shape_name, "tc", tokens, max(reps, 5 if args.quick else 10), heap_rounds, torch.get_num_threads())
         heap_results.append(h)
         print(f"keep_heap shape {shape_name} tc fp32: off {h['off_block_s'] * 1e3:7.1f} ms "
