@@ -133,9 +133,9 @@ class TrainConfig:
     threads: int = _rng(0, 0)
     """torch intra-op threads; 0 = torch's default."""
     progress: bool = True
-    keep_heap: bool = False
+    keep_heap: bool = True
     """Keep big buffers mapped across steps (glibc mallopt, once per process) instead of
-    mapping and faulting them in afresh every step."""
+    mapping and faulting them in afresh every step; costs resident memory (docs/profiling.md)."""
     nonfinite: str = _choice("stop", "skip", default="stop")
     """A step whose loss or gradient norm is NaN/Inf: stop with an error naming the step and
     layer (the last checkpoint stays intact), or skip its update and count it."""

@@ -86,7 +86,15 @@ class _GroupedMLP(torch.autograd.Function):
         w1_EDF: Tensor,
         w2_EFD: Tensor,
         w3_EDF: Tensor | None,
+        cast: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> Tensor:
+        # `cast`: the weights already in x's dtype (GroupedExperts' once-per-step copies of
+        # float32 masters under autocast). The GEMMs use them; the weight gradients are
+        # computed in that dtype and cast to the masters' dtype on the way out, as the
+        # backward of a differentiable cast would.
+        ctx.master_dtypes = (w1_EDF.dtype, w2_EFD.dtype, None if w3_EDF is None else w3_EDF.dtype)
+        if cast is not None:
+            w1_EDF, w2_EFD, w3_EDF = cast
         fused = rows_A is not None
         A = sum(sizes)
         D, F = w1_EDF.shape[1], w1_EDF.shape[2]
@@ -135,7 +143,7 @@ class _GroupedMLP(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, rows_A, gate_A, w1_EDF, w2_EFD, w3_EDF, z_AF, z3_AF = ctx.saved_tensors
         segs, fused = ctx.segs, ctx.fused
-        need_x, _, need_gate, _, _, _, need_w1, need_w2, need_w3 = ctx.needs_input_grad
+        need_x, _, need_gate, _, _, _, need_w1, need_w2, need_w3, _ = ctx.needs_input_grad
         gy_all = grad_out.contiguous()
         D, F = w1_EDF.shape[1], w1_EDF.shape[2]
         # Weight grads start empty: every non-empty expert's slice is fully written by a GEMM,
@@ -207,7 +215,9 @@ class _GroupedMLP(torch.autograd.Function):
                         gx.addmm_(gh, w1_EDF[e].t(), beta=0, alpha=2)
                 if fused and gx is not None:
                     gx_all.index_add_(0, idx, gx)
-        return gx_all, None, ggate, None, None, None, gw1, gw2, gw3
+        gw1, gw2, gw3 = (g if g is None or g.dtype == dt else g.to(dt)
+                         for g, dt in zip((gw1, gw2, gw3), ctx.master_dtypes, strict=True))  # fmt: skip
+        return gx_all, None, ggate, None, None, None, gw1, gw2, gw3, None
 
 
 def _segments(sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -235,9 +245,10 @@ class GroupedExperts(nn.Module):
     Parameters: ``w1_EDF`` [E, D, F], ``w2_EFD`` [E, F, D] and, for swiglu, ``w3_EDF``
     [E, D, F]; w1/w3 ~ N(0, init_std), w2 ~ N(0, out_std).
 
-    Under autocast the GEMMs and the activation run in the autocast dtype (x and weights
-    are cast on entry, differentiably, so weight grads reach the float32 parameters); the
-    output is in that dtype.
+    Under autocast the GEMMs and the activation run in the autocast dtype: x is cast on
+    entry, the weights are cast once and reused until they change (`cast_weights`), and
+    the weight gradients reach the float32 parameters cast back, exactly as through a
+    differentiable per-use cast; the output is in the autocast dtype.
     """
 
     def __init__(
@@ -258,6 +269,8 @@ class GroupedExperts(nn.Module):
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.activation = activation
         self.init_std, self.out_std = init_std, out_std
+        # (weight name, dtype) -> (version key of the master, its cast copy): cast_weights
+        self._cast_cache: dict[tuple[str, torch.dtype], tuple[tuple, Tensor]] = {}
         kw = {"device": device, "dtype": dtype}
         self.w1_EDF = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **kw))
         self.w2_EFD = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **kw))
@@ -279,8 +292,8 @@ class GroupedExperts(nn.Module):
         if x_AD.dim() != 2 or x_AD.shape[1] != self.d_model:
             raise ValueError(f"x_AD must have shape [A, {self.d_model}], got {tuple(x_AD.shape)}")
         sizes = _segment_sizes(counts_E, x_AD.shape[0], self.n_experts)
-        x_AD, weights = self._compute_dtype(x_AD)
-        return _GroupedMLP.apply(x_AD, None, None, 0, sizes, self.activation, *weights)
+        x_AD, cast = self._compute_dtype(x_AD)
+        return _GroupedMLP.apply(x_AD, None, None, 0, sizes, self.activation, *self._masters(), cast)
 
     def forward_gathered(
         self, x_TD: Tensor, rows_A: Tensor, gate_A: Tensor, counts_E: Tensor | Sequence[int]
@@ -296,23 +309,56 @@ class GroupedExperts(nn.Module):
         if rows_A.shape != gate_A.shape or rows_A.dim() != 1:
             raise ValueError(f"rows_A {tuple(rows_A.shape)} and gate_A {tuple(gate_A.shape)} must be equal 1-D shapes")
         sizes = _segment_sizes(counts_E, rows_A.shape[0], self.n_experts)
-        x_TD, weights = self._compute_dtype(x_TD)
+        x_TD, cast = self._compute_dtype(x_TD)
         return _GroupedMLP.apply(x_TD, rows_A.contiguous(), gate_A.contiguous(), x_TD.shape[0], sizes,
-                                 self.activation, *weights)  # fmt: skip
+                                 self.activation, *self._masters(), cast)  # fmt: skip
 
-    def _compute_dtype(self, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        """x and the weights in the dtype the GEMMs run in (the autocast dtype, if enabled)."""
-        weights = [self.w1_EDF, self.w2_EFD, self.w3_EDF]
+    def _masters(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.w1_EDF, self.w2_EFD, self.w3_EDF
+
+    def _compute_dtype(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None]:
+        """x in the dtype the GEMMs run in (the autocast dtype, if enabled), and the weights
+        in that dtype when it differs from theirs (None: use the parameters themselves)."""
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            return x.to(dtype), [w.to(dtype) if w is not None else None for w in weights]
+            if dtype == self.w1_EDF.dtype:
+                return x.to(dtype), None
+            return x.to(dtype), self.cast_weights(dtype)
         if x.dtype != self.w1_EDF.dtype:
             raise TypeError(
                 f"input is {x.dtype} but the expert weights are {self.w1_EDF.dtype}; "
                 "cast it or run under torch.autocast"
             )
-        return x, weights
+        return x, None
+
+    @torch.no_grad()
+    def cast_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The weights cast to `dtype`, cast once and reused until a weight changes.
+
+        Casting float32 masters to bf16 on every forward pass read 6 bytes per weight per
+        micro-batch, as much memory traffic as a shape's GEMMs themselves. The copy is
+        refreshed when a parameter's version counter moves (every in-place change bumps it:
+        the optimiser's step, load_state_dict, copy_ into a view such as load_from_dense) or
+        the parameter is another tensor (a rebuilt or resized model), so no caller has to
+        invalidate it. It is the same rounding `w.to(dtype)` does, so results are bitwise
+        those of a per-use cast. Memory: one `dtype` copy of the expert weights, kept.
+        """
+        out = []
+        for name, w in zip(("w1", "w2", "w3"), self._masters(), strict=True):
+            if w is None:
+                out.append(None)
+                continue
+            key = (w.data_ptr(), w._version, tuple(w.shape), w.device)
+            entry = self._cast_cache.get((name, dtype))
+            if entry is None or entry[0] != key:
+                # Refill the same buffer when the shape allows: no fresh allocation per step.
+                buf = entry[1] if entry is not None and entry[1].shape == w.shape else None
+                buf = w.detach().to(dtype) if buf is None else buf.copy_(w)
+                entry = (key, buf)
+                self._cast_cache[(name, dtype)] = entry
+            out.append(entry[1])
+        return out[0], out[1], out[2]
 
     @torch.no_grad()
     def load_from_dense(self, expert: int, mlp: DenseMLP) -> None:

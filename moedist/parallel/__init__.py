@@ -8,6 +8,7 @@ from moedist.parallel.alltoall import AllToAllDispatcher, all_to_all_rows
 from moedist.parallel.clock import CommClock
 from moedist.parallel.expert_parallel import enable_expert_parallel, experts_on_node
 from moedist.parallel.grads import (
+    OverlappedGradSync,
     all_reduce_sum,
     all_reduce_sum_counts,
     expert_parameters,
@@ -26,6 +27,7 @@ __all__ = [
     "CommClock",
     "DistributedPoolOps",
     "ExpertPlacement",
+    "OverlappedGradSync",
     "all_reduce_sum",
     "all_reduce_sum_counts",
     "all_to_all_rows",

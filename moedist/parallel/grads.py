@@ -27,6 +27,7 @@ from moedist.parallel.exchange import RowExchange
 from moedist.parallel.placement import ExpertPlacement
 
 __all__ = [
+    "OverlappedGradSync",
     "all_reduce_sum",
     "all_reduce_sum_counts",
     "expert_parameters",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_BUCKET_BYTES = 32 << 20
+OVERLAP_MIN_BUCKET_BYTES = 256 << 10
 
 
 def shard_model_experts(
@@ -170,6 +172,144 @@ def sync_gradients(
     for p in expert_parameters(model):
         if p.grad is not None:
             p.grad.div_(W)
+
+
+class OverlappedGradSync:
+    """`sync_gradients` overlapped with the backward pass ([comm] overlap_grad_sync).
+
+    Replicated parameters are cut once into buckets of at most ``bucket_bytes`` (default:
+    an eighth of the replicated gradients, within 256 KiB .. 32 MiB), in reverse model
+    order (backward produces the last layers' gradients first). A post-accumulate-grad
+    hook on each counts the parameters whose gradient is final; when a bucket is complete
+    its gradients are copied into its flat buffer and an async all-reduce starts, while
+    backward goes on. `finish` starts the buckets still open, waits, divides by W and
+    writes the averages back, then scales the expert gradients by 1/W: the same result as
+    `sync_gradients` (the same sums and the same division; bitwise with 2 ranks, where a
+    sum of two is the same in any bucketing).
+
+        sync = OverlappedGradSync(model, group)      # on every rank, after the group exists
+        for each micro-batch: ...; if last: sync.arm(); loss.backward()
+        sync.finish()                                 # before clipping and the optimiser step
+
+    Only an armed backward launches (the last micro-batch's: earlier ones only accumulate).
+    Buckets start strictly in bucket order on every rank, over a process group of their own
+    (same ranks): a bucket may complete during backward on one rank and only at `finish`
+    on another (a parameter unused there), and a group of their own keeps those
+    all-reduces from pairing up with the backward's token all-to-alls in another order.
+    Each bucket carries one flag per parameter (1 where this rank has a gradient): a
+    parameter with no gradient on some rank gets zeros there, one with no gradient
+    anywhere keeps ``grad = None``, as in `sync_gradients`.
+    """
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None,
+                 bucket_bytes: int | None = None):  # fmt: skip
+        ranks = dist.get_process_group_ranks(group) if group is not None else None
+        self.group = dist.new_group(ranks)  # collective: every rank of the default group
+        self.world = dist.get_world_size(self.group)
+        self.experts = expert_parameters(model)
+        rep = replicated_parameters(model)
+        if any(p.device.type == "cpu" for p in rep) and dist.get_backend(self.group) == "nccl":
+            raise ValueError("overlap_grad_sync needs the gradients on the GPU with an NCCL group")
+        if bucket_bytes is None:
+            # About 8 buckets (the first starts once the last eighth of the gradients is
+            # done), none under 256 KiB (each collective has a fixed cost) or over 32 MiB.
+            total = sum(p.numel() * p.element_size() for p in rep)
+            bucket_bytes = min(DEFAULT_BUCKET_BYTES, max(OVERLAP_MIN_BUCKET_BYTES, total // 8))
+        self.buckets = [_Bucket(ps) for ps in _buckets(reversed(rep), bucket_bytes)]
+        self._slot = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in rep]
+        self.armed = False
+        self._next = 0  # the next bucket to start: they start in order
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start all-reduces as buckets complete."""
+        if self.armed and self._next > 0:
+            # All-reduces of earlier gradients are in flight (armed before a micro-batch
+            # that was not the last): their buffers would be packed again under them.
+            raise RuntimeError("OverlappedGradSync armed twice in one step: arm only before the last backward")
+        self.reset()
+        self.armed = True
+
+    def reset(self) -> None:
+        """Forget a step's progress (a skipped step; arm does it too). Started all-reduces
+        are not waited for: after a failure mid-backward the group is rebuilt anyway."""
+        self.armed = False
+        self._next = 0
+        for b in self.buckets:
+            b.ready, b.work = 0, None
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _on_grad(self, p: Tensor) -> None:
+        if not self.armed:
+            return
+        b = self.buckets[self._slot[id(p)]]
+        b.ready += 1
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
+            self._start(self._next)
+
+    @torch.no_grad()
+    def _start(self, i: int) -> None:
+        b = self.buckets[i]
+        b.pack()
+        b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
+        self._next = i + 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Start what backward left open, wait for every bucket, write the averages back."""
+        if not self.armed:
+            raise RuntimeError("OverlappedGradSync.finish without arm() before the last backward")
+        while self._next < len(self.buckets):
+            self._start(self._next)
+        for b in self.buckets:
+            b.work.wait()
+            b.unpack(self.world)
+        for p in self.experts:
+            if p.grad is not None:
+                p.grad.div_(self.world)
+        self.reset()
+
+
+class _Bucket:
+    """Parameters whose gradients travel in one flat buffer: [gradients..., one flag each]."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.n = sum(self.sizes)
+        p0 = params[0]
+        self.flat = torch.empty(self.n + len(params), dtype=p0.dtype, device=p0.device)
+        self.ready = 0
+        self.work: dist.Work | None = None
+
+    def pack(self) -> None:
+        """Gradients (zeros where there is none) and the has-a-gradient flags into flat."""
+        grads, flags = self.flat[: self.n].split(self.sizes), self.flat[self.n :]
+        for k, (p, part) in enumerate(zip(self.params, grads, strict=True)):
+            if p.grad is None:
+                part.zero_()
+                flags[k] = 0
+            else:
+                if p.grad.is_sparse:
+                    raise ValueError("overlap_grad_sync does not handle sparse gradients")
+                part.copy_(p.grad.reshape(-1))
+                flags[k] = 1
+
+    def unpack(self, world: int) -> None:
+        """The all-reduced sums / world into each gradient (none where no rank had one)."""
+        sums = self.flat[: self.n].div_(world)
+        has = self.flat[self.n :].tolist()
+        for p, part, h in zip(self.params, sums.split(self.sizes), has, strict=True):
+            if h == 0:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(part.view_as(p.grad))
 
 
 def _buckets(grads: Iterable[Tensor], bucket_bytes: int) -> list[list[Tensor]]:

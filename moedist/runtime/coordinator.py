@@ -357,7 +357,8 @@ class Coordinator:
 
     def info(self) -> dict[str, Any]:
         return {"workers": len(self.workers), "nodes": len({i["node"] for i in self.infos}),
-                "backend": self.infos[0]["backend"] if self.infos else None}  # fmt: skip
+                "backend": self.infos[0]["backend"] if self.infos else None,
+                "keep_heap": self.infos[0].get("keep_heap") if self.infos else None}  # fmt: skip
 
     def members(self) -> list[dict[str, Any]]:
         """Each worker's rank, node, pid and backend (written to RUN/workers.json)."""

@@ -41,6 +41,10 @@ class Worker:
 
     def __init__(self, cfg_dict: dict[str, Any]):
         self.cfg: RunConfig = from_dict(cfg_dict)
+        if self.cfg.train.keep_heap:  # once per worker process, before any model exists
+            from moedist.training.heap import keep_heap
+
+            keep_heap()
         self.rank, self.world = -1, 0
         self.trainer = None
         self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
@@ -116,6 +120,7 @@ class Worker:
         from moedist.parallel.exchange import sweep_stale_segments
         from moedist.parallel.group import init_group
         from moedist.parallel.placement import ExpertPlacement
+        from moedist.training.heap import keep_heap_status
         from moedist.training.trainer import DistContext, Trainer
 
         sweep_stale_segments()  # /dev/shm files of killed workers ([comm] shm), on or off now
@@ -135,6 +140,7 @@ class Worker:
             "pid": os.getpid(),
             "backend": backend,
             "threads": torch.get_num_threads(),
+            "keep_heap": keep_heap_status(),
             "setup_s": time.perf_counter() - t0,
         }
 

@@ -32,6 +32,7 @@ from moedist.training.checkpoint import (
     load_latest_checkpoint,
 )
 from moedist.training.evaluate import EvalResult, evaluate
+from moedist.training.heap import keep_heap, keep_heap_status
 from moedist.training.nonfinite import NonFiniteError, first_nonfinite, params_finite
 from moedist.training.torch_profile import StepProfiler, parse_window
 
@@ -175,6 +176,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.keep_heap:  # once per process, before the model's buffers exist
+            keep_heap()
         # The full model is built (and seeded) the same way on every worker, so a worker's
         # expert shard starts from exactly the weights the 1-process model has.
         self.model = build_model(cfg).to(self.device)
@@ -197,6 +200,14 @@ class Trainer:
                 self.clock = CommClock()
             self.clock.spans = True
             self._attach_clock()
+        # [comm] overlap_grad_sync: dense-gradient all-reduces start during the last
+        # micro-batch's backward (hooks on this model's parameters; a rebuilt model gets a
+        # new Trainer or new hooks).
+        self.grad_sync = None
+        if dist_ctx is not None and cfg.comm.overlap_grad_sync:
+            from moedist.parallel import OverlappedGradSync
+
+            self.grad_sync = OverlappedGradSync(self.model, dist_ctx.group)
         self.opt = make_optimizer(self.model, cfg)
         self.sampler = BatchSampler(dataset, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed)
         self.step = 0
@@ -252,7 +263,7 @@ class Trainer:
 
     def info(self) -> dict[str, Any]:
         """Facts about where the run ran, for summary.json."""
-        return {"device": str(self.device), "workers": 1}
+        return {"device": str(self.device), "workers": 1, "keep_heap": keep_heap_status()}
 
     # ----------------------------------------------------------------- profile
     def _attach_clock(self) -> None:
@@ -318,7 +329,7 @@ class Trainer:
                        for i, names in enumerate(stat_names) for name in names}  # fmt: skip
             micro_batches = np.split(batch_BS1, n_micro)
         try:
-            for mb in micro_batches:
+            for i_mb, mb in enumerate(micro_batches):
                 with self._span("data"):
                     b = torch.from_numpy(np.ascontiguousarray(mb)).to(self.device)
                 # dense_fwd / dense_bwd are the self times of these two blocks: the forward and
@@ -329,6 +340,8 @@ class Trainer:
                         out = model(b[:, :-1], b[:, 1:])
                     loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
                 with self._span("dense_bwd"):
+                    if self.grad_sync is not None and i_mb == n_micro - 1:
+                        self.grad_sync.arm()  # only the last backward's gradients are final
                     (loss / n_micro).backward()
                 with self._span("stats"):
                     ce_sum += float(out.loss.detach())
@@ -343,14 +356,21 @@ class Trainer:
         if d is not None:
             from moedist.parallel import all_reduce_sum, all_reduce_sum_counts, grad_presence, sync_gradients
 
+            # Overlapped, this measures only the wait for the all-reduces still running
+            # after backward (the exposed part); the rest hid behind the backward pass.
             with self.clock.measure("grad_sync"):
                 if cfg.comm.fuse:
                     # Integer counts sum exactly in any order: which dense parameters have a
-                    # gradient and the step's loads, assignments and plan counts in ONE all-reduce.
-                    has_P, load_LE, assigned_L, *summed = all_reduce_sum_counts(
-                        [grad_presence(model), load_LE, assigned_L, *stat_LE.values()], d.group
-                    )
+                    # gradient (the plain sync's; the overlapped one sends its own flags) and the
+                    # step's loads, assignments and plan counts in ONE all-reduce.
+                    presence = [grad_presence(model)] if self.grad_sync is None else []
+                    summed = all_reduce_sum_counts([*presence, load_LE, assigned_L, *stat_LE.values()], d.group)
+                    has_P = summed.pop(0) if presence else None
+                    load_LE, assigned_L, *summed = summed
                     stat_LE = dict(zip(stat_LE, summed, strict=True))
+                if self.grad_sync is not None:
+                    self.grad_sync.finish()
+                elif cfg.comm.fuse:
                     sync_gradients(model, d.group, has_P=has_P)
                 else:
                     sync_gradients(model, d.group)
@@ -431,6 +451,8 @@ class Trainer:
 
     def _skipped_row(self, err: Exception, lr: float, t0: float) -> dict[str, Any]:
         """The forward pass of this step produced NaN router logits: stop or skip."""
+        if self.grad_sync is not None:
+            self.grad_sync.reset()
         self.opt.zero_grad(set_to_none=True)
         self.model.train()  # drops the routers' pending step statistics
         if self.cfg.train.nonfinite == "stop":

@@ -673,3 +673,85 @@ def test_control_slots_fit_any_node_size():
 
     # header, 2 parities x (offsets, sizes), acks: 5 words per local rank; whole cache lines
     assert all(_slot_words(n) >= _HDR + 5 * n and _slot_words(n) % 8 == 0 for n in range(1, 200))
+
+
+# ----------------------------------------------------- dense-gradient sync during backward
+
+
+def _on_rank_overlap_unused(rank: int, world: int) -> list[int]:
+    """OverlappedGradSync gives sync_gradients' semantics: a parameter used on rank 0 only
+    gets the average (zeros elsewhere), one used nowhere keeps grad None. Buckets of one
+    parameter each, started in reverse model order: a's complete during backward on every
+    rank, b's on rank 0 only (rank 1 starts them in finish), c's nowhere."""
+    from moedist.parallel.grads import OverlappedGradSync
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"c": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3), "a": torch.nn.Linear(3, 3)})
+    sync = OverlappedGradSync(model, bucket_bytes=8)
+    started = []
+    for step in range(2):  # twice: the second step reuses the buckets
+        model.zero_grad(set_to_none=True)
+        x = torch.full((2, 3), float(rank + 1 + step))
+        sync.arm()
+        (model["a"](x).sum() + (model["b"](x).sum() if rank == 0 else 0)).backward()
+        started.append(sync._next)  # buckets under way before finish
+        sync.finish()
+        assert model["c"].weight.grad is None and model["c"].bias.grad is None
+        s = sum(r + 1 + step for r in range(world))
+        torch.testing.assert_close(model["b"].weight.grad, torch.full((3, 3), 2.0 * (1 + step) / world))
+        torch.testing.assert_close(model["a"].weight.grad, torch.full((3, 3), 2.0 * s / world))
+    sync.remove()
+    return started
+
+
+def test_overlapped_sync_with_rank_dependent_unused_params(gloo_pools):
+    started = gloo_pools.run(2, _on_rank_overlap_unused)
+    assert started == [[4, 4], [2, 2]]  # a.bias, a.weight (, b.bias, b.weight on rank 0)
+
+
+def _overlap_trainer(world: int, rank: int, overlap: bool, micro: int):
+    from moedist.config import build_config
+    from moedist.parallel.grads import OverlappedGradSync
+    from moedist.training.trainer import DistContext, Trainer, load_dataset
+
+    over = {"model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 16, "n_experts": 4},
+            "train": {"batch_size": 4, "micro_batches": micro, "eval_every": 0, "progress": False,
+                      "warmup_steps": 0, "lr": 1e-2, "grad_clip": 0.5},
+            "router": {"kind": "tc", "top_k": 2, "aux_loss_coef": 0.01},
+            "comm": {"overlap_grad_sync": overlap}, "workers": world}  # fmt: skip
+    cfg = build_config("tiny", None, over)
+    tr = Trainer(cfg, load_dataset(cfg), DistContext(rank, world, ExpertPlacement(4, world)))
+    if overlap:  # small buckets: several start during backward, in an order all ranks share
+        tr.grad_sync.remove()
+        tr.grad_sync = OverlappedGradSync(tr.model, bucket_bytes=2048)
+    return tr
+
+
+def _on_rank_overlap_trainer(rank: int, world: int, micro: int) -> int:
+    """Training steps with overlap_grad_sync equal the plain path bitwise: every metrics
+    column (timings aside), every parameter and every optimiser state."""
+    runs = {}
+    for overlap in (False, True):
+        tr = _overlap_trainer(world, rank, overlap, micro)
+        rows = [tr.train_step() for _ in range(3)]
+        runs[overlap] = (rows, tr)
+    (ref, a), (rows, b) = runs[False], runs[True]
+    skip = _not_compared()  # timings, and the profile's counts (overlap runs other collectives)
+    for r0, r1 in zip(ref, rows, strict=True):
+        assert {k for k in r0 if k not in skip} == {k for k in r1 if k not in skip}
+        for k in r0:
+            if k not in skip:
+                assert r0[k] == r1[k], (r0["step"], k, r0[k], r1[k])
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    return len(b.grad_sync.buckets)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_overlapped_grad_sync_equals_plain_sync(gloo_pools, micro):
+    n_buckets = gloo_pools.run(2, _on_rank_overlap_trainer, micro)
+    assert n_buckets[0] > 3  # several buckets really were in flight

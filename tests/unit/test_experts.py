@@ -300,3 +300,84 @@ def test_fused_path_when_x_needs_no_grad(activation):
     want = torch.autograd.grad(y_ref.square().sum(), [*weights, gate_A])
     for a, b in zip(got, want, strict=True):
         assert_close(a, b, **TIGHT)
+
+
+# ------------------------------------------------- bf16: weights cast once, not per use
+
+
+def _per_use_cast(monkeypatch) -> None:
+    """Put back the old autocast path: the weights cast differentiably on every use."""
+
+    def masters(self):
+        ws = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
+        if not torch.is_autocast_enabled("cpu"):
+            return ws
+        return tuple(None if w is None else w.to(torch.get_autocast_dtype("cpu")) for w in ws)
+
+    monkeypatch.setattr(GroupedExperts, "_masters", masters)
+    monkeypatch.setattr(GroupedExperts, "_compute_dtype", lambda self, x: (x.to(torch.get_autocast_dtype("cpu"))
+                        if torch.is_autocast_enabled("cpu") else x, None))  # fmt: skip
+
+
+def _bf16_run(m: GroupedExperts, x_TD, rows_A, gate_A, counts) -> list[torch.Tensor]:
+    """Both entry points under bf16 autocast: outputs, then grads of x, gate and weights."""
+    x_TD, gate_A = x_TD.clone().requires_grad_(), gate_A.clone().requires_grad_()
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_AD = m(x_TD[rows_A], counts)
+        y_TD = m.forward_gathered(x_TD, rows_A, gate_A, counts)
+    (y_AD.float().square().sum() + y_TD.pow(3).sum()).backward()
+    return [y_AD, y_TD, x_TD.grad, gate_A.grad] + [w.grad for w in _weights(m)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cast_once_is_bitwise_the_per_use_cast(activation, monkeypatch):
+    """Forward values and every gradient (float32 on the masters) are bitwise those of a
+    differentiable cast per use, also after each way a weight changes."""
+    torch.manual_seed(3)
+    m = GroupedExperts(4, 16, 24, activation, init_std=0.3, out_std=0.3)
+    counts = [5, 0, 9, 6]
+    x_TD, rows_A, gate_A = torch.randn(20, 16), torch.randint(0, 20, (20,)), torch.rand(20)
+    for i in range(20 // 5):  # the gathered path needs each token at most once per expert segment
+        rows_A[i * 5 : i * 5 + 5] = torch.randperm(20)[:5]
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+    changes = [lambda: opt.step(),
+               lambda: m.load_state_dict({k: v * 1.5 for k, v in m.state_dict().items()}),
+               lambda: m.load_from_dense(2, DenseMLP(16, 24, activation))]  # fmt: skip
+    for change in [lambda: None, *changes]:
+        change()
+        got = _bf16_run(m, x_TD, rows_A, gate_A, counts)
+        with monkeypatch.context() as mp:
+            _per_use_cast(mp)
+            want = _bf16_run(m, x_TD, rows_A, gate_A, counts)
+        assert [g.dtype for g in got[2:]] == [torch.float32] * (len(got) - 2)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    # Unchanged weights: the same copy serves every use (no cast per micro-batch).
+    first = m.cast_weights(torch.bfloat16)
+    assert all(a is b for a, b in zip(first, m.cast_weights(torch.bfloat16), strict=True))
+
+
+def test_bf16_training_steps_equal_the_per_use_cast(monkeypatch):
+    """Whole bf16 training steps (2 micro-batches, AdamW updates between steps): every loss,
+    gradient norm and parameter bitwise those of the per-use cast."""
+    from moedist.config import build_config
+    from moedist.training.trainer import Trainer, load_dataset
+
+    over = {"model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 16, "n_experts": 4},
+            "train": {"batch_size": 4, "micro_batches": 2, "dtype": "bfloat16", "eval_every": 0,
+                      "progress": False, "warmup_steps": 0, "lr": 1e-2},
+            "router": {"kind": "tc", "top_k": 2}}  # fmt: skip
+    cfg = build_config("tiny", None, over)
+
+    def run() -> tuple[list[tuple[float, float]], Trainer]:
+        tr = Trainer(cfg, load_dataset(cfg))
+        return [(r["loss"], r["grad_norm"]) for r in (tr.train_step() for _ in range(3))], tr
+
+    rows, tr = run()
+    with monkeypatch.context() as mp:
+        _per_use_cast(mp)
+        ref, ref_tr = run()
+    assert rows == ref
+    for (name, p), q in zip(tr.model.named_parameters(), ref_tr.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
