@@ -161,8 +161,6 @@ class CommConfig:
     """Exchange rows through shared memory between workers on the same node."""
     hierarchical: bool = False
     """Gather within a node, one exchange between nodes, scatter within the node."""
-    overlap_chunks: int = _rng(1, 1)
-    """Split each exchange into this many chunks pipelined with expert compute; 1 = off."""
     overlap_grad_sync: bool = False
     """All-reduce dense gradients in buckets during the backward pass."""
 
