@@ -136,10 +136,10 @@ class CommClock:
         if not (self.spans and torch.is_grad_enabled() and x.requires_grad):
             with self.measure(kind):
                 return fn(x, *args)
-        x = _CloseInBackward.apply(x, self, kind)
+        x = _MarkInBackward.apply(x, self, kind, False)
         with self.measure(kind):
             y = fn(x, *args)
-        return _OpenInBackward.apply(y, self, kind)
+        return _MarkInBackward.apply(y, self, kind, True)
 
     # ------------------------------------------------------------ steps
     def begin_step(self, tracing: bool = False) -> float:
@@ -194,32 +194,19 @@ class _Null:
 _NULL = _Null()
 
 
-class _CloseInBackward(torch.autograd.Function):
-    """Identity; its backward (the gradient leaving the measured fn) closes the block."""
+class _MarkInBackward(torch.autograd.Function):
+    """Identity; its backward opens (`opening`: the gradient reaching the measured fn's
+    output) or closes (the gradient leaving the measured fn) the block `kind`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, clock: CommClock, kind: str) -> torch.Tensor:
-        ctx.clock, ctx.kind = clock, kind
+    def forward(ctx, x: torch.Tensor, clock: CommClock, kind: str, opening: bool) -> torch.Tensor:
+        ctx.clock, ctx.kind, ctx.opening = clock, kind, opening
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.clock.close(ctx.kind)
-        return grad, None, None
-
-
-class _OpenInBackward(torch.autograd.Function):
-    """Identity; its backward (the gradient reaching the measured fn's output) opens the block."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, clock: CommClock, kind: str) -> torch.Tensor:
-        ctx.clock, ctx.kind = clock, kind
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.clock.open(ctx.kind)
-        return grad, None, None
+        (ctx.clock.open if ctx.opening else ctx.clock.close)(ctx.kind)
+        return grad, None, None, None
 
 
 @contextmanager
