@@ -33,6 +33,7 @@ exchange first removes the files of dead pids (`sweep_stale_segments`).
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import math
@@ -67,14 +68,15 @@ _MIN_CAPACITY = 1 << 20
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
-class RowExchange:
+class RowExchange(abc.ABC):
     """``ex(out_RD, x_ND, recv_splits, send_splits)``: ``send_splits[w]`` consecutive rows of
     x_ND go to rank w, ``recv_splits[w]`` rows arrive from rank w into out_RD (rank order)."""
 
+    @abc.abstractmethod
     def __call__(self, out: Tensor, inp: Tensor, recv_splits: list[int], send_splits: list[int]) -> None:
-        raise NotImplementedError
+        """Move the rows (a collective: every rank of the group calls it)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: an exchange that holds nothing keeps this no-op)
         """Release what the exchange holds (files, mappings); idempotent."""
 
 

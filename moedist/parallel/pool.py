@@ -314,14 +314,11 @@ class DistributedPoolOps(PoolOps):
         """Detached sums of integer-valued tensors; with fuse, one all-reduce for all."""
         if not self.fuse or len(xs) < 2 or not _active(self.group):
             return super().sum_counts(xs)
-        dtype = xs[0].dtype
-        if any(x.dtype != dtype for x in xs):
-            raise TypeError(f"sum_counts needs one dtype, got {sorted({str(x.dtype) for x in xs})}")
-        flat = torch.cat([x.detach().reshape(-1) for x in xs]).to(_comm_device(self.group, xs[0].device))
-        with measure(self.clock, "pool"):
-            _all_reduce_(flat, self.group)
-        parts = flat.split([x.numel() for x in xs])
-        return [p.view(x.shape).to(x.device) for p, x in zip(parts, xs, strict=True)]
+        from moedist.parallel.grads import all_reduce_sum_counts  # the one flat all-reduce of counts
+
+        with measure(self.clock, "pool"):  # integer-valued: int64 on the wire is exact for any dtype here
+            sums = all_reduce_sum_counts([x.detach().to(torch.int64) for x in xs], self.group)
+        return [s.to(x.dtype) for s, x in zip(sums, xs, strict=True)]
 
     def sum(self, x: Tensor) -> Tensor:
         """Elementwise sum over the ranks; gradients flow back to every rank's input."""
