@@ -163,6 +163,11 @@ class CommConfig:
     """Gather within a node, one exchange between nodes, scatter within the node."""
     overlap_grad_sync: bool = False
     """All-reduce dense gradients in buckets during the backward pass."""
+    overlap_chunks: int = _rng(1, 1)
+    """Split each token exchange into this many chunks (groups of each worker's experts,
+    at most the largest worker's expert count) and run one chunk's experts while the others
+    travel, forward and backward; 1 = one exchange, no overlap. Not with dedup, shm or
+    hierarchical."""
 
 
 @dataclass
@@ -359,6 +364,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"({t.micro_batches} x {cfg.workers})"
         )
     check_expert_placement(m.n_experts, cfg.workers)
+    c = cfg.comm
+    if c.overlap_chunks > 1:
+        clash = [name for name in ("dedup", "shm", "hierarchical") if getattr(c, name)]
+        if clash:
+            raise ConfigError(f"comm.overlap_chunks ({c.overlap_chunks}) cannot be combined with comm.{clash[0]} "
+                              "(the pipelined exchange is the plain collective in chunks)")  # fmt: skip
     from moedist.training import sinks, torch_profile  # light modules (no torch until used)
 
     sinks.parse_log(cfg.profile.log)

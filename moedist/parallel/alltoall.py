@@ -59,6 +59,7 @@ from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
 from moedist.parallel.clock import CommClock, measure, note_collective
 from moedist.parallel.exchange import RowExchange
+from moedist.parallel.overlap import ChunkPlan, chunk_of_local, run_pipelined
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
@@ -218,16 +219,26 @@ class AllToAllDispatcher:
         dedup: bool = False,
         wire_dtype: str = "auto",
         exchange: RowExchange | None = None,
+        overlap_chunks: int = 1,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be an integer >= 1, got {overlap_chunks!r}")
+        if overlap_chunks > 1 and (dedup or exchange is not None):
+            raise ValueError("overlap_chunks > 1 pipelines the collective exchange; it cannot be combined with "
+                             "dedup or a shared-memory/hierarchical exchange")  # fmt: skip
         self.placement = placement
         self.group = group
         self.clock = clock
         self.dedup = bool(dedup)
         self.wire_dtype = wire_dtype
         self.exchange = exchange
+        # Chunks of the pipelined exchange: at most the largest worker's expert count (a
+        # chunk is a group of each worker's local experts), the same on every rank.
+        self.overlap_chunks = min(overlap_chunks, max(placement.n_local(w) for w in range(placement.world_size)))
         self._slot_E: dict[torch.device, Tensor] = {}
+        self._chunk_slot_E: dict[torch.device, Tensor] = {}
         self._owner_local: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.fwd_bytes_sent = 0
 
@@ -236,6 +247,8 @@ class AllToAllDispatcher:
         W, L, E = self._check(x_TD, plan, experts)
         if self.dedup and plan.payload_A is None:
             return self._dedup_call(x_TD, plan, experts, W, L)
+        if self.overlap_chunks > 1:
+            return self._pipelined_call(x_TD, plan, experts, W, L)
         T, device = x_TD.shape[0], x_TD.device
 
         # 1. Sender: one counting sort by slot groups assignments by destination, then by
@@ -289,6 +302,89 @@ class AllToAllDispatcher:
         out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
         # float32 gates: the weighted sum accumulates in float32 even when experts ran in bf16.
         return combine(out_AD, weight_A, token_A, T)
+
+    def _pipelined_call(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts, W: int, L: int) -> Tensor:
+        """The exchange in chunks of local experts, pipelined with the experts
+        (moedist.parallel.overlap): chunk c's experts run while the other chunks travel."""
+        P, group, C = self.placement, self.group, self.overlap_chunks
+        T, E, device = x_TD.shape[0], P.n_experts, x_TD.device
+        rank = dist.get_rank(group)
+
+        # 1. Sender: counting sort by chunk-major slot (chunk, destination, local expert).
+        order_A, counts_K = sort_by_expert(self._chunk_slots(device)[plan.expert_idx_A], E)
+        order_A = order_A.to(device)
+        token_A = plan.token_idx_A[order_A]
+        weight_A = plan.weight_A[order_A]
+        # Counts per rank-major slot (destination, its local expert) for the counts exchange.
+        counts_S = counts_K.to(device)[self._chunk_slots(device)[self._rank_major_experts(device)]]
+        recv_counts_WL = counts_S.new_empty(W * L)
+        with measure(self.clock, "dispatch"):
+            send_counts = [P.n_local(w) for w in range(W)]
+            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
+        host = torch.cat([counts_S, recv_counts_WL]).tolist()
+        send_S, recv_WL = host[:E], host[E:]
+
+        # 2. Rows per chunk and worker, both ways, and each chunk's rows per local expert.
+        send = [[0] * W for _ in range(C)]
+        start = 0
+        for w in range(W):
+            n = P.n_local(w)
+            for l in range(n):
+                send[chunk_of_local(l, n, C)][w] += send_S[start + l]
+            start += n
+        recv = [[0] * W for _ in range(C)]
+        counts_CL = [[0] * L for _ in range(C)]
+        for l in range(L):
+            c = chunk_of_local(l, L, C)
+            for w in range(W):
+                recv[c][w] += recv_WL[w * L + l]
+                counts_CL[c][l] += recv_WL[w * L + l]
+        starts, total = [], 0
+        for c in range(C):
+            starts.append(total)
+            total += sum(send[c])
+        cp = ChunkPlan(send, recv, starts, group, self.clock, rank)
+
+        compute, wire = self._dtypes(x_TD)
+
+        def run_chunk(c: int, x_RD: Tensor) -> Tensor:
+            """Chunk c's experts on its received rows (source-major; expert-major within a source)."""
+            x_RD = x_RD.to(compute)
+            local = [l for l in range(L) if chunk_of_local(l, L, C) == c]
+            if W == 1 or len(local) <= 1:
+                return experts(x_RD, counts_CL[c]).to(wire)
+            rows_WL = torch.tensor([[recv_WL[w * L + l] for l in local] for w in range(W)]).view(-1)
+            local_R = torch.tensor(local).repeat(W).repeat_interleave(rows_WL, output_size=x_RD.shape[0]).to(device)
+            perm_R = sort_by_expert(local_R, L)[0].to(device)
+            inv_R = inverse_permutation(perm_R)
+            out_RD = experts(_PermuteRows.apply(x_RD, perm_R, inv_R), counts_CL[c])
+            return _PermuteRows.apply(out_RD, inv_R, perm_R).to(wire)
+
+        # 3. Rows out and results back, chunk by chunk, overlapped with the experts.
+        rows_AD = expert_rows(x_TD, token_A, order_A, plan).to(wire)
+        out_AD = run_pipelined(rows_AD, cp, run_chunk)
+        self.fwd_bytes_sent += (total + sum(map(sum, recv))) * rows_AD.shape[1] * wire.itemsize
+        return combine(out_AD, weight_A, token_A, T)
+
+    def _chunk_slots(self, device: torch.device) -> Tensor:
+        """Global expert -> chunk-major slot (chunk, owner rank, local index), cached per device."""
+        if device not in self._chunk_slot_E:
+            P, C = self.placement, self.overlap_chunks
+            key = {}
+            for e in range(P.n_experts):
+                w, l = P.owner_E[e], P.local_index(e)
+                key[e] = (chunk_of_local(l, P.n_local(w), C), w, l)
+            ranked = sorted(range(P.n_experts), key=key.__getitem__)
+            slot_E = [0] * P.n_experts
+            for s, e in enumerate(ranked):
+                slot_E[e] = s
+            self._chunk_slot_E[device] = torch.tensor(slot_E, dtype=torch.int64, device=device)
+        return self._chunk_slot_E[device]
+
+    def _rank_major_experts(self, device: torch.device) -> Tensor:
+        """The global experts in rank-major slot order (inverse of `_slots`)."""
+        return inverse_permutation(self._slots(device))
 
     def _dedup_call(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts, W: int, L: int) -> Tensor:
         """The deduplicated exchange (module docstring): U rows out, U gated sums back."""

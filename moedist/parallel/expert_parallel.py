@@ -58,7 +58,7 @@ def enable_expert_parallel(
     if exchange is None and (comm.shm or comm.hierarchical):
         exchange = make_exchange(group, nodes, shm=comm.shm, hierarchical=comm.hierarchical)
     shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype,
-                        exchange=exchange)  # fmt: skip
+                        exchange=exchange, overlap_chunks=comm.overlap_chunks)  # fmt: skip
     pool = DistributedPoolOps(group, clock, fuse=comm.fuse)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device

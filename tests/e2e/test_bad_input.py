@@ -150,6 +150,9 @@ def test_data_prepare_does_not_warn_when_the_validation_split_is_long_enough(tmp
         (["--workers", "2", "--set", "profile.trace_steps=2..4"], "profile.trace_steps: expected \"A-B\""),
         (["--steps", "4", "--set", "profile.trace_steps=4-5"], "trace_steps: window '4-5' starts after the run"),
         (["--set", "profile.trace_steps=0-500"], "trace_steps: '0-500' is 501 steps; a trace holds at most 200"),
+        (["--workers", "2", "--set", "comm.overlap_chunks=0"], "comm.overlap_chunks: must be >= 1, got 0"),
+        (["--workers", "2", "--set", "comm.overlap_chunks=2", "--set", "comm.shm=true"],
+         "comm.overlap_chunks (2) cannot be combined with comm.shm"),
     ],
 )
 def test_runtime_flags_are_checked_before_ray_starts(flags, match, tmp_path: Path, capsys, no_ray):
