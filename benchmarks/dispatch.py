@@ -22,6 +22,13 @@ over reps; candidates interleaved rep by rep so a noisy phase hits them alike:
   shm                      dispatch through moedist.parallel.exchange's shared-memory path
                            (``[comm] shm``: shared memory within a node, gloo between the
                            nodes) when ``--shm`` is given
+  layer                    AllToAllDispatcher with real experts (relu^2 MLPs D -> F=D -> D,
+                           moedist's GroupedExperts), forward + backward: the exchange next to
+                           the compute it can overlap with
+  layer_overlapC           the same with ``[comm] overlap_chunks = C``: the exchange in C chunks
+                           of each worker's experts, async, pipelined with the experts
+  experts_only             those experts' forward + backward on the rows the worker receives,
+                           no exchange (the compute floor of the layer)
   ray_objects              (timed by the driver) each worker ships each destination's rows as a
                            Ray object to the owning actor, which runs the experts and ships the
                            results back the same way; run twice (forward and backward move the
@@ -53,12 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, save_figure, target, write_results
 
 from moedist.kernels.dispatch import unique_pairs
+from moedist.model.experts import GroupedExperts
 from moedist.parallel.alltoall import AllToAllDispatcher
 from moedist.parallel.clock import CommClock
 from moedist.parallel.placement import ExpertPlacement
 from moedist.routing.base import RoutingPlan
 
 NODES = ("127.0.0.2", "127.0.0.3")
+OVERLAP_CHUNKS = (2, 4, 8)
 VARIANTS = {"": (False, "float32"), "_dedup": (True, "float32"), "_bf16": (False, "bfloat16"),
             "_dedup_bf16": (True, "bfloat16")}  # fmt: skip
 
@@ -145,6 +154,22 @@ class Worker:
             bytes_fwd[suffix] = disp.fwd_bytes_sent
             disp.clock = self.clocks["dispatch" + suffix] = CommClock()
         self.fns["raw_fresh"] = self._raw_fn(False, torch.float32, fresh=True)
+        # Real experts: the plain exchange and the pipelined one next to their compute.
+        L = self.P.n_local(self.rank)
+        torch.manual_seed(self.rank)
+        self.real = GroupedExperts(L, D, D, activation="relu2")
+        for C in (1, *OVERLAP_CHUNKS):
+            if C > max(self.P.n_local(w) for w in range(W)):
+                continue
+            name = "layer" if C == 1 else f"layer_overlap{C}"
+            disp = AllToAllDispatcher(self.P, overlap_chunks=C)
+            self._dispatch(disp, self.real)  # warm-up
+            self.fns[name] = lambda disp=disp: self._dispatch(disp, self.real)
+            disp.clock = self.clocks[name] = CommClock()
+        counts = self._received_counts()
+        x_RD = torch.randn(sum(counts), D, requires_grad=True)
+        grad_RD = torch.randn(sum(counts), D)
+        self.fns["experts_only"] = lambda: self.real(x_RD, counts).backward(grad_RD)
         if shm and has_shm:
             from moedist.parallel.exchange import make_exchange
 
@@ -160,12 +185,24 @@ class Worker:
         return {"bytes_fwd_bwd": {k: 2 * v for k, v in bytes_fwd.items()}, "shm": bool(shm and has_shm),
                 "assignments": int(self.plan.token_idx_A.numel()), "fanout_T": self.plan.fanout_T.tolist()}  # fmt: skip
 
-    def _dispatch(self, disp: AllToAllDispatcher) -> None:
+    def _dispatch(self, disp: AllToAllDispatcher, experts=None) -> None:
         p = self.plan
         x_TD = self.x_TD.detach().requires_grad_()
         plan = RoutingPlan(p.token_idx_A, p.expert_idx_A, p.weight_A.detach().requires_grad_(), p.n_tokens,
                            p.n_experts)  # fmt: skip
-        disp(x_TD, plan, self.experts).backward(self.grad_TD)
+        disp(x_TD, plan, self.experts if experts is None else experts).backward(self.grad_TD)
+
+    def _received_counts(self) -> list[int]:
+        """Rows this worker's local experts receive from all workers (a collective)."""
+        import torch.distributed as dist
+
+        P, W = self.P, self.world
+        slot_E = torch.tensor(P.slot_E())
+        counts_S = torch.bincount(slot_E[self.plan.expert_idx_A], minlength=P.n_experts)
+        L = P.n_local(self.rank)
+        recv_WL = torch.empty(W * L, dtype=counts_S.dtype)
+        dist.all_to_all_single(recv_WL, counts_S, [L] * W, [P.n_local(w) for w in range(W)])
+        return recv_WL.view(W, L).sum(0).tolist()
 
     def _raw_fn(self, dedup: bool, wire: torch.dtype, fresh: bool = False):
         """4 bare all_to_all_single calls of the byte matrix the dispatcher moves (`fresh`:
@@ -264,7 +301,9 @@ def measure(world: int, args) -> dict:
         port = ray.get(workers[0].open_port.remote())
         infos = ray.get([w.setup.remote(port, args.tokens, args.d_model, args.experts, args.top_k, args.spread,
                                         args.shm) for w in workers])  # fmt: skip
-        names = [p + s for s in VARIANTS for p in ("dispatch", "raw")] + ["raw_fresh", "memcpy"]
+        names = [p + s for s in VARIANTS for p in ("dispatch", "raw")] + ["raw_fresh", "memcpy", "experts_only",
+                                                                          "layer"]  # fmt: skip
+        names += [f"layer_overlap{C}" for C in OVERLAP_CHUNKS if C <= args.experts // world]
         if infos[0]["shm"]:
             names.append("shm")
         samples = ray.get([w.bench.remote(names, args.reps) for w in workers])[0]
@@ -293,6 +332,11 @@ def measure(world: int, args) -> dict:
         "ratio_dispatch_vs_raw": {s or "plain": t["dispatch" + s] / t["raw" + s] for s in VARIANTS},
         "ratio_vs_plain_dispatch": {n: t[n] / t["dispatch"] for n in t},
         "ray_objects_vs_raw": t["ray_objects"] / t["raw"],
+        # Real experts: the layer's time, its exposed communication (seconds waiting in or
+        # launching collectives) and the layer over its compute floor, per chunk count.
+        "overlap": {n: {"ms": t[n] * 1e3, "exposed_comm_ms": t[n + ":a2a"] * 1e3,
+                        "vs_experts_only": t[n] / t["experts_only"], "vs_plain_layer": t[n] / t["layer"]}
+                    for n in t if n.startswith("layer") and ":" not in n},
         "memcpy_GBps": bytes_[""] / t["memcpy"] / 1e9,
         "exchange_GBps_per_worker": {s or "plain": bytes_[s] / t["dispatch" + s] / 1e9 for s in VARIANTS},
     }  # fmt: skip
@@ -309,6 +353,7 @@ def plot(results: list[dict], saved: dict, path: Path) -> None:
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = [n for n in results[0]["times_s"] if n != "ray_objects" and ":" not in n] + ["ray_objects"]
+    names = [n for n in names if n in results[-1]["times_s"]]  # (overlap8 exists for W=2 only)
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         xs = [j + i * width for j in range(len(names))]
@@ -375,6 +420,9 @@ def main() -> None:
     for r in results:
         W = r["workers"]
         targets.append(target(f"dispatch/raw all_to_all_single W={W}", r["ratio_dispatch_vs_raw"]["plain"], "<=", 1.25))
+        for n, o in r["overlap"].items():
+            print(f"W={W} {n}: {o['ms']:.1f} ms, exposed comm {o['exposed_comm_ms']:.1f} ms, "
+                  f"{o['vs_experts_only']:.2f}x experts only, {o['vs_plain_layer']:.2f}x plain layer")
         if "shm_GBps_per_worker" in r:
             targets.append(target(f"shm GB/s / memcpy GB/s W={W}", r["shm_GBps_per_worker"] / r["memcpy_GBps"],
                                   ">=", 0.5))  # fmt: skip
