@@ -64,6 +64,9 @@ class RouterConfig:
     """AoE: rank of each expert's factorised gate projection; 0 = d_model // 3."""
     aoe_param_match: bool = True
     """AoE: choose the expert width so each expert has a SwiGLU expert's parameters."""
+    aoe_renormalize: bool = False
+    """AoE: gate weights = softmax over the k selected norms (sum 1; weight 1 at top_k = 1)
+    instead of the official code's softmax over all E norms, top-k values kept as they are."""
     aoe_d_wide: int = _rng(0, 0)
     """AoE: expert width when aoe_param_match is false; 0 = the model's expert width."""
     etr_capacity_factor: float = _rng(0.0, 0.0)

@@ -37,8 +37,9 @@ def test_aoe_low_rank_activations_come_from_one_matmul_and_are_reused():
         torch.testing.assert_close(plan.payload_A[a], x[t] @ Wd[:, e], rtol=1e-12, atol=1e-12)
 
 
-def test_aoe_outputs_equal_a_from_scratch_computation():
-    block = aoe_block()
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_aoe_outputs_equal_a_from_scratch_computation(renormalize):
+    block = aoe_block(aoe_renormalize=renormalize)
     x = torch.randn(30, 24, dtype=torch.float64)
     plan = block.router(x)
     y = LocalDispatcher()(x, plan, block.experts)
@@ -49,13 +50,34 @@ def test_aoe_outputs_equal_a_from_scratch_computation():
         # scores in the routing dtype: float64 here (float32 for float32 and bf16 inputs)
         norms = torch.stack([(x[t] @ Wd[:, e]).norm() for e in range(6)])
         top = torch.topk(norms, 2).indices
-        w = torch.softmax(norms[top], 0).double()  # softmax over the selected norms
+        if renormalize:
+            w = torch.softmax(norms[top], 0)  # softmax over the selected norms
+        else:
+            w = torch.softmax(norms, 0)[top]  # official code: softmax over all E, top-k values
         for j, e in enumerate(top.tolist()):
             a = x[t] @ Wd[:, e]  # from scratch: no reuse
             h = torch.nn.functional.silu(a @ ex.w_up_ELW[e]) * (x[t] @ ex.w_p_EDW[e])
             y_ref[t] += w[j] * (h @ ex.w_o_EWD[e])
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(SplitLocalDispatcher()(x, plan, block.experts), y_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_aoe_gate_gradient_reaches_w_down_at_top1_only_without_renormalisation():
+    """At top_k = 1 the official gate (softmax over all E norms, no renormalisation) gives a
+    weight < 1 whose gradient reaches W_down; renormalising over the one selected norm gives
+    the constant 1 and exactly no gradient through the gate."""
+    x = torch.randn(30, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    c = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for renormalize in (False, True):
+        router = aoe_block(k=1, aoe_renormalize=renormalize).router
+        plan = router(x)
+        assert plan.weight_A.numel() == 30  # one expert per token
+        # only the gate path: the payload (a_ti, also differentiable) is left out
+        (plan.weight_A * c[plan.token_idx_A]).sum().backward()
+        grads[renormalize] = router.w_down.weight.grad
+    torch.testing.assert_close(grads[True], torch.zeros_like(grads[True]), rtol=0, atol=0)
+    assert float(grads[False].abs().sum()) > 1e-3
 
 
 @pytest.mark.parametrize(("D", "F", "L"), [(128, 256, 42), (96, 384, 32), (64, 170, 21), (512, 1024, 64)])
