@@ -43,7 +43,7 @@ class RouterConfig:
     gate: str = _choice("auto", "softmax", "sigmoid", default="auto")
     """Gate function; auto = the router's own (TC/EC softmax, LF/ET sigmoid)."""
     normalize_weights: bool = True
-    """TC/LF: renormalise the selected gate weights to sum to 1 (ignored for k=1 softmax)."""
+    """TC/LF: renormalise the selected gate weights to sum to 1 (only when top_k > 1)."""
     aux_loss_coef: float = _rng(0.01, 0.0)
     """TC: Switch load-balancing loss alpha * E * sum_i f_i P_i."""
     z_loss_coef: float = _rng(0.0, 0.0)
