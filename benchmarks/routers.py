@@ -33,7 +33,8 @@ ROUTERS = ["tc", "ec", "et", "aoe", "etr"]
 def make_block(shape: dict, router: str, x_TD: torch.Tensor) -> MoEBlock:
     torch.manual_seed(0)
     # AoE: d_low = 64 (the paper's throughput setting); ETR: capacity 1.25 x balance
-    cfg = RouterConfig(kind=router, top_k=shape["top_k"], et_warmup_steps=0, aoe_d_low=64, etr_capacity_factor=1.25)
+    cfg = RouterConfig(kind=router, top_k=shape["top_k"], et_warmup_steps=0, aoe_d_low=64, etr_capacity_factor=1.25,
+                       etr_capacity_floor=False)  # exactly 1.25, as recorded in results/routers.json
     block = MoEBlock(shape["d"], shape["E"], shape["F"], 1, "relu2", cfg, init_std=0.02, out_std=0.02).train()
     if router == "et":  # calibrated thresholds, so threshold routing (not warm-up) is timed
         with torch.no_grad():

@@ -43,7 +43,7 @@ class RouterConfig:
     gate: str = _choice("auto", "softmax", "sigmoid", default="auto")
     """Gate function; auto = the router's own (TC/EC softmax, LF/ET sigmoid)."""
     normalize_weights: bool = True
-    """TC/LF: renormalise the selected gate weights to sum to 1 (ignored for k=1 softmax)."""
+    """TC/LF: renormalise the selected gate weights to sum to 1 (only when top_k > 1)."""
     aux_loss_coef: float = _rng(0.01, 0.0)
     """TC: Switch load-balancing loss alpha * E * sum_i f_i P_i."""
     z_loss_coef: float = _rng(0.0, 0.0)
@@ -52,6 +52,9 @@ class RouterConfig:
     """TC: tokens kept per expert = ceil(cf * N * k / E), overflow dropped; 0 = dropless."""
     lf_update_rate: float = _rng(1e-3, 0.0)
     """LF: bias step u in b_i <- b_i + u * sign(mean_load - load_i)."""
+    lf_bias_on: str = _choice("scores", "logits", default="scores")
+    """LF: add the selection bias to the gate probabilities (scores) or to the raw logits
+    (the ET paper's LF baseline)."""
     et_beta: float = _rng(0.999, 0.0, 1.0, lo_open=True)
     """ET: EMA decay of the per-expert threshold."""
     et_warmup_steps: int = _rng(100, 0)
@@ -64,10 +67,19 @@ class RouterConfig:
     """AoE: rank of each expert's factorised gate projection; 0 = d_model // 3."""
     aoe_param_match: bool = True
     """AoE: choose the expert width so each expert has a SwiGLU expert's parameters."""
+    aoe_renormalize: bool = False
+    """AoE: gate weights = softmax over the k selected norms (sum 1; weight 1 at top_k = 1)
+    instead of the official code's softmax over all E norms, top-k values kept as they are."""
     aoe_d_wide: int = _rng(0, 0)
     """AoE: expert width when aoe_param_match is false; 0 = the model's expert width."""
-    etr_capacity_factor: float = _rng(0.0, 0.0)
-    """ETR: expert-side capacity C = cf * N*top_k/E tokens; 0 = the paper's lower bound."""
+    etr_capacity_factor: float = _rng(1.25, 0.0)
+    """ETR: expert-side capacity C = ceil(cf * N*top_k/E) tokens (at least the paper's bound
+    when etr_capacity_floor); 0 = the paper's bound at the pool's largest affinity alone."""
+    etr_capacity_floor: bool = True
+    """ETR: with a capacity factor, C is at least the paper's lower bound read at the typical
+    affinity 1/sqrt(d_model) of its assumptions (about 1.65 * N*top_k/E)."""
+    etr_aux_loss_coef: float = _rng(0.01, 0.0)
+    """ETR: alpha of the Switch load-balancing loss beside the locality loss (0 turns it off)."""
     locality_loss_coef: float = _rng(0.0, 0.0)
     """ETR: mu of the locality loss (favours experts on the token's own node)."""
 

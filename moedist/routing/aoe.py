@@ -76,12 +76,15 @@ class AutonomyRouter(Router):
         scores_TE = self.restrict(a_TEL.to(routing_dtype(a_TEL)).norm(dim=-1))
         with torch.no_grad():
             mask_TE = topk_mask(scores_TE, self.top_k)
-        # softmax over the selected scores only
-        weights_TE = torch.softmax(scores_TE.masked_fill(~mask_TE, -math.inf), dim=-1)
+        probs_TE = torch.softmax(scores_TE, dim=-1)  # over all E experts (official code)
+        if self.cfg.aoe_renormalize:
+            # softmax over the selected scores only: sums to 1, constant 1 at top_k = 1
+            weights_TE = torch.softmax(scores_TE.masked_fill(~mask_TE, -math.inf), dim=-1)
+        else:
+            weights_TE = probs_TE  # the top-k values, not renormalised
         aux = None
         if self.cfg.aux_loss_coef > 0:
             N = self.pool.total(scores_TE.shape[0])
-            probs_TE = torch.softmax(scores_TE, dim=-1)
             aux = self.cfg.aux_loss_coef * switch_aux_loss(probs_TE, mask_TE, N, self.top_k, self.pool.sum)
         plan = plan_from_mask(mask_TE, weights_TE, aux_loss=aux)
         # each assignment carries its expert's activation: the expert reuses it

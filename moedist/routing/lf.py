@@ -1,8 +1,12 @@
 """Loss-free balancing (DeepSeek-V3, arXiv 2408.15664).
 
 A per-expert bias b_E is added to the scores for the top-k SELECTION only; gate weights
-use the unbiased scores. After every optimiser step, b_i += u * sign(mean_load - load_i),
-with loads counted over the whole step (all micro-batches, all workers).
+use the unbiased scores. lf_bias_on picks what the bias is added to: "scores" (the gate
+probabilities, moedist's default, as DeepSeek-V3 describes it) or "logits" (the raw router
+logits, as the ET paper's LF baseline does; a sigmoid's slope at p = 1/16 is about 0.06, so
+the same b moves a logit-side selection about 17x less). After every optimiser step,
+b_i += u * sign(mean_load - load_i), with loads counted over the whole step (all
+micro-batches, all workers).
 
 Legend: T tokens, E experts.
 """
@@ -28,7 +32,11 @@ class LossFreeRouter(TokenChoiceRouter):
         # Loads of the current optimiser step; not saved (steps end before checkpoints).
         self.register_buffer("pending_load_E", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
 
-    def select_scores(self, probs_TE: Tensor) -> Tensor:
+    def select_scores(self, probs_TE: Tensor, logits_TE: Tensor | None = None) -> Tensor:
+        if self.cfg.lf_bias_on == "logits":
+            if logits_TE is None:
+                raise ValueError("router.lf_bias_on = 'logits' needs the router logits")
+            return self.restrict(logits_TE + self.bias_E)
         return self.restrict(probs_TE + self.bias_E)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:

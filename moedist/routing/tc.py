@@ -47,8 +47,9 @@ class TokenChoiceRouter(Router):
 
     default_gate = "softmax"
 
-    def select_scores(self, probs_TE: Tensor) -> Tensor:
-        """Scores used for the top-k selection (LF adds its bias here)."""
+    def select_scores(self, probs_TE: Tensor, logits_TE: Tensor | None = None) -> Tensor:
+        """Scores used for the top-k selection (LF adds its bias here, to the probabilities
+        or to the logits)."""
         return probs_TE
 
     def plan_stat_names(self) -> tuple[str, ...]:
@@ -61,7 +62,7 @@ class TokenChoiceRouter(Router):
         N = self.pool.total(T)
         stats: dict[str, Tensor] = {}
         with torch.no_grad():
-            mask_TE = topk_mask(self.select_scores(probs_TE), self.top_k)
+            mask_TE = topk_mask(self.select_scores(probs_TE, logits_TE), self.top_k)
             if self.cfg.capacity_factor > 0:
                 cap = math.ceil(self.cfg.capacity_factor * self.capacity(N))
                 chosen_TE = mask_TE
@@ -70,7 +71,7 @@ class TokenChoiceRouter(Router):
         weights_TE = probs_TE
         if self.cfg.normalize_weights and self.top_k > 1:
             # Renormalise over the SELECTED experts (before capacity drops, as Mixtral does).
-            sel_TE = topk_mask(self.select_scores(probs_TE).detach(), self.top_k)
+            sel_TE = topk_mask(self.select_scores(probs_TE, logits_TE).detach(), self.top_k)
             denom_T1 = (probs_TE * sel_TE).sum(-1, keepdim=True).clamp_min(1e-20)
             weights_TE = probs_TE / denom_T1
         aux = self.aux_losses(logits_TE, probs_TE, mask_TE, N)

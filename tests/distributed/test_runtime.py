@@ -46,6 +46,7 @@ def cfg_for(case: str, workers: int, steps: int = STEPS, data: str = ""):
     over["router"]["kind"] = router
     if router == "etr":  # a capacity that binds, so the global capacity path is exercised
         over["router"]["etr_capacity_factor"] = 1.0
+        over["router"]["etr_capacity_floor"] = False
     for table, values in extra.items():
         over[table].update(values)
     over["train"]["steps"] = steps

@@ -14,6 +14,7 @@ from moedist.model.transformer import MoETransformer
 from moedist.routing import PoolOps
 from moedist.routing.aoe import aoe_dims
 from moedist.routing.etr import ResonanceRouter, capacity_lower_bound, slice_average_vectors
+from moedist.routing.tc import topk_mask
 
 
 def aoe_block(E=6, D=24, F=32, k=2, **kw) -> MoEBlock:
@@ -37,8 +38,9 @@ def test_aoe_low_rank_activations_come_from_one_matmul_and_are_reused():
         torch.testing.assert_close(plan.payload_A[a], x[t] @ Wd[:, e], rtol=1e-12, atol=1e-12)
 
 
-def test_aoe_outputs_equal_a_from_scratch_computation():
-    block = aoe_block()
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_aoe_outputs_equal_a_from_scratch_computation(renormalize):
+    block = aoe_block(aoe_renormalize=renormalize)
     x = torch.randn(30, 24, dtype=torch.float64)
     plan = block.router(x)
     y = LocalDispatcher()(x, plan, block.experts)
@@ -49,13 +51,34 @@ def test_aoe_outputs_equal_a_from_scratch_computation():
         # scores in the routing dtype: float64 here (float32 for float32 and bf16 inputs)
         norms = torch.stack([(x[t] @ Wd[:, e]).norm() for e in range(6)])
         top = torch.topk(norms, 2).indices
-        w = torch.softmax(norms[top], 0).double()  # softmax over the selected norms
+        if renormalize:
+            w = torch.softmax(norms[top], 0)  # softmax over the selected norms
+        else:
+            w = torch.softmax(norms, 0)[top]  # official code: softmax over all E, top-k values
         for j, e in enumerate(top.tolist()):
             a = x[t] @ Wd[:, e]  # from scratch: no reuse
             h = torch.nn.functional.silu(a @ ex.w_up_ELW[e]) * (x[t] @ ex.w_p_EDW[e])
             y_ref[t] += w[j] * (h @ ex.w_o_EWD[e])
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(SplitLocalDispatcher()(x, plan, block.experts), y_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_aoe_gate_gradient_reaches_w_down_at_top1_only_without_renormalisation():
+    """At top_k = 1 the official gate (softmax over all E norms, no renormalisation) gives a
+    weight < 1 whose gradient reaches W_down; renormalising over the one selected norm gives
+    the constant 1 and exactly no gradient through the gate."""
+    x = torch.randn(30, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    c = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for renormalize in (False, True):
+        router = aoe_block(k=1, aoe_renormalize=renormalize).router
+        plan = router(x)
+        assert plan.weight_A.numel() == 30  # one expert per token
+        # only the gate path: the payload (a_ti, also differentiable) is left out
+        (plan.weight_A * c[plan.token_idx_A]).sum().backward()
+        grads[renormalize] = router.w_down.weight.grad
+    torch.testing.assert_close(grads[True], torch.zeros_like(grads[True]), rtol=0, atol=0)
+    assert float(grads[False].abs().sum()) > 1e-3
 
 
 @pytest.mark.parametrize(("D", "F", "L"), [(128, 256, 42), (96, 384, 32), (64, 170, 21), (512, 1024, 64)])
@@ -109,7 +132,8 @@ def test_etr_top1_path_equals_hand_computation():
 
 def test_etr_capacity_is_respected_and_keeps_the_most_resonant_tokens():
     torch.manual_seed(1)
-    r = ResonanceRouter(16, 4, RouterConfig(kind="etr", top_k=1, etr_capacity_factor=1.0)).train()
+    cfg = RouterConfig(kind="etr", top_k=1, etr_capacity_factor=1.0, etr_capacity_floor=False)
+    r = ResonanceRouter(16, 4, cfg).train()
     x = torch.randn(64, 16)
     x[:, :4] += 2.0  # most tokens prefer expert 0
     plan = r(x)
@@ -132,11 +156,84 @@ def test_etr_capacity_lower_bound_formula():
     assert capacity_lower_bound(64, 8, 0.9, 1000, 2) == 2000  # large affinity: no cap
 
 
+def test_etr_default_capacity_is_the_factor_floored_by_the_bound_at_the_typical_affinity():
+    """Default: C = max(ceil(1.25 N l / E), the paper's bound at dmax = 1/sqrt(D)), which is
+    ceil(exp(1 / (2 - 1/D)) N l / E) (about 1.65 N l / E); no floor: exactly the factor;
+    factor 0: the bound at the pool's largest affinity (no cap on isotropic tokens)."""
+    D, E, N, l = 128, 16, 2048, 1
+    r = ResonanceRouter(D, E, RouterConfig(kind="etr", top_k=l))
+    assert r.cfg.etr_capacity_factor == 1.25 and r.cfg.etr_capacity_floor
+    floor = math.ceil(math.exp(1 / (2 - 1 / D)) / E * N * l)
+    assert floor == 212 and r.capacity(N) == floor > math.ceil(1.25 * N * l / E) == 160
+    no_floor = ResonanceRouter(D, E, RouterConfig(kind="etr", top_k=l, etr_capacity_floor=False))
+    assert no_floor.capacity(N) == 160
+    big = ResonanceRouter(D, E, RouterConfig(kind="etr", top_k=l, etr_capacity_factor=3.0))
+    assert big.capacity(N) == 384  # a factor above the floor wins
+    bound = ResonanceRouter(D, E, RouterConfig(kind="etr", top_k=l, etr_capacity_factor=0.0))
+    assert bound.capacity(N, delta_max=0.34) == N * l  # the pool-max reading: no cap
+
+
+def test_etr_switch_loss_equals_hand_computation_on_the_kept_assignments():
+    torch.manual_seed(1)
+    cfg = RouterConfig(kind="etr", top_k=1, etr_aux_loss_coef=0.01, etr_capacity_floor=False)
+    r = ResonanceRouter(16, 4, cfg).train()
+    x = torch.randn(64, 16)
+    x[:, :4] += 2.0  # expert 0 is over capacity
+    x.requires_grad_(True)
+    plan = r(x)
+    assert plan.stats["capped"].sum() > 0
+    p = torch.softmax(r.logits(x), -1)
+    f = plan.load_E.double() / 64  # shares of the kept assignments (drops included in N l)
+    torch.testing.assert_close(plan.aux_loss, 0.01 * 4 * (f.float() * p.mean(0)).sum())
+    plan.aux_loss.backward()
+    assert x.grad.abs().sum() > 0  # the affinity is fixed: the loss moves the hidden states
+    assert r.eval()(x).aux_loss is None  # training only
+    off = ResonanceRouter(16, 4, RouterConfig(kind="etr", etr_aux_loss_coef=0.0)).train()
+    assert off(x).aux_loss is None
+
+
+def test_etr_tiny_preset_loads_stay_within_the_default_capacity_and_routing_is_not_plain_top1():
+    """A few training steps of the `tiny` preset with router.kind = etr and its defaults:
+    every expert of every layer keeps at most C tokens (C computed here from the formula),
+    and the routing differs from plain top-1 of the affinity: tokens over capacity are
+    dropped, and only those."""
+    from moedist.config import build_config
+    from moedist.training.trainer import Trainer, load_dataset
+
+    cfg = build_config("tiny", sets=["router.kind=etr", "train.batch_size=4", "train.progress=false",
+                                     "profile.spans=false"])  # fmt: skip
+    tr = Trainer(cfg, load_dataset(cfg))
+    D, E, N = cfg.model.d_model, cfg.model.n_experts, 4 * cfg.model.seq_len
+    d2 = 1 / D  # the typical affinity squared
+    cap = max(math.ceil(1.25 * N / E), math.ceil(math.exp(D * d2 / (2 - d2)) / E * N))
+    seen = []
+    for router in tr.model.routers():
+        router.register_forward_hook(lambda m, inp, plan: seen.append((m.logits(inp[0]).detach(), plan)))
+    for _ in range(3):
+        seen.clear()
+        row = tr.train_step()
+        assert len(seen) == 3  # one plan per MoE layer (the first layer is dense)
+        for layer in tr.model.moe_layer_ids():
+            assert max(row[f"L{layer}_load"]) <= cap
+        for delta_TE, plan in seen:
+            top1_TE = topk_mask(delta_TE, 1)
+            kept_TE = plan.mask_TE()
+            assert int(plan.load_E.max()) <= cap
+            assert bool((kept_TE <= top1_TE).all())  # a subset of the token choice
+            dropped_E = (top1_TE & ~kept_TE).sum(0)
+            assert int(dropped_E.sum()) > 0  # not plain top-1
+            # an expert drops tokens only when over capacity, and then keeps exactly C
+            over_E = top1_TE.sum(0) > cap
+            assert torch.equal(dropped_E > 0, over_E)
+            assert torch.equal(plan.load_E[over_E], torch.full_like(plan.load_E[over_E], cap))
+
+
 def test_etr_training_capacity_is_not_causal_but_eval_routing_is():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, seq_len=64, d_model=32, n_layers=2, n_heads=2, n_experts=4,
                       first_layer_dense=False)  # fmt: skip
-    model = MoETransformer(cfg, RouterConfig(kind="etr", top_k=1, etr_capacity_factor=0.5)).double()
+    rcfg = RouterConfig(kind="etr", top_k=1, etr_capacity_factor=0.5, etr_capacity_floor=False)
+    model = MoETransformer(cfg, rcfg).double()
     g = torch.Generator().manual_seed(3)
     base = torch.randint(0, 50, (2, 24), generator=g)
     changed = base.clone()
@@ -155,7 +252,7 @@ def test_etr_training_capacity_is_not_causal_but_eval_routing_is():
 
 def test_etr_locality_loss_favours_local_experts():
     torch.manual_seed(0)
-    r = ResonanceRouter(16, 4, RouterConfig(kind="etr", locality_loss_coef=0.1)).train()
+    r = ResonanceRouter(16, 4, RouterConfig(kind="etr", locality_loss_coef=0.1, etr_aux_loss_coef=0.0)).train()
     x = torch.randn(32, 16, requires_grad=True)
     assert float(r(x).aux_loss.detach()) == 0.0  # one process: every expert is local
     r.attach(r.pool, torch.tensor([True, True, False, False]))

@@ -155,6 +155,39 @@ def test_flags_that_go_together_are_checked_first(argv: list[str], message: str,
     assert not any(tmp_path.iterdir())
 
 
+def test_tiny_paper_preset_is_tiny_with_the_et_papers_router_settings():
+    """`--preset tiny-paper`: the tiny model and schedule, routers as the ET paper's
+    baselines (sigmoid gates, TC not renormalised with aux 0.001, LF bias on logits)."""
+    tiny, paper = build_config("tiny"), build_config("tiny-paper")
+    assert to_dict(paper)["model"] == to_dict(tiny)["model"] and to_dict(paper)["train"] == to_dict(tiny)["train"]
+    r = paper.router
+    assert (r.gate, r.normalize_weights, r.aux_loss_coef, r.lf_bias_on) == ("sigmoid", False, 0.001, "logits")
+    assert (tiny.router.gate, tiny.router.normalize_weights, tiny.router.aux_loss_coef, tiny.router.lf_bias_on) == (
+        "auto", True, 0.01, "scores")  # moedist's defaults are unchanged  # fmt: skip
+    diff = {k for k, v in to_dict(r).items() if to_dict(tiny.router)[k] != v}
+    assert diff == {"gate", "normalize_weights", "aux_loss_coef", "lf_bias_on"}
+    assert build_config("tiny-paper", None, {"router": {"kind": "tc"}}).router.kind == "tc"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["router.lf_bias_on=bias"], "router.lf_bias_on: 'bias' is not one of: scores, logits"),
+        (["router.aoe_renormalize=1"], "router.aoe_renormalize: expected true/false, got 1"),
+        (["router.etr_capacity_floor=yes"], "router.etr_capacity_floor: expected true/false, got 'yes'"),
+        (["router.etr_aux_loss_coef=-0.1"], "router.etr_aux_loss_coef: must be >= 0.0, got -0.1"),
+        (["router.etr_capacity_factor=-1"], "router.etr_capacity_factor: must be >= 0.0, got -1.0"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("preset", ["tiny", "tiny-paper"])
+def test_bad_router_switches_are_refused_before_anything_starts(sets, message, preset, tmp_path: Path, capsys,
+                                                                nothing_may_start):  # fmt: skip
+    out = tmp_path / "run"
+    argv = ["train", "--preset", preset, "--out", str(out), *[a for item in sets for a in ("--set", item)]]
+    assert message in _one_error_line(capsys, argv)
+    assert not out.exists()
+
+
 def test_top_k_is_not_checked_for_the_dense_router():
     cfg = build_config(None, None, None, ["router.kind=dense", "router.top_k=8", "model.n_experts=4"])
     assert cfg.router.kind == "dense"

@@ -93,6 +93,46 @@ def test_lf_bias_moves_toward_balance_and_changes_selection_only():
     torch.testing.assert_close(w3, torch.sigmoid(torch.tensor([0.9])))
 
 
+@pytest.mark.parametrize("bias_on", ["scores", "logits"])
+def test_lf_bias_on_scores_or_logits_selects_by_that_sum_and_weights_stay_unbiased(bias_on):
+    """lf_bias_on = "scores" (default): top-k of sigmoid(r) + b; "logits" (the ET paper's
+    LF baseline): top-k of r + b. The gate weight is sigmoid(r) either way."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 8, generator=g)
+    r, x = router_with_logits("lf", logits, top_k=2, lf_bias_on=bias_on, normalize_weights=False)
+    bias = 0.3 * torch.randn(8, generator=g)
+    r.bias_E.copy_(bias)
+    plan = r(x)
+    p = torch.sigmoid(logits)
+    by_scores = torch.zeros(64, 8, dtype=torch.bool).scatter_(1, (p + bias).topk(2, -1).indices, True)
+    by_logits = torch.zeros(64, 8, dtype=torch.bool).scatter_(1, (logits + bias).topk(2, -1).indices, True)
+    assert not torch.equal(by_scores, by_logits)  # the two readings differ on these tokens
+    assert torch.equal(plan.mask_TE(), by_logits if bias_on == "logits" else by_scores)
+    torch.testing.assert_close(plan.weight_A, p[plan.token_idx_A, plan.expert_idx_A])
+    assert RouterConfig().lf_bias_on == "scores"
+
+
+def test_tc_sigmoid_without_renormalisation_and_ec_sigmoid_gate():
+    """The ET paper's TC: sigmoid gate, weights not renormalised, Switch loss on the
+    per-token-normalised sigmoid; its EC: sigmoid gate weights."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(32, 4, generator=g)
+    p = torch.sigmoid(logits)
+    r, x = router_with_logits("tc", logits, top_k=2, gate="sigmoid", normalize_weights=False, aux_loss_coef=0.001)
+    plan = r(x)
+    mask = torch.zeros(32, 4, dtype=torch.bool).scatter_(1, p.topk(2, -1).indices, True)
+    assert torch.equal(plan.mask_TE(), mask)
+    torch.testing.assert_close(plan.weight_A, p[plan.token_idx_A, plan.expert_idx_A])  # not renormalised
+    q = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(plan.aux_loss, 0.001 * 4 * (mask.float().sum(0) / 64 * q.mean(0)).sum())
+    renorm, _ = router_with_logits("tc", logits, top_k=2, gate="sigmoid")  # moedist's default renormalises
+    w = renorm(x).weight_A.view(32, 2)
+    torch.testing.assert_close(w.sum(-1), torch.ones(32))
+    ec, _ = router_with_logits("ec", logits, top_k=1, gate="sigmoid")
+    plan = ec(x)
+    torch.testing.assert_close(plan.weight_A, p[plan.token_idx_A, plan.expert_idx_A])
+
+
 # ----------------------------------------------------------------------- EC
 def test_ec_each_expert_takes_its_top_k_tokens():
     g = torch.Generator().manual_seed(1)
@@ -211,7 +251,8 @@ def test_et_threshold_state_is_in_state_dict():
 # ------------------------------------------------------------- capped counts
 @pytest.mark.parametrize(("kind", "cfg_kw"), [("tc", {"capacity_factor": 1.0}), ("lf", {"capacity_factor": 1.0}),
                                               ("et", {"et_warmup_steps": 0, "et_capacity": 0.2, "et_beta": 0.5}),
-                                              ("etr", {"etr_capacity_factor": 1.0})])  # fmt: skip
+                                              ("etr", {"etr_capacity_factor": 1.0,
+                                                       "etr_capacity_floor": False})])  # fmt: skip
 def test_capped_counts_the_decisions_a_capacity_changed(kind, cfg_kw):
     """plan.stats["capped"] (logged as L<i>_capped): per expert, the tokens a capacity
     dropped (TC, LF, ETR) or ET's guard added or removed, against the uncapped choice."""
