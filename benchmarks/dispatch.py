@@ -159,7 +159,7 @@ class Worker:
         torch.manual_seed(self.rank)
         self.real = GroupedExperts(L, D, D, activation="relu2")
         for C in (1, *OVERLAP_CHUNKS):
-            if C > max(self.P.n_local(w) for w in range(W)):
+            if max(self.P.n_local(w) for w in range(W)) < C:
                 continue
             name = "layer" if C == 1 else f"layer_overlap{C}"
             disp = AllToAllDispatcher(self.P, overlap_chunks=C)
@@ -303,7 +303,7 @@ def measure(world: int, args) -> dict:
                                         args.shm) for w in workers])  # fmt: skip
         names = [p + s for s in VARIANTS for p in ("dispatch", "raw")] + ["raw_fresh", "memcpy", "experts_only",
                                                                           "layer"]  # fmt: skip
-        names += [f"layer_overlap{C}" for C in OVERLAP_CHUNKS if C <= args.experts // world]
+        names += [f"layer_overlap{C}" for C in OVERLAP_CHUNKS if args.experts // world >= C]
         if infos[0]["shm"]:
             names.append("shm")
         samples = ray.get([w.bench.remote(names, args.reps) for w in workers])[0]
