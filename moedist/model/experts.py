@@ -81,7 +81,7 @@ class _GroupedMLP(torch.autograd.Function):
         rows_A: Tensor | None,
         gate_A: Tensor | None,
         n_out: int,
-        sizes: list[int],
+        segs: list[tuple[int, int, int]],
         activation: str,
         w1_EDF: Tensor,
         w2_EFD: Tensor,
@@ -96,12 +96,11 @@ class _GroupedMLP(torch.autograd.Function):
         if cast is not None:
             w1_EDF, w2_EFD, w3_EDF = cast
         fused = rows_A is not None
-        A = sum(sizes)
+        A = rows_A.shape[0] if fused else x.shape[0]
         D, F = w1_EDF.shape[1], w1_EDF.shape[2]
         x = x.contiguous()  # row slices of a contiguous tensor are valid out= targets
-        segs = _segments(sizes)
-        rows = max(sizes, default=0)
-        ctx.sizes, ctx.segs, ctx.activation, ctx.fused = sizes, segs, activation, fused
+        rows = max((n for _, _, n in segs), default=0)
+        ctx.segs, ctx.activation, ctx.fused = segs, activation, fused
         swiglu = activation == "swiglu"
         # Autocast is resolved by the caller (inputs arrive in the compute dtype); inside,
         # nothing must be re-cast, and out= ops are not autocast-eligible anyway.
@@ -146,9 +145,11 @@ class _GroupedMLP(torch.autograd.Function):
         need_x, _, need_gate, _, _, _, need_w1, need_w2, need_w3, _ = ctx.needs_input_grad
         gy_all = grad_out.contiguous()
         D, F = w1_EDF.shape[1], w1_EDF.shape[2]
-        # Weight grads start empty: every non-empty expert's slice is fully written by a GEMM,
-        # only the empty experts' slices need zeros.
-        empty = [e for e, n in enumerate(ctx.sizes) if n == 0]
+        # Weight grads start empty: an expert's first segment writes its slice with a GEMM
+        # (beta = 0), later segments of the same expert add to it; only the slices of
+        # experts with no rows need zeros.
+        present = {e for e, _, _ in segs}
+        empty = [e for e in range(w1_EDF.shape[0]) if e not in present]
         gw1 = _empty_grad(w1_EDF, empty) if need_w1 else None
         gw2 = _empty_grad(w2_EFD, empty) if need_w2 else None
         gw3 = _empty_grad(w3_EDF, empty) if need_w3 else None
@@ -157,8 +158,9 @@ class _GroupedMLP(torch.autograd.Function):
             gx_all = torch.zeros_like(x) if fused else x.new_empty(x.shape)
         else:
             gx_all = None
-        rows = max(ctx.sizes, default=0)
+        rows = max((n for _, _, n in segs), default=0)
         swiglu = ctx.activation == "swiglu"
+        seen: set[int] = set()
 
         with torch.autocast(x.device.type, enabled=False):
             hb, b = x.new_empty(rows, F), x.new_empty(rows, F)
@@ -179,6 +181,8 @@ class _GroupedMLP(torch.autograd.Function):
                     xs, gy = x[s : s + n], gy_all[s : s + n]
                     gx = gx_all[s : s + n] if gx_all is not None else None
                 z, h, gh = z_AF[s : s + n], hb[:n], b[:n]
+                beta = 1 if e in seen else 0  # a later segment of the same expert accumulates
+                seen.add(e)
                 if swiglu:
                     z3, act = z3_AF[s : s + n], a_buf[:n]
                     torch.ops.aten.silu.out(z, out=act)  # act = silu(z1)
@@ -193,15 +197,15 @@ class _GroupedMLP(torch.autograd.Function):
                     gy.mul_(g_col)
                     gh.mul_(g_col)
                 if gw2 is not None:
-                    torch.mm(h.t(), gy, out=gw2[e])
+                    gw2[e].addmm_(h.t(), gy, beta=beta)
                 if swiglu:
                     act.mul_(gh)  # act = grad z3 = grad h * silu(z1)
                     gh.mul_(z3)  # grad silu(z1)
                     torch.ops.aten.silu_backward.grad_input(gh, z, grad_input=gh)  # grad z1
                     if gw1 is not None:
-                        torch.mm(xs.t(), gh, out=gw1[e])
+                        gw1[e].addmm_(xs.t(), gh, beta=beta)
                     if gw3 is not None:
-                        torch.mm(xs.t(), act, out=gw3[e])
+                        gw3[e].addmm_(xs.t(), act, beta=beta)
                     if gx is not None:
                         torch.mm(gh, w1_EDF[e].t(), out=gx)
                         gx.addmm_(act, w3_EDF[e].t())
@@ -210,7 +214,7 @@ class _GroupedMLP(torch.autograd.Function):
                     # into the GEMMs' alpha (one pass less).
                     gh.mul_(z)
                     if gw1 is not None:
-                        gw1[e].addmm_(xs.t(), gh, beta=0, alpha=2)
+                        gw1[e].addmm_(xs.t(), gh, beta=beta, alpha=2)
                     if gx is not None:
                         gx.addmm_(gh, w1_EDF[e].t(), beta=0, alpha=2)
                 if fused and gx is not None:
@@ -220,12 +224,13 @@ class _GroupedMLP(torch.autograd.Function):
         return gx_all, None, ggate, None, None, None, gw1, gw2, gw3, None
 
 
-def _segments(sizes: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, start row, rows) for the non-empty experts."""
+def _segments(sizes: list[int], experts: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """(expert, start row, rows) of the non-empty segments; segment i belongs to expert
+    ``experts[i]`` (default: i, one segment per expert in order)."""
     segs, start = [], 0
-    for e, n in enumerate(sizes):
+    for i, n in enumerate(sizes):
         if n > 0:
-            segs.append((e, start, n))
+            segs.append((i if experts is None else experts[i], start, n))
         start += n
     return segs
 
@@ -293,7 +298,25 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"x_AD must have shape [A, {self.d_model}], got {tuple(x_AD.shape)}")
         sizes = _segment_sizes(counts_E, x_AD.shape[0], self.n_experts)
         x_AD, cast = self._compute_dtype(x_AD)
-        return _GroupedMLP.apply(x_AD, None, None, 0, sizes, self.activation, *self._masters(), cast)
+        return _GroupedMLP.apply(x_AD, None, None, 0, _segments(sizes), self.activation, *self._masters(), cast)
+
+    def forward_segments(self, x_AD: Tensor, experts_S: Sequence[int], sizes_S: Sequence[int]) -> Tensor:
+        """out_AD for rows in segments of any expert order: the i-th segment holds
+        ``sizes_S[i]`` rows of expert ``experts_S[i]`` (an expert may have several segments).
+
+        This is the order an all-to-all receive buffer has (source-major, expert-major
+        within each source), so the receiver needs no reordering pass; an expert's weight
+        gradient adds up its segments' GEMMs."""
+        if x_AD.dim() != 2 or x_AD.shape[1] != self.d_model:
+            raise ValueError(f"x_AD must have shape [A, {self.d_model}], got {tuple(x_AD.shape)}")
+        sizes = [int(n) for n in sizes_S]
+        if len(sizes) != len(experts_S) or any(n < 0 for n in sizes) or sum(sizes) != x_AD.shape[0]:
+            raise ValueError(f"{len(experts_S)} segment experts, sizes {sizes}: do not cover the {x_AD.shape[0]} rows")
+        if any(not 0 <= e < self.n_experts for e in experts_S):
+            raise ValueError(f"segment experts {list(experts_S)} outside 0..{self.n_experts - 1}")
+        x_AD, cast = self._compute_dtype(x_AD)
+        segs = _segments(sizes, list(experts_S))
+        return _GroupedMLP.apply(x_AD, None, None, 0, segs, self.activation, *self._masters(), cast)
 
     def forward_gathered(
         self, x_TD: Tensor, rows_A: Tensor, gate_A: Tensor, counts_E: Tensor | Sequence[int]
@@ -310,7 +333,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"rows_A {tuple(rows_A.shape)} and gate_A {tuple(gate_A.shape)} must be equal 1-D shapes")
         sizes = _segment_sizes(counts_E, rows_A.shape[0], self.n_experts)
         x_TD, cast = self._compute_dtype(x_TD)
-        return _GroupedMLP.apply(x_TD, rows_A.contiguous(), gate_A.contiguous(), x_TD.shape[0], sizes,
+        return _GroupedMLP.apply(x_TD, rows_A.contiguous(), gate_A.contiguous(), x_TD.shape[0], _segments(sizes),
                                  self.activation, *self._masters(), cast)  # fmt: skip
 
     def _masters(self) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -11,8 +11,9 @@ same layer in the same order, also with zero tokens):
     sort assignments by slot = (destination worker, local expert index there)  [counting sort]
     all_to_all(counts per slot)   -> each receiver knows rows per (source, local expert)
     all_to_all(token rows, uneven splits)
-    receiver: (source, expert) order -> expert-major [counting sort], experts(x, counts),
-              back to (source, expert) order
+    receiver: experts on the (source, expert) segments as they arrived
+              (GroupedExperts.forward_segments; other experts: reorder to expert-major
+              [counting sort], experts(x, counts), back to (source, expert) order)
     all_to_all(expert outputs back, the reverse splits)
     sender: y_TD = combine(out_AD, weight_A, token_A, T)
 
@@ -289,6 +290,10 @@ class AllToAllDispatcher:
         counts_L = [sum(recv_WL[l::L]) for l in range(L)]  # host ints, as the experts need
         if W == 1 or L == 1:
             out_RD = experts(x_RD, counts_L)
+        elif hasattr(experts, "forward_segments"):
+            # GroupedExperts runs the received (source, expert) segments where they lie: no
+            # reordering pass (and none in backward); an expert's GEMMs run per source.
+            out_RD = experts.forward_segments(x_RD, list(range(L)) * W, recv_WL)
         else:
             # Local expert of each received row; output_size spares a device sync on CUDA.
             local_WL = torch.arange(L, device=device).repeat(W)
@@ -354,6 +359,9 @@ class AllToAllDispatcher:
             local = [l for l in range(L) if chunk_of_local(l, L, C) == c]
             if W == 1 or len(local) <= 1:
                 return experts(x_RD, counts_CL[c]).to(wire)
+            if hasattr(experts, "forward_segments"):
+                sizes = [recv_WL[w * L + l] for w in range(W) for l in local]
+                return experts.forward_segments(x_RD, local * W, sizes).to(wire)
             rows_WL = torch.tensor([[recv_WL[w * L + l] for l in local] for w in range(W)]).view(-1)
             local_R = torch.tensor(local).repeat(W).repeat_interleave(rows_WL, output_size=x_RD.shape[0]).to(device)
             perm_R = sort_by_expert(local_R, L)[0].to(device)

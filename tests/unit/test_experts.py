@@ -381,3 +381,35 @@ def test_bf16_training_steps_equal_the_per_use_cast(monkeypatch):
     assert rows == ref
     for (name, p), q in zip(tr.model.named_parameters(), ref_tr.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_segments_equals_expert_major_rows(activation):
+    """Rows in segments of any expert order (an all-to-all receive buffer: source-major,
+    experts repeating, empty segments, expert 1 absent) give each row its expert's output and
+    the same gradients as the expert-major layout: x's rows, and each weight's gradient summed
+    over its expert's segments (expert 1's exactly zero)."""
+    m = _experts(4, activation)
+    experts_S = [0, 2, 3, 0, 2, 3, 2, 0]
+    sizes_S = [3, 0, 4, 2, 5, 1, 2, 0]
+    g = torch.Generator().manual_seed(2)
+    A = sum(sizes_S)
+    x_AD = torch.randn(A, D, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_AD = torch.randn(A, D, generator=g, dtype=torch.float64)
+    inputs = [x_AD, *_weights(m)]
+    out = m.forward_segments(x_AD, experts_S, sizes_S)
+    grads = torch.autograd.grad(out, inputs, grad_AD)
+
+    expert_A = torch.repeat_interleave(torch.tensor(experts_S), torch.tensor(sizes_S))
+    order_A, counts_E = sort_by_expert(expert_A, 4)
+    ref_sorted = m(x_AD[order_A], counts_E)
+    ref = torch.empty_like(ref_sorted).index_copy(0, order_A, ref_sorted)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_AD)
+    assert_close(out, ref, **TIGHT)
+    for name, got, want in zip(["x", "w1", "w2", "w3"], grads, ref_grads, strict=False):
+        assert_close(got, want, **TIGHT, msg=f"grad {name}")
+    assert all(bool((gw[1] == 0).all()) and bool((gw[2] != 0).all()) for gw in grads[1:])
+    with pytest.raises(ValueError, match="do not cover"):
+        m.forward_segments(x_AD, experts_S, [1] * len(experts_S))
+    with pytest.raises(ValueError, match=r"outside 0\.\.3"):
+        m.forward_segments(x_AD, [4, *experts_S[1:]], sizes_S)
