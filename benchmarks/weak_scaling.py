@@ -13,7 +13,10 @@ steps one more step is run with every collective counted on every worker
 (moedist.parallel.counting), plus a bare all-reduce latency probe (8 B and 16 KB) on the
 workers' own group.
 
-    python benchmarks/weak_scaling.py [--quick] [--workers 1,2] [--fuse both|on|off]
+With ``--overlap-chunks C`` a third setting runs interleaved with the others: fuse on and
+``[comm] overlap_chunks = C`` (the token exchange in C chunks pipelined with the experts).
+
+    python benchmarks/weak_scaling.py [--quick] [--workers 1,2] [--fuse both|on|off] [--overlap-chunks C]
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from moedist.config import build_config
 from moedist.runtime.coordinator import Coordinator
 
 
-def job_cfg(workers: int, seqs_per_worker: int, steps: int, router: str, fuse: bool):
+def job_cfg(workers: int, seqs_per_worker: int, steps: int, router: str, fuse: bool, chunks: int = 1):
     over = {
         "workers": workers,
-        "comm": {"fuse": fuse},
+        "comm": {"fuse": fuse, "overlap_chunks": chunks},
         "router": {"kind": router, "et_warmup_steps": 2},
         "train": {"steps": steps, "batch_size": seqs_per_worker * workers, "eval_every": 0, "progress": False,
                   "threads": 1},
@@ -116,10 +119,11 @@ def _pool_probe(worker) -> dict:
     return pool_probe(worker.trainer.dist.group)
 
 
-def measure(workers: int, seqs_per_worker: int, fuse: bool, args, tmp: Path) -> dict:
+def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int], args, tmp: Path) -> dict:
     import ray
 
-    cfg = job_cfg(workers, seqs_per_worker, args.steps, args.router, fuse)
+    fuse, chunks = setting
+    cfg = job_cfg(workers, seqs_per_worker, args.steps, args.router, fuse, chunks)
     coord = Coordinator(cfg, strategy="SPREAD", start_timeout_s=180)
     try:
         infos = coord.start()
@@ -139,6 +143,7 @@ def measure(workers: int, seqs_per_worker: int, fuse: bool, args, tmp: Path) -> 
     return {
         "workers": workers,
         "fuse": fuse,
+        "overlap_chunks": chunks,
         "nodes": len({i["node"] for i in infos}),
         "seqs_per_worker": seqs_per_worker,
         "tokens_per_worker": seqs_per_worker * cfg.model.seq_len,
@@ -167,7 +172,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         rows = [r for r in results if r["tokens_per_worker"] == size]
-        xs = [f"{r['workers']}{' fused' if r['fuse'] else ''}" for r in rows]
+        xs = [f"{r['workers']}{' fused' if r['fuse'] else ''}"
+              f"{' ov' + str(r['overlap_chunks']) if r.get('overlap_chunks', 1) > 1 else ''}" for r in rows]
         bottom = [0.0] * len(rows)
         for key in ("compute_s", "a2a_s", "pool_s", "grad_sync_s"):
             ys = [1e3 * r[key] for r in rows]
@@ -193,6 +199,8 @@ def main() -> None:
     ap.add_argument("--router", default="et")
     ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (1 is the baseline)")
     ap.add_argument("--fuse", choices=("both", "on", "off"), default="both", help="[comm] fuse settings to run")
+    ap.add_argument("--overlap-chunks", type=int, default=1,
+                    help="also run fuse on + [comm] overlap_chunks = C (C > 1)")  # fmt: skip
     args = ap.parse_args()
     args.steps = args.steps or (6 if args.quick else 20)
     args.warmup = 2
@@ -200,6 +208,7 @@ def main() -> None:
     sizes = [int(x) for x in args.seqs_per_worker.split(",")]
     workers = sorted({1, *(int(x) for x in args.workers.split(","))})
     fuses = {"both": [False, True], "on": [True], "off": [False]}[args.fuse]
+    settings = [(f, 1) for f in fuses] + ([(True, args.overlap_chunks)] if args.overlap_chunks > 1 else [])
     tmp = Path("/tmp") / "moedist-weak-scaling"
     with socket.socket() as probe:  # the dashboard's API server on a free port, not the fixed 8265
         probe.bind(("127.0.0.1", 0))
@@ -214,9 +223,10 @@ def main() -> None:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False, configure_logging=False)
         for spw in sizes:
             # fuse off and on interleaved per worker count: a busy phase hits both alike
-            series = [measure(w, spw, f, args, tmp) for w in workers for f in fuses]
+            series = [measure(w, spw, st, args, tmp) for w in workers for st in settings]
             for r in series:
-                base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"])
+                base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"]
+                            and b["overlap_chunks"] == r["overlap_chunks"])  # fmt: skip
                 r["efficiency"] = base["step_s"] / r["step_s"]
                 print(json.dumps({k: v for k, v in r.items() if not k.endswith(("_samples", "_by_site"))}), flush=True)
             results += series
@@ -227,10 +237,13 @@ def main() -> None:
     # pool seconds per step at least 3x lower than with fuse off, same run.
     goal = {1024: 0.85, 4096: 0.9}
     targets = [target(f"efficiency 2 workers, {r['tokens_per_worker']} tokens/worker, fuse "
-                      f"{'on' if r['fuse'] else 'off'}", r["efficiency"], ">=", goal.get(r["tokens_per_worker"], 0.85))
+                      f"{'on' if r['fuse'] else 'off'}"
+                      + (f", overlap_chunks {r['overlap_chunks']}" if r["overlap_chunks"] > 1 else ""),
+                      r["efficiency"], ">=", goal.get(r["tokens_per_worker"], 0.85))
                for r in results if r["workers"] == 2]  # fmt: skip
     for size in sizes:
-        pair = {r["fuse"]: r for r in results if r["workers"] == 2 and r["seqs_per_worker"] == size}
+        pair = {r["fuse"]: r for r in results
+                if r["workers"] == 2 and r["seqs_per_worker"] == size and r["overlap_chunks"] == 1}  # fmt: skip
         if len(pair) == 2 and pair[True]["pool_s"] > 0:
             ratio = pair[False]["pool_s"] / pair[True]["pool_s"]
             tokens = pair[True]["tokens_per_worker"]
@@ -238,7 +251,7 @@ def main() -> None:
             targets.append(target(name, ratio, ">=", 3.0))
     config = {"steps": args.steps, "warmup_steps_dropped": args.warmup, "seqs_per_worker": sizes,
               "router": args.router, "preset": "tiny", "cluster": "2 raylets x 2 CPUs (127.0.0.2, 127.0.0.3)",
-              "workers": workers, "fuse": fuses,
+              "workers": workers, "fuse": fuses, "overlap_chunks": args.overlap_chunks,
               "threads_per_worker": 1,
               "note": "2 physical cores: 4 workers share them, so ~0.5 is the hardware bound at 4 workers"}  # fmt: skip
     path = write_results("weak_scaling", config, results, targets, args.quick)
