@@ -218,6 +218,31 @@ def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
     local top-k, so the value is exact and equal to the radix select's (a selected zero is
     +0.0 here too). NaN on any rank raises on every rank (a flag travels with the values).
     Moves W x (K x E + 2) floats to every rank; use it while `candidates_fit`."""
+    return _candidate_select(values_TE, k_E, group)[0]
+
+
+def candidate_topk_cut(values_TE: Tensor, k_E: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(cutoff_E, n_above_E, ties_before_E) of `PoolOps.topk_cut` from the same ONE all-gather
+    as `candidate_kth_largest`. The counts are read from the gathered lists:
+
+    - above: fewer than k values of a column lie strictly above its k-th largest, so every
+      rank's top-K list holds all of its values above the cutoff: the count is exact.
+    - ties on lower ranks: a list holds all of its rank's ties unless it is full of values
+      >= the cutoff; then its rank alone has K >= k values at or above the cutoff, so the
+      ties it shows already reach the k - n_above still to take, and the ranks after it take
+      no tie either way. The masks `pool_topk_mask` builds are the exact ones."""
+    cutoff_E, lists, rank = _candidate_select(values_TE, k_E, group)
+    c_E = cutoff_E.float()
+    zeros_E = torch.zeros(c_E.shape, dtype=torch.int64)
+    n_above_E = sum(((v_ME > c_E).sum(0) for v_ME in lists), zeros_E)
+    before_E = sum(((v_ME == c_E).sum(0) for v_ME in lists[:rank]), zeros_E)
+    dev = values_TE.device
+    return cutoff_E.to(dev, values_TE.dtype), n_above_E.to(dev), before_E.to(dev)
+
+
+def _candidate_select(values_TE: Tensor, k_E: Tensor, group) -> tuple[Tensor, list[Tensor], int]:
+    """(k-th largest per column as float32 on the host, every rank's gathered top-K list
+    [n_r, E] on the host, this rank) after one all-gather."""
     if values_TE.dim() != 2:
         raise ValueError(f"values_TE must be 2-D [T, E], got shape {tuple(values_TE.shape)}")
     T, E = values_TE.shape
@@ -226,9 +251,9 @@ def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
     out_dtype = values_TE.dtype
     if out_dtype not in (torch.float32, *_LOW_PRECISION):
         raise TypeError(f"candidate_kth_largest selects float32 (or float16/bfloat16) values, got {out_dtype}")
+    world, rank = _world_rank(group)
     if E == 0:
-        return torch.empty(0, dtype=out_dtype, device=values_TE.device)
-    world, _ = _world_rank(group)
+        return torch.empty(0, dtype=torch.float32), [torch.empty(0, 0)] * world, rank
     dev = _comm_device(group, values_TE.device)
     k_E = k_E.detach().to(torch.int64).cpu()
     K = max(0, int(k_E.max()))
@@ -246,16 +271,18 @@ def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
         dist.all_gather(parts, msg, group=group)
     else:
         parts = [msg]
-    nan_W = torch.stack([p[1] for p in parts]).cpu()
+    parts = [p.cpu() for p in parts]
+    nan_W = torch.stack([p[1] for p in parts])
     if bool(nan_W.any()):
         bad = nan_W.nonzero().flatten().tolist()
         raise NonFiniteLogitsError(
             f"router logits contain NaN on rank(s) {bad} of {world}; cannot select the k-th largest"
         )
-    union_ME = torch.cat([p[2 : 2 + int(p[0]) * E].view(-1, E) for p in parts])
-    out_E = PoolOps.kth_largest(PoolOps(), union_ME, k_E)  # k >= union rows: the union is the pool
+    lists = [p[2 : 2 + int(p[0]) * E].view(-1, E) for p in parts]
+    out_E = PoolOps.kth_largest(PoolOps(), torch.cat(lists), k_E)  # k >= union rows: the union is the pool
     out_E = torch.where(out_E == 0, torch.zeros_like(out_E), out_E)  # -0.0 -> +0.0, as radix
-    return out_E.to(values_TE.device, out_dtype)
+    # Through the output dtype and back: the cutoff the caller compares with.
+    return out_E.to(out_dtype).float(), lists, rank
 
 
 # ----------------------------------------------------------------------------- PoolOps
@@ -347,6 +374,14 @@ class DistributedPoolOps(PoolOps):
         total_E = all_W2E[:, 0].sum(0).to(sum_E.device, sum_E.dtype)
         below_E = all_W2E[:rank, 1].sum(0).to(prefix_E.device, prefix_E.dtype)
         return total_E, below_E
+
+    def topk_cut(self, values_TE: Tensor, k_E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """With fuse and a small k: one all-gather of candidates gives the cutoff and both
+        counts (`candidate_topk_cut`), not a select and then a count exchange."""
+        if self.fuse and values_TE.dtype != torch.float64 and candidates_fit(k_E, self.world_rank[0]):
+            with measure(self.clock, "pool"):
+                return candidate_topk_cut(values_TE, k_E.to(torch.int64).cpu(), self.group)
+        return super().topk_cut(values_TE, k_E)
 
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Exact global k-th largest per expert by distributed radix select."""

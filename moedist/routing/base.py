@@ -104,6 +104,16 @@ class PoolOps:
         one pass (each column is independent, so the values are the same)."""
         return [self.kth_largest(v_TE, k_E) for v_TE, k_E in zip(values, k, strict=True)]
 
+    def topk_cut(self, values_TE: Tensor, k_E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(cutoff_E, n_above_E, ties_before_E): the k_E-th largest value of each column over
+        the pool, how many values of the pool lie strictly above it, and how many values equal
+        to it lie on lower ranks (as far as a selection of k needs to know: see
+        moedist.parallel.pool.candidate_topk_cut)."""
+        cutoff_E = self.kth_largest(values_TE, k_E)
+        c_1E = cutoff_E.unsqueeze(0)
+        n_above_E, before_E = self.sum_and_prefix((values_TE > c_1E).sum(0), (values_TE == c_1E).sum(0))
+        return cutoff_E, n_above_E, before_E
+
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Per column e, the k_E[e]-th largest value over the global pool.
 

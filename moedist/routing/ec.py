@@ -21,12 +21,12 @@ def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
     local position) until k is reached, so the choice never depends on how the pool is
     split over workers and an expert never takes more than k tokens.
     """
-    cutoff_1E = pool.kth_largest(logits_TE, k_E).unsqueeze(0)
+    cutoff_E, n_above_E, before_E = pool.topk_cut(logits_TE, k_E)
+    cutoff_1E = cutoff_E.unsqueeze(0)
     above_TE = logits_TE > cutoff_1E
     tied_TE = logits_TE == cutoff_1E
     # Ties to take globally = k minus the tokens strictly above the cutoff anywhere; the
     # global order of a tied token among the ties puts lower ranks' ties first.
-    n_above_E, before_E = pool.sum_and_prefix(above_TE.sum(0), tied_TE.sum(0))
     need_E = k_E.to(torch.int64) - n_above_E
     tie_order_TE = before_E.unsqueeze(0) + tied_TE.cumsum(0) - 1
     return above_TE | (tied_TE & (tie_order_TE < need_E.unsqueeze(0)))

@@ -453,8 +453,8 @@ FUSE_STEPS = 3
 # Collectives per step (every rank), unfused -> fused, for the model below (3 MoE layers,
 # 1 micro-batch, 2 or 4 ranks). ET: warm-up step, then 2 steps whose guard clamps all 3 layers.
 FUSE_COUNTS = {
-    "et": ([52, 52, 52], [27, 29, 29]),
-    "ec": ([39, 39, 39], [26, 26, 26]),
+    "et": ([52, 52, 52], [24, 26, 26]),
+    "ec": ([39, 39, 39], [23, 23, 23]),
     "tc": ([43, 43, 43], [38, 38, 38]),
     "lf": ([27, 27, 27], [21, 21, 21]),
 }

@@ -162,6 +162,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         res["sum/value"], res["sum/grad"] = y.detach(), x.grad
         res["sum/int"] = radix.sum(torch.tensor([rank, 1]))  # ET's guard sums integer counts
         res.update(tie_selection(rank, world, radix))
+        # the fused pool: small k selects and counts from one all-gather of candidates
+        res.update({f"fused/{k}": v for k, v in tie_selection(rank, world, fused).items()})
 
         # A subgroup of the odd ranks ([1] or [1, 3]): only members call; ranks are renumbered.
         members = list(range(1, world, 2))
@@ -304,6 +306,12 @@ def tie_cases(world: int) -> dict[str, tuple[list[torch.Tensor], torch.Tensor]]:
     m = sum(p.shape[0] for p in empty)
     put("a_rank_with_no_rows", empty, [1, m // 2, m + 4])
     put("k_zero", [torch.zeros(t, 2) for t in sizes], [0, 3])
+    # Small k (K = 4): rank 0's 11 ties fill its candidate list (the fused select's one
+    # all-gather shows only 4 of them), and in column 0 two larger values on the last rank
+    # leave one tie to take, rank 0's first.
+    sat = [torch.full((t, 3), 0.5) for t in sizes]
+    sat[-1][:2, 0] = 1.0
+    put("saturated_ties", sat, [3, 1, 4])
     return cases
 
 
@@ -355,11 +363,12 @@ def test_exact_k_selection_breaks_ties_by_global_token_order(world_results):
         # token order), and the ranks' masks put together are that mask.
         assert torch.equal(pool_topk_mask(pool_NE, k_E, PoolOps()), want), name
         assert torch.equal(want.sum(0), k_E.clamp(max=N)), name
-        got = torch.cat([res[f"ties/{name}/mask"] for res in results])
-        assert torch.equal(got, want), (name, (got != want).nonzero().tolist()[:5])
         kth = topk_reference(parts, k_E)
-        for res in results:
-            assert torch.equal(canon_bits(res[f"ties/{name}/kth"]), canon_bits(kth)), name
+        for prefix in ("", "fused/"):  # radix select + count exchange; candidates (one all-gather)
+            got = torch.cat([res[f"{prefix}ties/{name}/mask"] for res in results])
+            assert torch.equal(got, want), (prefix, name, (got != want).nonzero().tolist()[:5])
+            for res in results:
+                assert torch.equal(canon_bits(res[f"{prefix}ties/{name}/kth"]), canon_bits(kth)), (prefix, name)
 
 
 def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_results):
@@ -376,5 +385,6 @@ def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_result
     assert int(above_E[0]) > hi and int(above_E[1]) < lo, (above_E, lo, hi)
     assert torch.equal(want.sum(0), above_E.clamp(lo, hi))
     assert torch.equal(want[:, :2], ordered_topk_mask(pool_NE[:, :2], torch.tensor([hi, lo])))
-    got = torch.cat([res["guard/mask"] for res in results])
-    assert torch.equal(got, want), (got != want).nonzero().tolist()[:5]
+    for prefix in ("", "fused/"):
+        got = torch.cat([res[f"{prefix}guard/mask"] for res in results])
+        assert torch.equal(got, want), (prefix, (got != want).nonzero().tolist()[:5])
