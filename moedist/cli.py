@@ -103,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.preset, args.config, overrides, args.set)
         out = None
     cli_checks.check_elastic(args, cfg)
+    cli_checks.check_comm(cfg)
     check_log_installed(cfg.profile.log)  # before Ray starts or a run folder appears
     dataset = load_dataset(cfg)  # checked before anything is written or started
     if out is None:

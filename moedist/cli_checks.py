@@ -273,6 +273,17 @@ def check_elastic(args: argparse.Namespace, cfg: RunConfig) -> None:
                           f"(--workers or the config's workers), outside {lo}:{hi}")  # fmt: skip
 
 
+def check_comm(cfg: RunConfig, machine: str | None = None) -> None:
+    """[comm] switches this machine cannot run: the shared-memory exchange publishes rows
+    relying on x86-64's store order (moedist.parallel.exchange)."""
+    import platform
+
+    arch = machine or platform.machine()
+    if cfg.comm.shm and cfg.workers > 1 and arch not in ("x86_64", "AMD64"):
+        raise ConfigError(f"comm.shm: the shared-memory exchange needs an x86-64 machine, this one is {arch} "
+                          "(set comm.shm=false)")  # fmt: skip
+
+
 def check_control_host(host: str) -> None:
     """The control API listens on one address of this machine, never on all of them."""
     import ipaddress

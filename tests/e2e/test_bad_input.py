@@ -478,3 +478,14 @@ def test_profile_and_plot_of_a_folder_that_is_not_a_run(command: str, run: Path,
     _fails(capsys, command, str(tmp_path), match="metrics.parquet' cannot be read")
     if command == "profile":
         _fails(capsys, "profile", str(run), "--skip", "-1", match="--skip: must be >= 0")
+
+
+def test_shared_memory_exchange_on_a_machine_that_is_not_x86_is_refused_before_ray_starts(
+    tmp_path: Path, capsys, no_ray, monkeypatch
+):
+    """comm.shm relies on x86-64's store order: elsewhere it is a one-line error, exit 2."""
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    out = tmp_path / "r"
+    _fails(capsys, "train", "--out", str(out), *SMALL, "--workers", "2", "--set", "comm.shm=true",
+           match="comm.shm: the shared-memory exchange needs an x86-64 machine, this one is aarch64")  # fmt: skip
+    assert not out.exists()
