@@ -471,6 +471,7 @@ class HierarchicalExchange(RowExchange):
         self._leader_group = dist.new_group([to_global(r) for r in self.leaders])
         node_groups = [None if self.use_shm else dist.new_group([to_global(r) for r in m]) for m in self.members]
         self._node_group = node_groups[self.a]
+        self._subgroups = [self._leader_group, *node_groups]
         self._shm = _node_shm(self.group, self.nodes, rank, self.timeout_s) if self.use_shm else None
         self._ready = True
 
@@ -570,6 +571,13 @@ class HierarchicalExchange(RowExchange):
         if getattr(self, "_shm", None) is not None:
             self._shm.close()
             self._shm = None
+        # The sub-groups (their sockets and threads) go with the exchange, not only when the
+        # whole process group is destroyed (a worker reset makes a new exchange). Destroying a
+        # group is local; a rank holds only the groups it belongs to.
+        for g in getattr(self, "_subgroups", []):
+            if isinstance(g, dist.ProcessGroup) and dist.is_initialized():
+                dist.destroy_process_group(g)
+        self._subgroups, self._ready = [], False
 
     def __repr__(self) -> str:
         return f"HierarchicalExchange(nodes={len(self.members)}, shm={self.use_shm})"

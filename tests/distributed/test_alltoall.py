@@ -595,9 +595,11 @@ def _on_rank_exchange(rank: int, world: int, name: str) -> list[str]:
     """Random uneven splits (zeros included), several dtypes and row shapes, a round big
     enough to grow the segments: bitwise equal to dist.all_to_all_single."""
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
 
     from moedist.parallel import exchange as X
 
+    groups_before = len(c10d._world.pg_map)
     ex = _exchange_of(name, world)
     g = torch.Generator().manual_seed(100 + rank)
     rounds = [(torch.float64, (D,), 9)] * 4 + [(torch.bfloat16, (3, 5), 9), (torch.int64, (), 9),
@@ -622,6 +624,8 @@ def _on_rank_exchange(rank: int, world: int, name: str) -> list[str]:
             ex(torch.empty(sum(bad), 2), torch.zeros(world, 2), bad, [1] * world)
     ex.close()
     dist.barrier()
+    # the hierarchical exchange's sub-groups go with it (private registry: no public count)
+    assert len(c10d._world.pg_map) == groups_before, (name, len(c10d._world.pg_map), groups_before)
     return [p.name for p in X.SHM_DIR.glob(f"{X.PREFIX}.{os.getpid()}.*")]
 
 
@@ -629,7 +633,7 @@ def _on_rank_exchange(rank: int, world: int, name: str) -> list[str]:
 @pytest.mark.parametrize("name", list(EXCHANGES))
 def test_exchange_equals_all_to_all_single(gloo_pools, world, name):
     left = gloo_pools.run(world, _on_rank_exchange, name)
-    assert left == [[]] * world  # no segment survives close()
+    assert left == [[]] * world  # no segment survives close(), nor a sub-group
 
 
 @pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
