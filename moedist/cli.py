@@ -257,12 +257,13 @@ def cmd_signatures(args: argparse.Namespace) -> int:
     cli_checks.check_signatures_flags(args)
     prompts = load_prompts(args.prompts, split=None if args.prompts else "signature")
     cfg, model, tokenizer, _ = load_trained(Path(args.run))
-    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed)
-    keys = ("prompts", "within_cosine", "across_cosine", "cv_accuracy", "cv_macro_f1", "permutation_accuracy",
-            "load_balance_accuracy", "accuracy_by_layer")  # fmt: skip
+    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed, args.normalize)
+    keys = ("prompts", "normalization", "within_cosine", "across_cosine", "cosine_cohens_d", "cv_accuracy",
+            "cv_fold_accuracy_std", "cv_macro_f1", "permutation_accuracy", "load_balance_accuracy",
+            "accuracy_by_layer")  # fmt: skip
     print(json.dumps({k: report[k] for k in keys}))
     print(f"Signatures: {Path(args.out) / 'signatures.parquet'}\nReport:     {Path(args.out) / 'report.json'}")
-    print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png)")
+    print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png, confusion.png)")
     return 0
 
 
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help='JSONL of {"task": ..., "text": ...} (default: the shipped prompt set)')
     p.add_argument("--out", required=True, help="output folder (signatures.parquet, report.json, PNGs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and baselines")
+    p.add_argument("--normalize", choices=("assignment", "token"), default="assignment",
+                   help="signature of a layer: share of the prompt's assignments per expert (default), or "
+                        "per-token shares, each routed token's experts splitting 1 (ET, EC: variable fanout)")
 
     p = sub.add_parser("profile", help="where a run's step time went: spans, collectives, bytes, slowest worker")
     p.add_argument("run", help="run folder")
