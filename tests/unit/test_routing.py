@@ -211,9 +211,10 @@ def test_et_warmup_and_guard_act_per_micro_batch():
     pooled = torch.cat([a, b]).sort(dim=0, descending=True).values[round(40 / 3) - 1]
     torch.testing.assert_close(r.threshold_E(), pooled)
     # b's shifted logits put many tokens above expert 0's pooled cutoff, few above expert 2's:
-    # the guard clamps them to b's own bounds [3, 10]
+    # the guard clamps them to b's own bounds [3, 10], also as the step's second micro-batch
     n_above = (b > pooled).sum(0)
     assert n_above[0] > 10 and n_above[2] < 3
+    r(a)
     assert r(b).load_E.tolist() == [10, int(n_above[1].clamp(3, 10)), 3]
 
 
