@@ -222,8 +222,9 @@ class RunLoop:
         self.write_metrics()
         self.write_trace()
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
-        # The final evaluation's fanout histogram: `moedist plot` redraws fanout.png from it.
-        summary["eval_fanout_hist"] = final_eval.fanout_hist
+        # The final evaluation's fanout histogram under the inference rule (ET in warm-up: the
+        # thresholds' pass): `moedist plot` redraws fanout.png from it.
+        summary["eval_fanout_hist"] = final_eval.inference_fanout_hist or final_eval.fanout_hist
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         from moedist.training.plots import write_plots
 
