@@ -220,15 +220,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset = TokenDataset.open(cfg.data.path) if cfg.data.path else TokenDataset.default()
     dataset.check_seq_len(cfg.model.seq_len)
     tokens = args.tokens or cfg.train.eval_tokens
-    res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens)
+    res = evaluate(model, dataset, cfg.model.seq_len, cfg.train.batch_size, tokens, thresholds=args.thresholds)
     if not math.isfinite(res.val_loss):  # NaN is not JSON; a model that gives it is broken
         raise CheckpointError(
             f"validation loss of run '{args.run}' at step {step} is {res.val_loss} (not finite): "
             "its checkpoint's model produces non-finite logits on this data"
         )
-    out = {"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout}
+    out = {"val_loss": res.val_loss, "tokens": res.tokens, "step": step, "mean_fanout": res.mean_fanout,
+           "inference_fanout": res.inference_fanout, "target_fanout": res.target_fanout}  # fmt: skip
+    if res.et_routing is not None:
+        out.update(et_routing=res.et_routing, thresholds_settled=res.thresholds_settled, et_updates=res.et_updates,
+                   et_warmup_steps=res.et_warmup_steps, inference_val_loss=res.to_json()["inference_val_loss"])
     if kept is not None:
         out["experts_kept_per_layer"] = kept
+    for w in res.warnings:
+        print(f"moedist: warning: {w}", file=sys.stderr)
     print(json.dumps(out))
     return 0
 
@@ -252,17 +258,19 @@ def cmd_signatures(args: argparse.Namespace) -> int:
     cli_checks.check_signatures_flags(args)
     prompts = load_prompts(args.prompts, split=None if args.prompts else "signature")
     cfg, model, tokenizer, _ = load_trained(Path(args.run))
-    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed)
-    keys = ("prompts", "within_cosine", "across_cosine", "cv_accuracy", "cv_macro_f1", "permutation_accuracy",
-            "load_balance_accuracy", "accuracy_by_layer")  # fmt: skip
+    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed, args.normalize)
+    keys = ("prompts", "normalization", "within_cosine", "across_cosine", "cosine_cohens_d", "cv_accuracy",
+            "cv_fold_accuracy_std", "cv_macro_f1", "permutation_accuracy", "load_balance_accuracy",
+            "accuracy_by_layer")  # fmt: skip
     print(json.dumps({k: report[k] for k in keys}))
     print(f"Signatures: {Path(args.out) / 'signatures.parquet'}\nReport:     {Path(args.out) / 'report.json'}")
-    print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png)")
+    print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png, confusion.png)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moedist.model.generate import generate
+    from moedist.training.evaluate import generation_warnings
     from moedist.training.trainer import load_trained
 
     cli_checks.check_generate_flags(args)
@@ -271,7 +279,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = [int(i) for i in tokenizer.encode(args.prompt)]
     if not ids:
         raise ConfigError(f"--prompt: {args.prompt!r} encodes to no tokens with this run's tokenizer")
-    gen = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    gen = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed, record_routing=True)
+    for w in generation_warnings(model, gen):
+        print(f"moedist: warning: {w}", file=sys.stderr)
     sys.stdout.write(tokenizer.decode(gen.ids) + "\n")
     return 0
 
@@ -333,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--data", help="prepared dataset dir (default: the run's data)")
     p.add_argument("--tokens", type=int, help="validation tokens (default: the run's train.eval_tokens)")
+    p.add_argument("--thresholds", action="store_true", help="ET in warm-up: route with the thresholds (as "
+                   "generate does) instead of the warm-up's expert choice over each eval batch")  # fmt: skip
     _selection_args(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run (KV cache)")
@@ -349,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help='JSONL of {"task": ..., "text": ...} (default: the shipped prompt set)')
     p.add_argument("--out", required=True, help="output folder (signatures.parquet, report.json, PNGs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and baselines")
+    p.add_argument("--normalize", choices=("assignment", "token"), default="assignment",
+                   help="signature of a layer: share of the prompt's assignments per expert (default), or "
+                        "per-token shares, each routed token's experts splitting 1 (ET, EC: variable fanout)")
 
     p = sub.add_parser("profile", help="where a run's step time went: spans, collectives, bytes, slowest worker")
     p.add_argument("run", help="run folder")

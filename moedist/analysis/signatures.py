@@ -1,12 +1,16 @@
 """Routing signatures (arXiv 2603.11114) and task-aware expert pre-selection.
 
 A prompt's signature is, for every MoE layer, the share of its routed assignments that
-went to each expert (eval-mode routing over the prompt's tokens), the layers concatenated.
-`signature_report` asks how much of the task those vectors carry: within- vs across-task
-cosine similarity, a logistic-regression classifier's stratified 5-fold accuracy and
-macro-F1, the same classifier on shuffled labels (permutation baseline) and on signatures
-whose expert identities are shuffled per prompt and layer while each layer's counts are
-kept (load-balance baseline), and the accuracy from each layer alone.
+went to each expert (eval-mode routing over the prompt's tokens), the layers concatenated;
+with normalization "token" each routed token's experts share 1 instead (for routers whose
+tokens reach a variable number of experts, ET and EC: a token with 3 experts then weighs
+as much as one with 1). `signature_report` asks how much of the task those vectors carry:
+within- vs across-task cosine similarity (means, spreads and Cohen's d between them), a
+logistic-regression classifier's stratified 5-fold accuracy (pooled, per fold and its
+spread), macro-F1 and confusion matrix, the same classifier on shuffled labels
+(permutation baseline) and on signatures whose expert identities are shuffled per prompt
+and layer while each layer's counts are kept (load-balance baseline), and the accuracy
+from each layer alone.
 
 Beyond the paper, `task_expert_mask` turns a task's mean signature into a per-layer list
 of the experts it uses most, which `restrict_experts` imposes on a model's routers.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,9 @@ import torch
 from moedist.config import ConfigError
 
 DEFAULT_PROMPTS = "prompts.jsonl"
+# How a layer's routing becomes a signature row: share of the prompt's assignments per
+# expert, or per-token shares (each routed token's experts split 1 equally).
+NORMALIZATIONS = ("assignment", "token")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -75,13 +83,34 @@ def load_prompts(path: str | Path | None = None, split: str | None = "signature"
 
 
 # --------------------------------------------------------------------------- signatures
+def layer_signature(token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, n_tokens: int, n_experts: int,
+                    normalization: str = "assignment") -> np.ndarray:  # fmt: skip
+    """sig_E of one layer's routing of one prompt; each normalization sums to 1 (0s if nothing routed).
+
+    assignment: sig_i = (assignments to i) / (all assignments).
+    token:      sig_i = mean over routed tokens t of z_ti / fanout_t (tokens with no expert left out).
+    """
+    if normalization == "assignment":
+        counts_E = torch.bincount(expert_idx_A.cpu(), minlength=n_experts).double()
+        return (counts_E / counts_E.sum().clamp_min(1)).numpy()
+    if normalization != "token":
+        raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    fanout_T = torch.bincount(token_idx_A.cpu(), minlength=n_tokens).double()
+    share_A = 1.0 / fanout_T[token_idx_A.cpu()]
+    sig_E = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, expert_idx_A.cpu(), share_A)
+    return (sig_E / (fanout_T > 0).sum().clamp_min(1)).numpy()
+
+
 @torch.no_grad()
-def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: int) -> np.ndarray:
-    """hist_PLE: per prompt and MoE layer, the share of its assignments per expert.
+def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: int,
+                       normalization: str = "assignment") -> np.ndarray:  # fmt: skip
+    """hist_PLE: per prompt and MoE layer, its signature row (`layer_signature`).
 
     The model runs in eval mode on each prompt (its first seq_len tokens); a layer that
     routed nothing gives a row of zeros.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
     model.eval()
     out = []
     for text in texts:
@@ -91,24 +120,41 @@ def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: in
         res = model(torch.tensor([ids], device=next(model.parameters()).device))
         layers = []
         for plan in res.plans:
-            counts_E = torch.bincount(plan.expert_idx_A.cpu(), minlength=plan.n_experts).double()
-            layers.append((counts_E / counts_E.sum().clamp_min(1)).numpy())
+            layers.append(layer_signature(plan.token_idx_A, plan.expert_idx_A, plan.n_tokens, plan.n_experts,
+                                          normalization))  # fmt: skip
         out.append(np.stack(layers))
     return np.stack(out)
 
 
-def _cv_scores(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
-    """Stratified 5-fold (fewer if a task has fewer prompts) accuracy and macro-F1."""
+@dataclass
+class CVResult:
+    """Stratified k-fold cross-validation of the task classifier: pooled out-of-fold
+    predictions and the accuracy of each fold."""
+
+    accuracy: float  # over all out-of-fold predictions
+    macro_f1: float
+    fold_accuracy: list[float]
+    pred: np.ndarray  # out-of-fold predicted task per prompt
+
+
+def _cv_scores(X: np.ndarray, y: np.ndarray, seed: int) -> CVResult:
+    """Stratified 5-fold (fewer if a task has fewer prompts) logistic regression."""
+    from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
     folds = min(5, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
     if folds < 2:
         raise ConfigError("every task needs at least 2 prompts for cross-validation")
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(LogisticRegression(max_iter=5000), X, y, cv=cv)
-    return float(accuracy_score(y, pred)), float(f1_score(y, pred, average="macro"))
+    pred = np.empty_like(y)
+    fold_acc = []
+    for train, test in cv.split(X, y):  # what cross_val_predict does, keeping each fold's score
+        clf = clone(LogisticRegression(max_iter=5000)).fit(X[train], y[train])
+        pred[test] = clf.predict(X[test])
+        fold_acc.append(float(accuracy_score(y[test], pred[test])))
+    return CVResult(float(accuracy_score(y, pred)), float(f1_score(y, pred, average="macro")), fold_acc, pred)
 
 
 def _cosine(X: np.ndarray) -> np.ndarray:
@@ -116,33 +162,75 @@ def _cosine(X: np.ndarray) -> np.ndarray:
     return Xn @ Xn.T
 
 
-def signature_report(hist_PLE: np.ndarray, tasks: list[str], seed: int = 0, n_shuffles: int = 5) -> dict[str, Any]:
+def _std(x: np.ndarray) -> float:
+    """Sample standard deviation (ddof 1); 0 for fewer than 2 values."""
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def cosine_stats(X: np.ndarray, tasks: list[str]) -> dict[str, float]:
+    """Within-task vs across-task cosine similarity over unordered pairs of distinct prompts:
+    means, sample standard deviations, pair counts and Cohen's d of within vs across,
+    d = (mean_w - mean_a) / s_pooled, s_pooled^2 = ((n_w-1) s_w^2 + (n_a-1) s_a^2) / (n_w + n_a - 2).
+    The pairs share prompts, so d describes the separation; it is not a test statistic."""
+    y = np.asarray(tasks)
+    sim = _cosine(X)
+    iu = np.triu_indices(len(y), k=1)
+    same = (y[:, None] == y[None, :])[iu]
+    w, a = sim[iu][same], sim[iu][~same]
+    sw, sa = _std(w), _std(a)
+    dof = len(w) + len(a) - 2
+    pooled = np.sqrt(((len(w) - 1) * sw**2 + (len(a) - 1) * sa**2) / dof) if dof > 0 else 0.0
+    d = float((w.mean() - a.mean()) / pooled) if pooled > 0 else float("nan")
+    return {
+        "within_cosine": float(w.mean()) if len(w) else float("nan"),
+        "within_cosine_std": sw,
+        "within_pairs": len(w),
+        "across_cosine": float(a.mean()) if len(a) else float("nan"),
+        "across_cosine_std": sa,
+        "across_pairs": len(a),
+        "cosine_cohens_d": d,
+    }
+
+
+def signature_report(hist_PLE: np.ndarray, tasks: list[str], seed: int = 0, n_shuffles: int = 5,
+                     normalization: str = "assignment") -> dict[str, Any]:  # fmt: skip
     """The report.json numbers for signatures hist_PLE of prompts labelled `tasks`."""
+    from sklearn.metrics import confusion_matrix
+
     P, L, E = hist_PLE.shape
     y = np.asarray(tasks)
     X = hist_PLE.reshape(P, L * E)
-    sim = _cosine(X)
-    same = y[:, None] == y[None, :]
-    off = ~np.eye(P, dtype=bool)
-    acc, f1 = _cv_scores(X, y, seed)
+    cv = _cv_scores(X, y, seed)
     rng = np.random.default_rng(seed)
-    perm = [_cv_scores(X, rng.permutation(y), seed)[0] for _ in range(n_shuffles)]
+    perm = [_cv_scores(X, rng.permutation(y), seed).accuracy for _ in range(n_shuffles)]
     balance = []
     for _ in range(n_shuffles):
         # each prompt's expert identities shuffled per layer: its per-layer counts stay
         shuffled = np.stack([[h[rng.permutation(E)] for h in prompt] for prompt in hist_PLE])
-        balance.append(_cv_scores(shuffled.reshape(P, L * E), y, seed)[0])
-    by_layer = [_cv_scores(hist_PLE[:, layer, :], y, seed)[0] for layer in range(L)]
+        balance.append(_cv_scores(shuffled.reshape(P, L * E), y, seed).accuracy)
+    by_layer = [_cv_scores(hist_PLE[:, layer, :], y, seed).accuracy for layer in range(L)]
     labels = sorted(set(tasks))
+    cos = cosine_stats(X, tasks)
     return {
         "prompts": P,
         "tasks": {t: int((y == t).sum()) for t in labels},
         "layers": L,
         "experts": E,
-        "within_cosine": float(sim[same & off].mean()),
-        "across_cosine": float(sim[~same].mean()),
-        "cv_accuracy": acc,
-        "cv_macro_f1": f1,
+        "normalization": normalization,
+        "within_cosine": cos["within_cosine"],
+        "across_cosine": cos["across_cosine"],
+        "within_cosine_std": cos["within_cosine_std"],
+        "across_cosine_std": cos["across_cosine_std"],
+        "within_pairs": cos["within_pairs"],
+        "across_pairs": cos["across_pairs"],
+        "cosine_cohens_d": cos["cosine_cohens_d"],
+        "cv_accuracy": cv.accuracy,
+        "cv_macro_f1": cv.macro_f1,
+        "cv_fold_accuracy": cv.fold_accuracy,
+        "cv_fold_accuracy_mean": float(np.mean(cv.fold_accuracy)),
+        "cv_fold_accuracy_std": _std(np.asarray(cv.fold_accuracy)),
+        # rows: true task, columns: predicted task (out-of-fold), both in `labels` order
+        "confusion": {"labels": labels, "matrix": confusion_matrix(y, cv.pred, labels=labels).tolist()},
         "chance_accuracy": float(max((y == t).mean() for t in labels)),
         "permutation_accuracy": float(np.mean(perm)),
         "load_balance_accuracy": float(np.mean(balance)),
@@ -150,8 +238,9 @@ def signature_report(hist_PLE: np.ndarray, tasks: list[str], seed: int = 0, n_sh
     }
 
 
-def write_plots(out: Path, hist_PLE: np.ndarray, tasks: list[str]) -> None:
-    """similarity.png (cosine heatmap ordered by task) and projection.png (PCA, by task)."""
+def write_plots(out: Path, hist_PLE: np.ndarray, tasks: list[str], confusion: dict[str, Any] | None = None) -> None:
+    """similarity.png (cosine heatmap ordered by task), projection.png (PCA, by task) and,
+    given the report's confusion matrix, confusion.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,14 +280,29 @@ def write_plots(out: Path, hist_PLE: np.ndarray, tasks: list[str]) -> None:
     fig.savefig(out / "projection.png", dpi=110)
     plt.close(fig)
 
+    if confusion is not None:
+        names, m = confusion["labels"], np.asarray(confusion["matrix"])
+        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 1.2 * len(names) + 2))
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted task (out of fold)")
+        ax.set_ylabel("true task")
+        ax.set_title("task classifier on routing signatures")
+        fig.tight_layout()
+        fig.savefig(out / "confusion.png", dpi=110)
+        plt.close(fig)
+
 
 def compute_signatures(model: Any, tokenizer: Any, seq_len: int, prompts: list[dict[str, str]], out_dir: str | Path,
-                       seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                       seed: int = 0, normalization: str = "assignment") -> dict[str, Any]:  # fmt: skip
     """Signatures of `prompts` -> OUT/signatures.parquet, OUT/report.json and the PNGs."""
     out = Path(out_dir)
-    hist_PLE = routing_histograms(model, tokenizer, [p["text"] for p in prompts], seq_len)
+    hist_PLE = routing_histograms(model, tokenizer, [p["text"] for p in prompts], seq_len, normalization)
     tasks = [p["task"] for p in prompts]
-    report = signature_report(hist_PLE, tasks, seed)
+    report = signature_report(hist_PLE, tasks, seed, normalization=normalization)
     out.mkdir(parents=True, exist_ok=True)
     P, L, E = hist_PLE.shape
     table = pa.table({
@@ -206,12 +310,12 @@ def compute_signatures(model: Any, tokenizer: Any, seq_len: int, prompts: list[d
         "task": tasks,
         "text": [p["text"] for p in prompts],
         "signature": pa.array(hist_PLE.reshape(P, L * E).tolist(), pa.list_(pa.float64())),
-    }).replace_schema_metadata({"layers": str(L), "experts": str(E)})  # fmt: skip
+    }).replace_schema_metadata({"layers": str(L), "experts": str(E), "normalization": normalization})  # fmt: skip
     tmp = out / "signatures.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(out / "signatures.parquet")
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_plots(out, hist_PLE, tasks)
+    write_plots(out, hist_PLE, tasks, report["confusion"])
     return report
 
 

@@ -8,7 +8,10 @@ experts per token. Gate p = sigmoid(r), no renormalisation.
 Training details (docs/routers.md): raw EMA from 0 with bias correction c = ema / (1 - beta^n);
 the first `et_warmup_steps` optimiser steps route with expert choice while the EMA already
 accumulates; a capacity guard keeps each expert between (1-C) and (1+C) times k tokens
-of the pool (training only). Eval mode: frozen thresholds, no guard.
+of the pool (training only). Eval mode: frozen thresholds, no guard, causal. While training
+is still in warm-up, `moedist.training.evaluate` may switch `eval_warmup_rule` on: eval-mode
+forwards then route with the warm-up's expert choice over their own pool (the rule training
+uses at that step, at the target fanout; not causal, so generation never uses it).
 
 Legend: T local tokens, N global pool tokens, E experts, P this worker's rows of every
 micro-batch of the step (its part of the pool the step-end cutoff is taken over).
@@ -47,6 +50,9 @@ class ExpertThresholdRouter(Router):
         # the global pool size of each (known from routing: no second count at step end).
         self._pending: list[Tensor] = []
         self._pending_N: list[int] = []
+        # Eval mode during warm-up: route with expert choice over the forward's pool instead
+        # of the unsettled thresholds (set only by `evaluate`; generation keeps thresholds).
+        self.eval_warmup_rule = False
 
     # ------------------------------------------------------------------ state
     def threshold_E(self) -> Tensor:
@@ -73,6 +79,14 @@ class ExpertThresholdRouter(Router):
         c_1E = self.threshold_E().unsqueeze(0)
         return logits_TE >= c_1E if self.cfg.et_inclusive else logits_TE > c_1E
 
+    def warmup_mask(self, logits_TE: Tensor) -> tuple[Tensor, int]:
+        """Warm-up routing: expert choice, each expert its top N*top_k/E tokens of the
+        pool; also returns the pool size N."""
+        N = self.pool.total(logits_TE.shape[0])
+        E = logits_TE.shape[1]
+        k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=logits_TE.device)
+        return pool_topk_mask(logits_TE, k_E, self.pool), N
+
     def guarded_mask(self, logits_TE: Tensor, above_TE: Tensor | None = None) -> tuple[Tensor, int]:
         """Threshold routing, with each expert's global count clamped to the guard bounds;
         also returns the pool size N (counted in the same all-reduce as the experts' loads)."""
@@ -93,15 +107,13 @@ class ExpertThresholdRouter(Router):
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
-        T, E = logits_TE.shape
+        E = logits_TE.shape[1]
         stats: dict[str, Tensor] = {}
         with torch.no_grad():
             r_TE = logits_TE.detach()
             if self.training:
                 if self.in_warmup:
-                    N = self.pool.total(T)
-                    k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=r_TE.device)
-                    mask_TE = pool_topk_mask(r_TE, k_E, self.pool)
+                    mask_TE, N = self.warmup_mask(r_TE)
                     capped_E = torch.zeros(E, dtype=torch.int64, device=r_TE.device)
                 else:
                     above_TE = self.above_threshold(r_TE)
@@ -111,6 +123,8 @@ class ExpertThresholdRouter(Router):
                 self._pending.append(r_TE)
                 self._pending_N.append(N)
                 stats["capped"] = capped_E
+            elif self.eval_warmup_rule and self.in_warmup:
+                mask_TE, _ = self.warmup_mask(r_TE)
             else:
                 mask_TE = self.above_threshold(r_TE)
         # outside no_grad: the gate weights carry the router's gradient

@@ -302,7 +302,7 @@ class Coordinator:
 
     def evaluate(self) -> EvalResult:
         ev = self._get([w.evaluate.remote() for w in self.workers], "evaluate")[0]
-        return EvalResult(ev["val_loss"], ev["tokens"], ev["fanout_hist"], ev["load"])
+        return EvalResult.from_json(ev)
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The whole model and optimiser (expert shards of every rank merged, the layout of a

@@ -202,7 +202,7 @@ class RunLoop:
                     self._train(bar)
                     if self.saved_step != self.ex.step:
                         self.save()  # before the final evaluation: a failure there loses no training
-                    final_eval = self._evaluate()
+                    final_eval = self._evaluate(final=True)
                     if self.rows and self.rows[-1]["step"] == self.ex.step - 1:
                         self.sinks.write_value(self.ex.step - 1, "val_loss", final_eval.val_loss)
                     break
@@ -222,8 +222,9 @@ class RunLoop:
         self.write_metrics()
         self.write_trace()
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
-        # The final evaluation's fanout histogram: `moedist plot` redraws fanout.png from it.
-        summary["eval_fanout_hist"] = final_eval.fanout_hist
+        # The final evaluation's fanout histogram under the inference rule (ET in warm-up: the
+        # thresholds' pass): `moedist plot` redraws fanout.png from it.
+        summary["eval_fanout_hist"] = final_eval.inference_fanout_hist or final_eval.fanout_hist
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         from moedist.training.plots import write_plots
 
@@ -278,9 +279,14 @@ class RunLoop:
         checkpoint, evaluation, metrics and summary follow as at the last step."""
         self.stopped_at = self.ex.step
 
-    def _evaluate(self) -> EvalResult:
-        self.last_eval = self.ex.evaluate()
-        return self.last_eval
+    def _evaluate(self, final: bool = False) -> EvalResult:
+        self.last_eval = ev = self.ex.evaluate()
+        # A far-off inference fanout is expected while ET is in warm-up (its evaluations route
+        # with the warm-up rule then): warn after warm-up, and always at the final evaluation.
+        if final or ev.thresholds_settled is not False:
+            for w in ev.warnings:
+                _log(f"moedist: warning: step {self.ex.step}: {w}")
+        return ev
 
     # -------------------------------------------------------------- recovery
     def _recover(self, err: WorkerLostError) -> None:
@@ -423,6 +429,10 @@ def run_summary(
         "val_tokens": ev.tokens if ev else 0,
         "n_experts": cfg.model.n_experts if cfg.router.kind != "dense" else 0,
         "mean_fanout": ev.mean_fanout if ev else None,
+        "inference_fanout": ev.inference_fanout if ev else None,
+        "inference_val_loss": _finite_or_none(ev.to_json()["inference_val_loss"]) if ev else None,
+        "thresholds_settled": ev.thresholds_settled if ev else None,
+        "eval_warnings": ev.warnings if ev else [],
         "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,
         "max_load_ratio": max(ratios) if ratios else None,
         "params_total": counts["total"],

@@ -63,18 +63,19 @@ def plot_load(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_fanout(ev: EvalResult, layer_names: list[str], path: Path) -> None:
-    """Histogram of routed experts per token on the validation set (eval-mode routing)."""
+    """Histogram of routed experts per token on the validation set under the routing inference
+    uses (ET during warm-up: the thresholds' pass, not the evaluation's expert choice)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    n = len(ev.fanout_hist)
-    width = 0.8 / max(n, 1)
-    for i, (name, hist) in enumerate(zip(layer_names, ev.fanout_hist, strict=True)):
+    hists = ev.inference_fanout_hist or ev.fanout_hist
+    width = 0.8 / max(len(hists), 1)
+    for i, (name, hist) in enumerate(zip(layer_names, hists, strict=True)):
         h = np.asarray(hist, dtype=np.float64)
         h = h / max(h.sum(), 1)
         last = int(np.nonzero(h)[0].max()) + 1 if h.any() else 1
         ax.bar(np.arange(last) + i * width, h[:last], width=width, label=name)
     ax.set_xlabel("routed experts per token")
     ax.set_ylabel("share of validation tokens")
-    ax.set_title(f"Fanout (eval mode), mean {ev.mean_fanout:.2f}")
+    ax.set_title(f"Fanout at inference (eval mode), mean {ev.inference_fanout:.2f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -72,6 +72,34 @@ def test_eval_prints_json(trained: Path, capsys):
     assert res["tokens"] >= 2048 and 0 < res["val_loss"] < 4.0
 
 
+def test_eval_and_generate_say_whether_et_thresholds_had_settled(trained: Path, tmp_path: Path, capsys):
+    """A run still in ET's warm-up (3 of 10 steps): eval routes with the warm-up's expert
+    choice and reports the thresholds' pass beside it; --thresholds evaluates with them only;
+    generate (always the thresholds) warns. The 60-step run is past warm-up."""
+    assert run_cli("eval", "--run", str(trained), "--tokens", "1024") == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["et_routing"] == "thresholds" and ev["thresholds_settled"] is True and ev["et_updates"] == 60
+    assert ev["inference_fanout"] == ev["mean_fanout"] and ev["target_fanout"] == 1.0
+    out = tmp_path / "warm"
+    assert run_cli("train", "--steps", "3", "--out", str(out), *SMALL) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["thresholds_settled"] is False and summary["mean_fanout"] == 1.0  # expert choice
+    capsys.readouterr()
+    assert run_cli("eval", "--run", str(out), "--tokens", "1024") == 0
+    cap = capsys.readouterr()
+    ev = json.loads(cap.out.strip().splitlines()[-1])
+    assert ev["et_routing"] == "warmup-expert-choice" and ev["thresholds_settled"] is False
+    assert (ev["et_updates"], ev["et_warmup_steps"], ev["mean_fanout"]) == (3, 10, 1.0)
+    far = not 0.5 <= ev["inference_fanout"] <= 2.0
+    assert ("moedist: warning: inference (eval mode) routes" in cap.err) == far
+    assert run_cli("eval", "--run", str(out), "--tokens", "1024", "--thresholds") == 0
+    th = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert th["et_routing"] == "thresholds" and th["val_loss"] == ev["inference_val_loss"]
+    assert th["mean_fanout"] == th["inference_fanout"] == ev["inference_fanout"]
+    assert run_cli("generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "8") == 0
+    assert "3 of 10 warm-up updates" in capsys.readouterr().err
+
+
 def test_generate_prints_continuation(trained: Path, capsys):
     assert run_cli("generate", "--run", str(trained), "--prompt", "def main(", "--max-new-tokens", "40") == 0
     text = capsys.readouterr().out
@@ -341,6 +369,10 @@ def test_signatures_and_task_aware_preselection_from_the_cli(trained: Path, tmp_
         assert key in report, key
     assert report["prompts"] >= 80 and len(report["accuracy_by_layer"]) == 2
     assert (out / "signatures.parquet").is_file() and (out / "similarity.png").is_file()
+    assert report["normalization"] == "assignment" and len(report["confusion"]["matrix"]) == 4
+    assert run_cli("signatures", "--run", str(trained), "--out", str(tmp_path / "tok"), "--normalize", "token") == 0
+    assert json.loads((tmp_path / "tok" / "report.json").read_text())["normalization"] == "token"
+    assert (tmp_path / "tok" / "confusion.png").is_file()
     capsys.readouterr()
     assert run_cli("eval", "--run", str(trained), "--experts-from", str(out), "--task", "code", "--keep", "0.5") == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -198,6 +198,26 @@ def test_et_cutoff_pools_all_micro_batches_of_a_step():
     assert int(r.n_updates) == 1
 
 
+def test_et_warmup_and_guard_act_per_micro_batch():
+    """Two micro-batches of a step: the warm-up balances each on its own (round(20/3) = 7
+    tokens per expert in each), and after warm-up the guard bounds each micro-batch's counts
+    to its own [floor(0.5 k), ceil(1.5 k)] (k = 20/3), while the EMA takes one cutoff over both."""
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(20, 3, generator=g), torch.randn(20, 3, generator=g) + torch.tensor([3.0, 0.0, -3.0])
+    r, _ = router_with_logits("et", a, top_k=1, et_beta=0.5, et_warmup_steps=1, et_capacity=0.5)
+    r.train()
+    assert r(a).load_E.tolist() == [7, 7, 7] and r(b).load_E.tolist() == [7, 7, 7]
+    r.step_end()
+    pooled = torch.cat([a, b]).sort(dim=0, descending=True).values[round(40 / 3) - 1]
+    torch.testing.assert_close(r.threshold_E(), pooled)
+    # b's shifted logits put many tokens above expert 0's pooled cutoff, few above expert 2's:
+    # the guard clamps them to b's own bounds [3, 10], also as the step's second micro-batch
+    n_above = (b > pooled).sum(0)
+    assert n_above[0] > 10 and n_above[2] < 3
+    r(a)
+    assert r(b).load_E.tolist() == [10, int(n_above[1].clamp(3, 10)), 3]
+
+
 def test_et_capacity_guard_bounds_and_fill():
     assert guard_bounds(10.0, 0.5, 100) == (5, 15)
     assert guard_bounds(10.0, 0.5, 12) == (5, 12)

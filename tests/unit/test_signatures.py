@@ -128,3 +128,74 @@ def test_task_mask_keeps_the_most_used_experts_and_routers_obey_it(tmp_path):
         assert set(plan.expert_idx_A.tolist()) <= {1, 5, 6} and plan.token_idx_A.numel() == 2 * 32 * 2
     with pytest.raises(ConfigError, match=r"fewer than router\.top_k"):
         restrict_experts(model, np.eye(2, 8, dtype=bool))
+
+
+def test_cosine_spreads_and_cohens_d_by_hand():
+    # unit vectors (one layer, 2 experts): a1 = a2 = (1, 0); b1 = (0, 1); b2 = (1, 1)/sqrt 2
+    X = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    r = 1 / np.sqrt(2)
+    within, across = [1.0, r], [0.0, r, 0.0, r]  # (a1,a2), (b1,b2) | a-b pairs
+    s_w, s_a = (1 - r) / np.sqrt(2), np.sqrt(4 * (r / 2) ** 2 / 3)  # sample sds (ddof 1)
+    pooled = np.sqrt((1 * s_w**2 + 3 * s_a**2) / 4)
+    hist = X.reshape(4, 1, 2)
+    report = signature_report(hist, ["a", "a", "b", "b"])
+    assert report["within_cosine"] == pytest.approx(np.mean(within))
+    assert report["across_cosine"] == pytest.approx(np.mean(across))
+    assert report["within_cosine_std"] == pytest.approx(s_w) and report["across_cosine_std"] == pytest.approx(s_a)
+    assert (report["within_pairs"], report["across_pairs"]) == (2, 4)
+    assert report["cosine_cohens_d"] == pytest.approx((np.mean(within) - np.mean(across)) / pooled)
+    assert report["cosine_cohens_d"] == pytest.approx(1.3572, abs=1e-4)
+
+
+def test_fold_accuracy_spread_and_confusion_matrix_with_one_misplaced_prompt():
+    # two tasks of 10 well-separated prompts; one "a" prompt carries a "b" signature: it is
+    # the only error, so one of the 5 folds (4 prompts each) scores 3/4 and the rest 4/4
+    rng = np.random.default_rng(0)
+    hist = np.zeros((20, 1, 4))
+    tasks = ["a"] * 10 + ["b"] * 10
+    for i in range(20):
+        hist[i, 0, :2] = (0.9, 0.1) if tasks[i] == "a" and i != 3 else (0.1, 0.9)
+        hist[i, 0, :2] += rng.normal(0, 0.01, 2)
+    report = signature_report(hist, tasks)
+    assert sorted(report["cv_fold_accuracy"]) == [0.75, 1.0, 1.0, 1.0, 1.0]
+    assert report["cv_accuracy"] == 0.95 and report["cv_fold_accuracy_mean"] == pytest.approx(0.95)
+    # sample sd of (0.75, 1, 1, 1, 1): deviations -0.2 and 4 x 0.05 -> sqrt(0.05 / 4)
+    assert report["cv_fold_accuracy_std"] == pytest.approx(np.sqrt(0.05 / 4))
+    assert report["confusion"] == {"labels": ["a", "b"], "matrix": [[9, 1], [0, 10]]}
+
+
+class VariableFanoutModel(torch.nn.Module):
+    """One MoE layer, 4 experts: token 0 -> experts {0, 1}, token 1 -> {0}, token 2 -> none,
+    token 3 -> {2} (prompts of 4 tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx_BS):
+        plan = RoutingPlan(torch.tensor([0, 0, 1, 3]), torch.tensor([0, 1, 0, 2]), torch.ones(4), 4, 4)
+        return ModelOutput(logits_BSV=torch.zeros(1), plans=[plan])
+
+
+def test_per_token_normalisation_by_hand():
+    per_assignment = routing_histograms(VariableFanoutModel(), ByteTokenizer(), ["abcd"], 64)
+    np.testing.assert_allclose(per_assignment[0, 0], [2 / 4, 1 / 4, 1 / 4, 0])  # 4 assignments
+    per_token = routing_histograms(VariableFanoutModel(), ByteTokenizer(), ["abcd"], 64, "token")
+    # 3 routed tokens: token 0 splits 1 over experts 0 and 1, tokens 1 and 3 give 1 each
+    np.testing.assert_allclose(per_token[0, 0], [(0.5 + 1) / 3, 0.5 / 3, 1 / 3, 0])
+    assert per_token[0, 0].sum() == pytest.approx(1.0)
+    # a fixed fanout (the planted model: one expert per token) gives the same either way
+    texts = ["a" * 10 + "0" * 30]
+    np.testing.assert_allclose(routing_histograms(PlantedModel(2, 4), ByteTokenizer(), texts, 64, "token"),
+                               routing_histograms(PlantedModel(2, 4), ByteTokenizer(), texts, 64))  # fmt: skip
+    with pytest.raises(ConfigError, match="normalization"):
+        routing_histograms(VariableFanoutModel(), ByteTokenizer(), ["abcd"], 64, "tokens")
+
+
+def test_report_records_the_normalisation_and_writes_the_confusion_png(tmp_path):
+    report = compute_signatures(PlantedModel(), ByteTokenizer(), 64, planted_prompts(10), tmp_path,
+                                normalization="token")  # fmt: skip
+    assert report["normalization"] == "token"
+    assert pq.read_table(tmp_path / "signatures.parquet").schema.metadata[b"normalization"] == b"token"
+    assert np.trace(report["confusion"]["matrix"]) == round(report["cv_accuracy"] * 40)
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
