@@ -248,7 +248,7 @@ class AllToAllDispatcher:
         W, L, E = self._check(x_TD, plan, experts)
         if self.dedup and plan.payload_A is None:
             return self._dedup_call(x_TD, plan, experts, W, L)
-        if self.overlap_chunks > 1:
+        if self.overlap_chunks > 1 and W > 1:  # (one worker: nothing travels to overlap)
             return self._pipelined_call(x_TD, plan, experts, W, L)
         T, device = x_TD.shape[0], x_TD.device
 
