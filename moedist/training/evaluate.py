@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moedist.data import TokenDataset, val_batches
 from moedist.model.generate import Generation
 from moedist.model.transformer import MoETransformer
+from moedist.routing.base import NonFiniteLogitsError
 from moedist.routing.et import ExpertThresholdRouter
 
 # An inference fanout outside [lo, hi] x router.top_k draws a warning.
@@ -238,7 +239,16 @@ def evaluate(
     warmup_ec = et is not None and not et.settled and not thresholds
     args = (model, dataset, seq_len, batch_size, max_tokens, autocast_dtype, shard, all_reduce)
     try:
-        with warmup_rule(model, warmup_ec):
+        try:
+            with warmup_rule(model, warmup_ec):
+                loss, tokens, hist, load = _eval_pass(*args)
+        except NonFiniteLogitsError:
+            if not warmup_ec:
+                raise
+            # A model whose router logits are NaN (a run that skips non-finite steps) cannot
+            # select by expert choice; the thresholds still route (NaN is above none), and
+            # the loss says what the model is: not finite. (Raised on every worker alike.)
+            warmup_ec = False
             loss, tokens, hist, load = _eval_pass(*args)
         inf_loss, inf_hist = None, np.zeros((0, 0), dtype=np.int64)
         if warmup_ec:
