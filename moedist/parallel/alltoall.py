@@ -261,14 +261,7 @@ class AllToAllDispatcher:
         weight_A = plan.weight_A[order_A]
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
-        recv_counts_WL = counts_S.new_empty(W * L)
-        with measure(self.clock, "dispatch"):
-            send_counts = [P.n_local(w) for w in range(W)]
-            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
-            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
-        # One host transfer for both (one sync on CUDA): split sizes must be host ints.
-        host = torch.cat([counts_S, recv_counts_WL]).tolist()
-        send_S, recv_WL = host[:E], host[E:]
+        send_S, recv_WL, recv_counts_WL = self._exchange_counts(counts_S, W, L)
         send_splits, recv_splits, start = [], [], 0
         for w in range(W):
             send_splits.append(sum(send_S[start : start + P.n_local(w)]))
@@ -322,13 +315,7 @@ class AllToAllDispatcher:
         weight_A = plan.weight_A[order_A]
         # Counts per rank-major slot (destination, its local expert) for the counts exchange.
         counts_S = counts_K.to(device)[self._chunk_slots(device)[self._rank_major_experts(device)]]
-        recv_counts_WL = counts_S.new_empty(W * L)
-        with measure(self.clock, "dispatch"):
-            send_counts = [P.n_local(w) for w in range(W)]
-            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
-            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
-        host = torch.cat([counts_S, recv_counts_WL]).tolist()
-        send_S, recv_WL = host[:E], host[E:]
+        send_S, recv_WL, _ = self._exchange_counts(counts_S, W, L)
 
         # 2. Rows per chunk and worker, both ways, and each chunk's rows per local expert.
         send = [[0] * W for _ in range(C)]
@@ -374,6 +361,19 @@ class AllToAllDispatcher:
         out_AD = run_pipelined(rows_AD, cp, run_chunk)
         self.fwd_bytes_sent += (total + sum(map(sum, recv))) * rows_AD.shape[1] * wire.itemsize
         return combine(out_AD, weight_A, token_A, T)
+
+    def _exchange_counts(self, counts_S: Tensor, W: int, L: int) -> tuple[list[int], list[int], Tensor]:
+        """Rows per (destination, its local expert) out, rows per (source, my local expert)
+        in: (send_S and recv_WL as host ints, recv_counts_WL on the device)."""
+        P, group = self.placement, self.group
+        recv_counts_WL = counts_S.new_empty(W * L)
+        with measure(self.clock, "dispatch"):
+            send_counts = [P.n_local(w) for w in range(W)]
+            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
+        # One host transfer for both (one sync on CUDA): split sizes must be host ints.
+        host = torch.cat([counts_S, recv_counts_WL]).tolist()
+        return host[: counts_S.shape[0]], host[counts_S.shape[0] :], recv_counts_WL
 
     def _chunk_slots(self, device: torch.device) -> Tensor:
         """Global expert -> chunk-major slot (chunk, owner rank, local index), cached per device."""
