@@ -367,6 +367,27 @@ def all_reduce_sum_counts(xs: list[Tensor], group: dist.ProcessGroup | None = No
     return [p.view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
 
 
+def all_reduce_sum_counts_and_floats(
+    xs: list[Tensor], floats_F: Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[list[Tensor], Tensor]:
+    """`all_reduce_sum_counts(xs)` and the float64 sums of `floats_F`: ONE all-reduce when
+    the group has 2 ranks, else two. With 2 ranks every element's sum is one addition, and
+    a + b == b + a in IEEE arithmetic, so the floats' sums do not depend on where they sit in
+    the buffer (with 3 or more ranks gloo's order does, hence two all-reduces there). The
+    counts travel as float64 then, exact below 2^53 (a step's token counts are far below)."""
+    if not dist.is_initialized() or dist.get_world_size(group) != 2 or not xs:
+        return all_reduce_sum_counts(xs, group), all_reduce_sum(floats_F.to(torch.float64), group)
+    for x in xs:
+        if x.dtype.is_floating_point or x.dtype.is_complex:
+            raise TypeError(f"all_reduce_sum_counts_and_floats sums integer counts, got {x.dtype}")
+    counts = [x.detach().reshape(-1).to(torch.int64).cpu().to(torch.float64) for x in xs]
+    flat = all_reduce_sum(torch.cat([*counts, floats_F.detach().reshape(-1).cpu().to(torch.float64)]), group,
+                          inplace=True)  # fmt: skip
+    *parts, floats = flat.split([x.numel() for x in xs] + [floats_F.numel()])
+    sums = [p.to(torch.int64).view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
+    return sums, floats.view(floats_F.shape)
+
+
 def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:
     """Every rank's picklable `obj`, in rank order (a rare, small exchange: error reports)."""
     out: list[object] = [None] * dist.get_world_size(group)

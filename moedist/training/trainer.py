@@ -354,7 +354,8 @@ class Trainer:
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
         if d is not None:
-            from moedist.parallel import all_reduce_sum, all_reduce_sum_counts, grad_presence, sync_gradients
+            from moedist.parallel import all_reduce_sum, grad_presence, sync_gradients
+            from moedist.parallel.grads import all_reduce_sum_counts_and_floats
 
             # Overlapped, this measures only the wait for the all-reduces still running
             # after backward (the exposed part); the rest hid behind the backward pass.
@@ -364,7 +365,10 @@ class Trainer:
                     # gradient (the plain sync's; the overlapped one sends its own flags) and the
                     # step's loads, assignments and plan counts in ONE all-reduce.
                     presence = [grad_presence(model)] if self.grad_sync is None else []
-                    summed = all_reduce_sum_counts([*presence, load_LE, assigned_L, *stat_LE.values()], d.group)
+                    # (with 2 workers the float losses ride along: see the function)
+                    summed, loss_sums = all_reduce_sum_counts_and_floats(
+                        [*presence, load_LE, assigned_L, *stat_LE.values()],
+                        torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group)  # fmt: skip
                     has_P = summed.pop(0) if presence else None
                     load_LE, assigned_L, *summed = summed
                     stat_LE = dict(zip(stat_LE, summed, strict=True))
@@ -374,11 +378,14 @@ class Trainer:
                     sync_gradients(model, d.group, has_P=has_P)
                 else:
                     sync_gradients(model, d.group)
-            # Every worker reports the global numbers: losses averaged, loads summed. The
-            # float losses keep their own all-reduce: gloo's summation order depends on an
-            # element's place in the buffer, so merging them could change their last bits.
+            # Every worker reports the global numbers: losses averaged, loads summed. Unfused,
+            # the float losses have their own all-reduce (fused: summed above, in the same
+            # all-reduce as the counts with 2 workers, in one of their own with more, since
+            # gloo's summation order then depends on an element's place in the buffer).
             with self._span("stats"):
-                stats = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group) / d.world
+                if not cfg.comm.fuse:
+                    loss_sums = all_reduce_sum(torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group)
+                stats = loss_sums / d.world
                 ce_sum, aux_sum = float(stats[0]), float(stats[1])
                 if not cfg.comm.fuse:
                     load_LE = all_reduce_sum(load_LE, d.group)

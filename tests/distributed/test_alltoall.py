@@ -517,7 +517,8 @@ def test_fused_collectives_equal_unfused(gloo_pools, world):
         plain = gloo_pools.run(world, _on_rank_fuse, kind, False)
         fused = gloo_pools.run(world, _on_rank_fuse, kind, True)
         assert plain[0]["counts"] == FUSE_COUNTS[kind][0], kind
-        assert fused[0]["counts"] == FUSE_COUNTS[kind][1], kind
+        # with 2 ranks the float loss sums ride with the integer counts: one fewer
+        assert fused[0]["counts"] == [c - (world == 2) for c in FUSE_COUNTS[kind][1]], kind
         for r in range(world):
             # the step profile's own count (moedist.parallel.clock) agrees with the counter
             assert plain[r]["profiled"] == plain[r]["counts"] and fused[r]["profiled"] == fused[r]["counts"], kind

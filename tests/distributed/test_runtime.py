@@ -214,7 +214,8 @@ def assert_profile(run, rows: list[dict], capsys) -> None:
     for r in rows:
         assert r["a2a_bytes"] > 0 and r["a2a_bytes"] == r["dispatch_bytes"] + r["combine_bytes"]
         assert r["dispatch_collectives"] == 2 * 3 and r["combine_collectives"] == 2 * 2, r
-        assert r["pool_collectives"] > 0 and r["grad_sync_collectives"] > 0 and r["stats_collectives"] > 0
+        assert r["pool_collectives"] > 0 and r["grad_sync_collectives"] > 0
+        assert r["stats_collectives"] == 0  # fused, 2 workers: the loss sums ride with the step's counts
         assert r["collectives"] >= sum(r[f"{k}_collectives"] for k in ("pool", "dispatch", "combine", "grad_sync"))
         assert len(r["workers_step_s"]) == len(r["workers_span_expert_s"]) == 2 and r["slowest_worker"] in (0, 1)
         assert r["span_expert_s"] == r["workers_span_expert_s"][r["slowest_worker"]]
