@@ -46,7 +46,7 @@ with its own reference runs (moedist's defaults) so it reads on its own:
 dense, tc, et (and ET's softmax gate).
 
     python benchmarks/quality.py [--quick] [--steps N] [--seeds N] [--eval-every N]
-        [--routers dense,tc,...] [--ablations et_gate,...|all] [--data DIR]
+        [--routers dense,tc,...] [--ablations et_gate,...|all] [--data DIR] [--threads N]
 """
 
 from __future__ import annotations
