@@ -67,7 +67,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, write_results
 
-from moedist.config import ROUTERS, ConfigError, build_config
+from moedist.config import ROUTERS, ConfigError, build_config, deep_update
 from moedist.errors import DataError
 from moedist.training.trainer import Trainer, load_dataset
 
@@ -151,11 +151,8 @@ def main_variants(routers: list[str]) -> list[Variant]:
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict a updated by b (copies)."""
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+    """Nested dict a updated by b (copies of both)."""
+    return deep_update(copy.deepcopy(a), copy.deepcopy(b))
 
 
 def run_config(v: Variant, seed: int, common: dict[str, Any]):

@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
            "inference_fanout": res.inference_fanout, "target_fanout": res.target_fanout}  # fmt: skip
     if res.et_routing is not None:
         out.update(et_routing=res.et_routing, thresholds_settled=res.thresholds_settled, et_updates=res.et_updates,
-                   et_warmup_steps=res.et_warmup_steps, inference_val_loss=res.to_json()["inference_val_loss"])
+                   et_warmup_steps=res.et_warmup_steps, inference_val_loss=res.inference_loss)
     if kept is not None:
         out["experts_kept_per_layer"] = kept
     for w in res.warnings:

@@ -83,6 +83,11 @@ def load_prompts(path: str | Path | None = None, split: str | None = "signature"
 
 
 # --------------------------------------------------------------------------- signatures
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+
+
 def layer_signature(token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, n_tokens: int, n_experts: int,
                     normalization: str = "assignment") -> np.ndarray:  # fmt: skip
     """sig_E of one layer's routing of one prompt; each normalization sums to 1 (0s if nothing routed).
@@ -93,8 +98,7 @@ def layer_signature(token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, n_tok
     if normalization == "assignment":
         counts_E = torch.bincount(expert_idx_A.cpu(), minlength=n_experts).double()
         return (counts_E / counts_E.sum().clamp_min(1)).numpy()
-    if normalization != "token":
-        raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    _check_normalization(normalization)
     fanout_T = torch.bincount(token_idx_A.cpu(), minlength=n_tokens).double()
     share_A = 1.0 / fanout_T[token_idx_A.cpu()]
     sig_E = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, expert_idx_A.cpu(), share_A)
@@ -109,8 +113,7 @@ def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: in
     The model runs in eval mode on each prompt (its first seq_len tokens); a layer that
     routed nothing gives a row of zeros.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    _check_normalization(normalization)  # before any forward pass
     model.eval()
     out = []
     for text in texts:
@@ -139,7 +142,6 @@ class CVResult:
 
 def _cv_scores(X: np.ndarray, y: np.ndarray, seed: int) -> CVResult:
     """Stratified 5-fold (fewer if a task has fewer prompts) logistic regression."""
-    from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import StratifiedKFold
@@ -151,7 +153,7 @@ def _cv_scores(X: np.ndarray, y: np.ndarray, seed: int) -> CVResult:
     pred = np.empty_like(y)
     fold_acc = []
     for train, test in cv.split(X, y):  # what cross_val_predict does, keeping each fold's score
-        clf = clone(LogisticRegression(max_iter=5000)).fit(X[train], y[train])
+        clf = LogisticRegression(max_iter=5000).fit(X[train], y[train])
         pred[test] = clf.predict(X[test])
         fold_acc.append(float(accuracy_score(y[test], pred[test])))
     return CVResult(float(accuracy_score(y, pred)), float(f1_score(y, pred, average="macro")), fold_acc, pred)
@@ -217,13 +219,7 @@ def signature_report(hist_PLE: np.ndarray, tasks: list[str], seed: int = 0, n_sh
         "layers": L,
         "experts": E,
         "normalization": normalization,
-        "within_cosine": cos["within_cosine"],
-        "across_cosine": cos["across_cosine"],
-        "within_cosine_std": cos["within_cosine_std"],
-        "across_cosine_std": cos["across_cosine_std"],
-        "within_pairs": cos["within_pairs"],
-        "across_pairs": cos["across_pairs"],
-        "cosine_cohens_d": cos["cosine_cohens_d"],
+        **cos,
         "cv_accuracy": cv.accuracy,
         "cv_macro_f1": cv.macro_f1,
         "cv_fold_accuracy": cv.fold_accuracy,

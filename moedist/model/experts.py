@@ -100,7 +100,7 @@ class _GroupedMLP(torch.autograd.Function):
         D, F = w1_EDF.shape[1], w1_EDF.shape[2]
         x = x.contiguous()  # row slices of a contiguous tensor are valid out= targets
         rows = max((n for _, _, n in segs), default=0)
-        ctx.segs, ctx.activation, ctx.fused = segs, activation, fused
+        ctx.segs, ctx.rows, ctx.activation, ctx.fused = segs, rows, activation, fused
         swiglu = activation == "swiglu"
         # Autocast is resolved by the caller (inputs arrive in the compute dtype); inside,
         # nothing must be re-cast, and out= ops are not autocast-eligible anyway.
@@ -163,7 +163,7 @@ class _GroupedMLP(torch.autograd.Function):
             gx_all = torch.zeros_like(x) if fused else x.new_empty(x.shape)
         else:
             gx_all = None
-        rows = max((n for _, _, n in segs), default=0)
+        rows = ctx.rows
         swiglu = ctx.activation == "swiglu"
         seen: set[int] = set()
 

@@ -50,6 +50,8 @@ layer without moedist's runtime. Under autocast the rows travel in the compute d
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -58,7 +60,7 @@ from torch.autograd.function import once_differentiable
 from moedist.kernels.dispatch import combine, gather_rows, inverse_permutation, sort_by_expert, unique_pairs
 from moedist.model.experts import GroupedExperts
 from moedist.model.moe import expert_rows
-from moedist.parallel.clock import CommClock, measure, note_collective
+from moedist.parallel.clock import CommClock, bytes_to_others, measure, note_collective
 from moedist.parallel.exchange import RowExchange
 from moedist.parallel.overlap import ChunkPlan, chunk_of_local, run_pipelined
 from moedist.parallel.placement import ExpertPlacement
@@ -94,18 +96,12 @@ def _exchange(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], grou
     out_RD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
     x_ND = x_ND.contiguous()
     with measure(clock, kind):
-        note_collective(_bytes_to_others(x_ND, send_splits, group))
+        note_collective(bytes_to_others(x_ND, send_splits, dist.get_rank(group)))
         if exchange is None:
             dist.all_to_all_single(out_RD, x_ND, recv_splits, send_splits, group=group)
         else:  # shared memory / hierarchical (moedist.parallel.exchange), same contract
             exchange(out_RD, x_ND, recv_splits, send_splits)
     return out_RD
-
-
-def _bytes_to_others(x_ND: Tensor, send_splits: list[int], group) -> int:
-    """Bytes of the rows of x_ND that go to other ranks (the self slice never leaves)."""
-    row = x_ND[0].numel() * x_ND.element_size() if x_ND.shape[0] else 0
-    return (sum(send_splits) - send_splits[dist.get_rank(group)]) * row
 
 
 def all_to_all_rows(
@@ -196,6 +192,30 @@ class _PermuteRows(torch.autograd.Function):
         return grad_ND.index_select(0, inv_N), None, None
 
 
+def _run_received(experts: GroupedExperts, x_RD: Tensor, local: list[int], recv_WL: list[int], W: int,
+                  L: int) -> Tensor:  # fmt: skip
+    """The experts on received rows: W source blocks, each sorted by the local experts
+    `local` (recv_WL[w * L + l] rows of expert l from source w), outputs in the same order.
+
+    GroupedExperts runs the (source, expert) segments where they lie (no reordering pass,
+    none in backward; an expert's GEMMs run per source). Other experts (AoE's) get the rows
+    reordered expert-major and back; with one source or one expert the orders coincide."""
+    sizes = [recv_WL[w * L + l] for w in range(W) for l in local]
+    counts_L = [0] * L  # host ints, as the experts need
+    for i, n in enumerate(sizes):
+        counts_L[local[i % len(local)]] += n
+    if W == 1 or len(local) <= 1:
+        return experts(x_RD, counts_L)
+    if hasattr(experts, "forward_segments"):
+        return experts.forward_segments(x_RD, local * W, sizes)
+    # Local expert of each received row; output_size spares a device sync on CUDA.
+    local_R = torch.tensor(local * W).repeat_interleave(torch.tensor(sizes), output_size=x_RD.shape[0])
+    perm_R = sort_by_expert(local_R.to(x_RD.device), L)[0].to(x_RD.device)
+    inv_R = inverse_permutation(perm_R)
+    out_sorted_RD = experts(_PermuteRows.apply(x_RD, perm_R, inv_R), counts_L)
+    return _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
+
+
 class AllToAllDispatcher:
     """Runs each assignment on the worker that owns its expert (see the module docstring).
 
@@ -239,7 +259,7 @@ class AllToAllDispatcher:
         # chunk is a group of each worker's local experts), the same on every rank.
         self.overlap_chunks = min(overlap_chunks, max(placement.n_local(w) for w in range(placement.world_size)))
         self._slot_E: dict[torch.device, Tensor] = {}
-        self._chunk_slot_E: dict[torch.device, Tensor] = {}
+        self._chunk_slot_E: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._owner_local: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.fwd_bytes_sent = 0
 
@@ -261,7 +281,7 @@ class AllToAllDispatcher:
         weight_A = plan.weight_A[order_A]
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
-        send_S, recv_WL, recv_counts_WL = self._exchange_counts(counts_S, W, L)
+        send_S, recv_WL = self._exchange_counts(counts_S, W, L)
         send_splits, recv_splits, start = [], [], 0
         for w in range(W):
             send_splits.append(sum(send_S[start : start + P.n_local(w)]))
@@ -278,23 +298,8 @@ class AllToAllDispatcher:
                               self.exchange).to(compute)  # fmt: skip
         self.fwd_bytes_sent += (sum(send_splits) + sum(recv_splits)) * rows_AD.shape[1] * wire.itemsize
 
-        # 4. Receiver: (source, expert)-ordered rows -> expert-major, experts, and back.
-        # With one source or one local expert the two orders coincide.
-        counts_L = [sum(recv_WL[l::L]) for l in range(L)]  # host ints, as the experts need
-        if W == 1 or L == 1:
-            out_RD = experts(x_RD, counts_L)
-        elif hasattr(experts, "forward_segments"):
-            # GroupedExperts runs the received (source, expert) segments where they lie: no
-            # reordering pass (and none in backward); an expert's GEMMs run per source.
-            out_RD = experts.forward_segments(x_RD, list(range(L)) * W, recv_WL)
-        else:
-            # Local expert of each received row; output_size spares a device sync on CUDA.
-            local_WL = torch.arange(L, device=device).repeat(W)
-            local_R = local_WL.repeat_interleave(recv_counts_WL, output_size=x_RD.shape[0])
-            perm_R = sort_by_expert(local_R, L)[0].to(device)
-            inv_R = inverse_permutation(perm_R)
-            out_sorted_RD = experts(_PermuteRows.apply(x_RD, perm_R, inv_R), counts_L)
-            out_RD = _PermuteRows.apply(out_sorted_RD, inv_R, perm_R)
+        # 4. Receiver: the experts on the rows as they arrived.
+        out_RD = _run_received(experts, x_RD, list(range(L)), recv_WL, W, L)
 
         # 5. Results back to their senders (the same rows, reverse splits), gated there.
         out_AD = all_to_all_rows(out_RD.to(wire), recv_splits, send_splits, group, self.clock, "combine", self.exchange)
@@ -314,8 +319,8 @@ class AllToAllDispatcher:
         token_A = plan.token_idx_A[order_A]
         weight_A = plan.weight_A[order_A]
         # Counts per rank-major slot (destination, its local expert) for the counts exchange.
-        counts_S = counts_K.to(device)[self._chunk_slots(device)[self._rank_major_experts(device)]]
-        send_S, recv_WL, _ = self._exchange_counts(counts_S, W, L)
+        counts_S = counts_K.to(device)[self._chunk_slots(device, rank_major=True)]
+        send_S, recv_WL = self._exchange_counts(counts_S, W, L)
 
         # 2. Rows per chunk and worker, both ways, and each chunk's rows per local expert.
         send = [[0] * W for _ in range(C)]
@@ -325,58 +330,40 @@ class AllToAllDispatcher:
             for l in range(n):
                 send[chunk_of_local(l, n, C)][w] += send_S[start + l]
             start += n
-        recv = [[0] * W for _ in range(C)]
-        counts_CL = [[0] * L for _ in range(C)]
-        for l in range(L):
-            c = chunk_of_local(l, L, C)
-            for w in range(W):
-                recv[c][w] += recv_WL[w * L + l]
-                counts_CL[c][l] += recv_WL[w * L + l]
-        starts, total = [], 0
-        for c in range(C):
-            starts.append(total)
-            total += sum(send[c])
+        local_C = [[l for l in range(L) if chunk_of_local(l, L, C) == c] for c in range(C)]
+        recv = [[sum(recv_WL[w * L + l] for l in local) for w in range(W)] for local in local_C]
+        starts = list(itertools.accumulate((sum(s) for s in send[:-1]), initial=0))
         cp = ChunkPlan(send, recv, starts, group, self.clock, rank)
 
         compute, wire = self._dtypes(x_TD)
 
         def run_chunk(c: int, x_RD: Tensor) -> Tensor:
-            """Chunk c's experts on its received rows (source-major; expert-major within a source)."""
-            x_RD = x_RD.to(compute)
-            local = [l for l in range(L) if chunk_of_local(l, L, C) == c]
-            if W == 1 or len(local) <= 1:
-                return experts(x_RD, counts_CL[c]).to(wire)
-            if hasattr(experts, "forward_segments"):
-                sizes = [recv_WL[w * L + l] for w in range(W) for l in local]
-                return experts.forward_segments(x_RD, local * W, sizes).to(wire)
-            rows_WL = torch.tensor([[recv_WL[w * L + l] for l in local] for w in range(W)]).view(-1)
-            local_R = torch.tensor(local).repeat(W).repeat_interleave(rows_WL, output_size=x_RD.shape[0]).to(device)
-            perm_R = sort_by_expert(local_R, L)[0].to(device)
-            inv_R = inverse_permutation(perm_R)
-            out_RD = experts(_PermuteRows.apply(x_RD, perm_R, inv_R), counts_CL[c])
-            return _PermuteRows.apply(out_RD, inv_R, perm_R).to(wire)
+            """Chunk c's experts on its received rows."""
+            return _run_received(experts, x_RD.to(compute), local_C[c], recv_WL, W, L).to(wire)
 
         # 3. Rows out and results back, chunk by chunk, overlapped with the experts.
         rows_AD = expert_rows(x_TD, token_A, order_A, plan).to(wire)
         out_AD = run_pipelined(rows_AD, cp, run_chunk)
-        self.fwd_bytes_sent += (total + sum(map(sum, recv))) * rows_AD.shape[1] * wire.itemsize
+        self.fwd_bytes_sent += (cp.n_rows + sum(map(sum, recv))) * rows_AD.shape[1] * wire.itemsize
         return combine(out_AD, weight_A, token_A, T)
 
-    def _exchange_counts(self, counts_S: Tensor, W: int, L: int) -> tuple[list[int], list[int], Tensor]:
+    def _exchange_counts(self, counts_S: Tensor, W: int, L: int) -> tuple[list[int], list[int]]:
         """Rows per (destination, its local expert) out, rows per (source, my local expert)
-        in: (send_S and recv_WL as host ints, recv_counts_WL on the device)."""
+        in, as host ints (send_S, recv_WL)."""
         P, group = self.placement, self.group
         recv_counts_WL = counts_S.new_empty(W * L)
         with measure(self.clock, "dispatch"):
             send_counts = [P.n_local(w) for w in range(W)]
-            note_collective(_bytes_to_others(counts_S.view(-1, 1), send_counts, group))
+            note_collective(bytes_to_others(counts_S.view(-1, 1), send_counts, dist.get_rank(group)))
             dist.all_to_all_single(recv_counts_WL, counts_S, [L] * W, send_counts, group=group)
         # One host transfer for both (one sync on CUDA): split sizes must be host ints.
         host = torch.cat([counts_S, recv_counts_WL]).tolist()
-        return host[: counts_S.shape[0]], host[counts_S.shape[0] :], recv_counts_WL
+        return host[: counts_S.shape[0]], host[counts_S.shape[0] :]
 
-    def _chunk_slots(self, device: torch.device) -> Tensor:
-        """Global expert -> chunk-major slot (chunk, owner rank, local index), cached per device."""
+    def _chunk_slots(self, device: torch.device, rank_major: bool = False) -> Tensor:
+        """Global expert -> chunk-major slot (chunk, owner rank, local index); with
+        `rank_major`, rank-major slot -> chunk-major slot (to read counts kept chunk-major in
+        rank-major order). Both cached per device."""
         if device not in self._chunk_slot_E:
             P, C = self.placement, self.overlap_chunks
             key = {}
@@ -387,12 +374,9 @@ class AllToAllDispatcher:
             slot_E = [0] * P.n_experts
             for s, e in enumerate(ranked):
                 slot_E[e] = s
-            self._chunk_slot_E[device] = torch.tensor(slot_E, dtype=torch.int64, device=device)
-        return self._chunk_slot_E[device]
-
-    def _rank_major_experts(self, device: torch.device) -> Tensor:
-        """The global experts in rank-major slot order (inverse of `_slots`)."""
-        return inverse_permutation(self._slots(device))
+            chunk_E = torch.tensor(slot_E, dtype=torch.int64, device=device)
+            self._chunk_slot_E[device] = (chunk_E, chunk_E[inverse_permutation(self._slots(device))])
+        return self._chunk_slot_E[device][1 if rank_major else 0]
 
     def _dedup_call(self, x_TD: Tensor, plan: RoutingPlan, experts: GroupedExperts, W: int, L: int) -> Tensor:
         """The deduplicated exchange (module docstring): U rows out, U gated sums back."""
@@ -420,7 +404,7 @@ class AllToAllDispatcher:
         # 2. Rows per destination -> rows per source (one int each way).
         recv_W = send_W.new_empty(W)
         with measure(self.clock, "dispatch"):
-            note_collective(_bytes_to_others(send_W.view(-1, 1), [1] * W, group))
+            note_collective(bytes_to_others(send_W.view(-1, 1), [1] * W, dist.get_rank(group)))
             dist.all_to_all_single(recv_W, send_W, group=group)
         host = torch.cat([send_W, recv_W]).tolist()
         send_splits, recv_splits = host[:W], host[W:]

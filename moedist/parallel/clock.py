@@ -67,6 +67,12 @@ def note_collective(nbytes: int, count: int = 1) -> None:
         f.bytes += int(nbytes)
 
 
+def bytes_to_others(x_ND: torch.Tensor, send_splits: list[int], rank: int) -> int:
+    """Bytes of the rows of x_ND that go to ranks other than `rank` (the self slice never leaves)."""
+    row = x_ND[0].numel() * x_ND.element_size() if x_ND.shape[0] else 0
+    return (sum(send_splits) - send_splits[rank]) * row
+
+
 class CommClock:
     """Self seconds per kind (collectives always; every span of the step when `spans`),
     collectives and bytes per kind, and trace events of the steps being traced."""

@@ -357,12 +357,22 @@ def all_reduce_sum_counts(xs: list[Tensor], group: dist.ProcessGroup | None = No
     """Each integer tensor of `xs` summed over the ranks, all in ONE all-reduce (int64 on
     the wire; integer sums are exact in any order, so this equals one all-reduce each).
     Returns new tensors with the inputs' shapes, dtypes and devices."""
+    if not xs:
+        return []
+    flat = all_reduce_sum(_flat_counts(xs), group, inplace=True)
+    return _unflat_counts(flat, xs)
+
+
+def _flat_counts(xs: list[Tensor]) -> Tensor:
+    """The integer tensors of `xs` as one flat int64 host tensor (float ones are refused)."""
     for x in xs:
         if x.dtype.is_floating_point or x.dtype.is_complex:
             raise TypeError(f"all_reduce_sum_counts sums integer counts, got {x.dtype}")
-    if not xs:
-        return []
-    flat = all_reduce_sum(torch.cat([x.detach().reshape(-1).to(torch.int64).cpu() for x in xs]), group, inplace=True)
+    return torch.cat([x.detach().reshape(-1).to(torch.int64).cpu() for x in xs])
+
+
+def _unflat_counts(flat: Tensor, xs: list[Tensor]) -> list[Tensor]:
+    """`_flat_counts`' inverse: pieces with the shapes, dtypes and devices of `xs`."""
     parts = flat.split([x.numel() for x in xs])
     return [p.view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
 
@@ -377,15 +387,10 @@ def all_reduce_sum_counts_and_floats(
     counts travel as float64 then, exact below 2^53 (a step's token counts are far below)."""
     if not dist.is_initialized() or dist.get_world_size(group) != 2 or not xs:
         return all_reduce_sum_counts(xs, group), all_reduce_sum(floats_F.to(torch.float64), group)
-    for x in xs:
-        if x.dtype.is_floating_point or x.dtype.is_complex:
-            raise TypeError(f"all_reduce_sum_counts_and_floats sums integer counts, got {x.dtype}")
-    counts = [x.detach().reshape(-1).to(torch.int64).cpu().to(torch.float64) for x in xs]
-    flat = all_reduce_sum(torch.cat([*counts, floats_F.detach().reshape(-1).cpu().to(torch.float64)]), group,
+    counts = _flat_counts(xs).to(torch.float64)
+    flat = all_reduce_sum(torch.cat([counts, floats_F.detach().reshape(-1).cpu().to(torch.float64)]), group,
                           inplace=True)  # fmt: skip
-    *parts, floats = flat.split([x.numel() for x in xs] + [floats_F.numel()])
-    sums = [p.to(torch.int64).view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
-    return sums, floats.view(floats_F.shape)
+    return _unflat_counts(flat[: counts.numel()].to(torch.int64), xs), flat[counts.numel() :].view(floats_F.shape)
 
 
 def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[object]:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moedist.parallel.clock import CommClock, measure, note_collective
+from moedist.parallel.clock import CommClock, bytes_to_others, measure, note_collective
 
 __all__ = ["ChunkPlan", "chunk_of_local", "run_pipelined"]
 
@@ -74,6 +74,11 @@ class ChunkPlan:
     def n_chunks(self) -> int:
         return len(self.send)
 
+    @property
+    def n_rows(self) -> int:
+        """Rows of the sender's layout (every chunk's)."""
+        return self.start[-1] + sum(self.send[-1])
+
     def rows(self, c: int) -> slice:
         """Chunk c's rows in the sender's layout."""
         return slice(self.start[c], self.start[c] + sum(self.send[c]))
@@ -81,9 +86,8 @@ class ChunkPlan:
     def launch(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], kind: str):
         """One async all_to_all_single, counted and timed under `kind`."""
         inp = inp.contiguous()
-        row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
         with measure(self.clock, kind):
-            note_collective((sum(in_splits) - in_splits[self.rank]) * row)
+            note_collective(bytes_to_others(inp, in_splits, self.rank))
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
         return work, out, inp
 
@@ -124,8 +128,8 @@ class _WaitOut(torch.autograd.Function):
     their senders (async), into chunk c's slice of the sender's grad buffer."""
 
     @staticmethod
-    def forward(ctx, recv_RD: Tensor, cp: ChunkPlan, c: int, n_rows: int) -> Tensor:
-        ctx.cp, ctx.c, ctx.n_rows = cp, c, n_rows
+    def forward(ctx, recv_RD: Tensor, cp: ChunkPlan, c: int) -> Tensor:
+        ctx.cp, ctx.c = cp, c
         cp.wait(cp.fwd_out[c], "dispatch")
         cp.fwd_out[c] = None
         return recv_RD.view_as(recv_RD)
@@ -135,9 +139,9 @@ class _WaitOut(torch.autograd.Function):
     def backward(ctx, grad_RD: Tensor):
         cp, c = ctx.cp, ctx.c
         if cp.grad_rows_AD is None:
-            cp.grad_rows_AD = grad_RD.new_empty((ctx.n_rows, *grad_RD.shape[1:]))
+            cp.grad_rows_AD = grad_RD.new_empty((cp.n_rows, *grad_RD.shape[1:]))
         cp.bwd_out.append(cp.launch(cp.grad_rows_AD[cp.rows(c)], grad_RD, cp.send[c], cp.recv[c], "dispatch"))
-        return grad_RD, None, None, None  # ignored by _LaunchOut
+        return grad_RD, None, None  # ignored by _LaunchOut
 
 
 class _LaunchBack(torch.autograd.Function):
@@ -146,10 +150,10 @@ class _LaunchBack(torch.autograd.Function):
     result grads `_WaitBack` sent."""
 
     @staticmethod
-    def forward(ctx, out_RD: Tensor, cp: ChunkPlan, c: int, n_rows: int) -> Tensor:
+    def forward(ctx, out_RD: Tensor, cp: ChunkPlan, c: int) -> Tensor:
         ctx.cp, ctx.c = cp, c
         if cp.out_AD is None:
-            cp.out_AD = out_RD.new_empty((n_rows, *out_RD.shape[1:]))
+            cp.out_AD = out_RD.new_empty((cp.n_rows, *out_RD.shape[1:]))
         cp.fwd_back.append(cp.launch(cp.out_AD[cp.rows(c)], out_RD, cp.send[c], cp.recv[c], "combine"))
         return out_RD.new_empty(0)
 
@@ -159,7 +163,7 @@ class _LaunchBack(torch.autograd.Function):
         cp, c = ctx.cp, ctx.c
         grad_RD = cp.wait(cp.bwd_back[c], "combine")
         cp.bwd_back[c] = None
-        return grad_RD, None, None, None
+        return grad_RD, None, None
 
 
 class _WaitBack(torch.autograd.Function):
@@ -189,10 +193,9 @@ class _WaitBack(torch.autograd.Function):
 def run_pipelined(rows_AD: Tensor, cp: ChunkPlan, compute) -> Tensor:
     """Send chunk-major rows_AD out, run ``compute(c, recv_RD) -> out_RD`` on each chunk as it
     arrives, and return the results in rows_AD's layout (module docstring)."""
-    A = rows_AD.shape[0]
     recv = _LaunchOut.apply(rows_AD, cp)
     tokens = []
     for c in range(cp.n_chunks):
-        x_RD = _WaitOut.apply(recv[c], cp, c, A)
-        tokens.append(_LaunchBack.apply(compute(c, x_RD), cp, c, A))
+        x_RD = _WaitOut.apply(recv[c], cp, c)
+        tokens.append(_LaunchBack.apply(compute(c, x_RD), cp, c))
     return _WaitBack.apply(cp, *tokens)

@@ -218,7 +218,7 @@ def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
     local top-k, so the value is exact and equal to the radix select's (a selected zero is
     +0.0 here too). NaN on any rank raises on every rank (a flag travels with the values).
     Moves W x (K x E + 2) floats to every rank; use it while `candidates_fit`."""
-    return _candidate_select(values_TE, k_E, group)[0]
+    return _candidate_select(values_TE, k_E, group)[0].to(values_TE.device, values_TE.dtype)
 
 
 def candidate_topk_cut(values_TE: Tensor, k_E: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,10 +232,9 @@ def candidate_topk_cut(values_TE: Tensor, k_E: Tensor, group=None) -> tuple[Tens
       ties it shows already reach the k - n_above still to take, and the ranks after it take
       no tie either way. The masks `pool_topk_mask` builds are the exact ones."""
     cutoff_E, lists, rank = _candidate_select(values_TE, k_E, group)
-    c_E = cutoff_E.float()
-    zeros_E = torch.zeros(c_E.shape, dtype=torch.int64)
-    n_above_E = sum(((v_ME > c_E).sum(0) for v_ME in lists), zeros_E)
-    before_E = sum(((v_ME == c_E).sum(0) for v_ME in lists[:rank]), zeros_E)
+    zeros_E = torch.zeros(cutoff_E.shape, dtype=torch.int64)
+    n_above_E = sum(((v_ME > cutoff_E).sum(0) for v_ME in lists), zeros_E)
+    before_E = sum(((v_ME == cutoff_E).sum(0) for v_ME in lists[:rank]), zeros_E)
     dev = values_TE.device
     return cutoff_E.to(dev, values_TE.dtype), n_above_E.to(dev), before_E.to(dev)
 
@@ -378,10 +377,15 @@ class DistributedPoolOps(PoolOps):
     def topk_cut(self, values_TE: Tensor, k_E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With fuse and a small k: one all-gather of candidates gives the cutoff and both
         counts (`candidate_topk_cut`), not a select and then a count exchange."""
-        if self.fuse and values_TE.dtype != torch.float64 and candidates_fit(k_E, self.world_rank[0]):
+        if self._use_candidates(values_TE, k_E):
             with measure(self.clock, "pool"):
                 return candidate_topk_cut(values_TE, k_E.to(torch.int64).cpu(), self.group)
         return super().topk_cut(values_TE, k_E)
+
+    def _use_candidates(self, values_TE: Tensor, k_E: Tensor) -> bool:
+        """With fuse, a small k is selected from one all-gather of candidates (not the radix
+        select's 4 all-reduces); the same answer on every rank (k_E and W are)."""
+        return self.fuse and values_TE.dtype != torch.float64 and candidates_fit(k_E, self.world_rank[0])
 
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Exact global k-th largest per expert by distributed radix select."""
@@ -405,8 +409,7 @@ class DistributedPoolOps(PoolOps):
         return list(cutoff_E.split(widths))
 
     def _kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
-        # With fuse, a small k is selected in one all-gather of candidates (not 4 all-reduces).
-        if self.fuse and values_TE.dtype != torch.float64 and candidates_fit(k_E, self.world_rank[0]):
+        if self._use_candidates(values_TE, k_E):
             return candidate_kth_largest(values_TE, k_E, self.group)
         return radix_kth_largest(values_TE, k_E, self.group)
 

@@ -113,22 +113,36 @@ class EvalResult:
         return hist_fanout(self.fanout_hist)
 
     @property
+    def inference_hist(self) -> list[list[int]]:
+        """Per MoE layer, the fanout histogram of the causal rule inference and generation use."""
+        return self.inference_fanout_hist or self.fanout_hist
+
+    @property
     def inference_fanout(self) -> float:
         """Mean experts per token of the causal rule inference and generation use."""
-        return hist_fanout(self.inference_fanout_hist) if self.inference_fanout_hist else self.mean_fanout
+        return hist_fanout(self.inference_hist)
+
+    @property
+    def inference_loss(self) -> float:
+        """Validation loss under the causal rule (val_loss unless ET routed its warm-up rule)."""
+        return self.val_loss if self.inference_val_loss is None else self.inference_val_loss
+
+    @property
+    def et(self) -> ETState | None:
+        """The ET routers' state at this evaluation; None without ET."""
+        if self.et_updates is None or self.et_warmup_steps is None:
+            return None
+        return ETState(self.et_updates, self.et_warmup_steps)
 
     @property
     def thresholds_settled(self) -> bool | None:
         """ET: True once training routes with the thresholds (warm-up over); None otherwise."""
-        if self.et_updates is None or self.et_warmup_steps is None:
-            return None
-        return self.et_updates >= self.et_warmup_steps
+        return None if self.et is None else self.et.settled
 
     @property
     def warnings(self) -> list[str]:
         """Warning lines (inference fanout far from the target)."""
-        et = None if self.et_updates is None else ETState(self.et_updates, self.et_warmup_steps or 0)
-        w = fanout_warning(self.inference_fanout, self.target_fanout, et, "inference (eval mode)")
+        w = fanout_warning(self.inference_fanout, self.target_fanout, self.et, "inference (eval mode)")
         return [w] if w else []
 
     def to_json(self) -> dict[str, Any]:
@@ -137,7 +151,7 @@ class EvalResult:
             "tokens": self.tokens,
             "mean_fanout": self.mean_fanout,
             "inference_fanout": self.inference_fanout,
-            "inference_val_loss": self.val_loss if self.inference_val_loss is None else self.inference_val_loss,
+            "inference_val_loss": self.inference_loss,
             "target_fanout": self.target_fanout,
             "et_routing": self.et_routing,
             "thresholds_settled": self.thresholds_settled,

@@ -224,7 +224,7 @@ class RunLoop:
         summary = self.summary(time.perf_counter() - t_start, self.ex.step - first)
         # The final evaluation's fanout histogram under the inference rule (ET in warm-up: the
         # thresholds' pass): `moedist plot` redraws fanout.png from it.
-        summary["eval_fanout_hist"] = final_eval.inference_fanout_hist or final_eval.fanout_hist
+        summary["eval_fanout_hist"] = final_eval.inference_hist
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         from moedist.training.plots import write_plots
 
@@ -430,7 +430,7 @@ def run_summary(
         "n_experts": cfg.model.n_experts if cfg.router.kind != "dense" else 0,
         "mean_fanout": ev.mean_fanout if ev else None,
         "inference_fanout": ev.inference_fanout if ev else None,
-        "inference_val_loss": _finite_or_none(ev.to_json()["inference_val_loss"]) if ev else None,
+        "inference_val_loss": _finite_or_none(ev.inference_loss) if ev else None,
         "thresholds_settled": ev.thresholds_settled if ev else None,
         "eval_warnings": ev.warnings if ev else [],
         "train_fanout": float(np.mean([[r[k] for k in fan_keys] for r in tail])) if fan_keys else None,

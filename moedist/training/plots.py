@@ -66,7 +66,7 @@ def plot_fanout(ev: EvalResult, layer_names: list[str], path: Path) -> None:
     """Histogram of routed experts per token on the validation set under the routing inference
     uses (ET during warm-up: the thresholds' pass, not the evaluation's expert choice)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    hists = ev.inference_fanout_hist or ev.fanout_hist
+    hists = ev.inference_hist
     width = 0.8 / max(len(hists), 1)
     for i, (name, hist) in enumerate(zip(layer_names, hists, strict=True)):
         h = np.asarray(hist, dtype=np.float64)

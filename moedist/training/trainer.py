@@ -354,8 +354,12 @@ class Trainer:
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
         if d is not None:
-            from moedist.parallel import all_reduce_sum, grad_presence, sync_gradients
-            from moedist.parallel.grads import all_reduce_sum_counts_and_floats
+            from moedist.parallel import (
+                all_reduce_sum,
+                all_reduce_sum_counts_and_floats,
+                grad_presence,
+                sync_gradients,
+            )
 
             # Overlapped, this measures only the wait for the all-reduces still running
             # after backward (the exposed part); the rest hid behind the backward pass.
