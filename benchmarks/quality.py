@@ -41,20 +41,36 @@ with its own reference runs (moedist's defaults) so it reads on its own:
   tc_settings     TC aux coefficient 0.001 / 0.01 / 0.1 x softmax / sigmoid gate
   model_size      ET and TC at d=256 and at d=256 with 6 layers
 
+Runs are kept: each finished run is written to --runs-dir (default
+benchmarks/results/quality-runs/, --quick: none) as one JSON named by its variant, seed and
+a hash of everything that decides it (variant, seed, steps, eval schedule, shared overrides,
+data, presets' contents), and a later call with the same settings reads it instead of
+training again. So a long study can be run in pieces (e.g. `--routers` first, ablations
+later, or after an interruption) and the summary is always built from every run it needs.
+--jobs N trains N runs at once in separate processes (use --threads 1 with it; on a 2-core
+machine --jobs 2 --threads 1 does about twice the runs per hour of one 2-thread run, and
+each run's tokens/s is then that of a shared machine).
+
 --quick: a smoke run, not a quality measurement: d=64, 3 layers, 8 experts, seq 64, batch 8,
 20 steps (ET warm-up 10), eval every 5 steps on 4096 tokens, 1 seed, 1 torch thread, routers
 dense, tc, et (and ET's softmax gate).
 
     python benchmarks/quality.py [--quick] [--steps N] [--seeds N] [--eval-every N]
         [--routers dense,tc,...] [--ablations et_gate,...|all] [--data DIR] [--threads N]
+        [--jobs N] [--runs-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
+import hashlib
 import itertools
 import json
+import multiprocessing
+import os
+import re
 import statistics
 import sys
 import time
@@ -65,9 +81,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_figure, write_results
+from common import RESULTS, machine_info, save_figure, write_results
 
-from moedist.config import ROUTERS, ConfigError, build_config, deep_update
+from moedist.config import ROUTERS, ConfigError, build_config, deep_update, to_dict
 from moedist.errors import DataError
 from moedist.training.trainer import Trainer, load_dataset
 
@@ -230,6 +246,30 @@ def train_one(v: Variant, seed: int, steps: int, eval_every: int, common: dict[s
     }  # fmt: skip
 
 
+def run_id(v: Variant, seed: int, steps: int, eval_every: int, common: dict[str, Any]) -> str:
+    """File stem of a run in the run store: readable name, seed, and a hash of the full
+    configuration the run trains (so a changed preset or override never reuses it, and two
+    variants that resolve to the same configuration share their runs)."""
+    cfg = run_config(v, seed, merge(common, {"train": {"steps": steps}}))
+    ident = json.dumps({"seed": seed, "steps": steps, "eval_every": eval_every, "config": to_dict(cfg)},
+                       sort_keys=True, default=str)  # fmt: skip
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
+    return f"{slug}-seed{seed}-{digest}"
+
+
+def _train_job(job: tuple[Variant, int, int, int, dict[str, Any], str | None]) -> dict[str, Any]:
+    """One run in a worker process; written to the run store (atomically) when it has one."""
+    v, seed, steps, eval_every, common, path = job
+    r = train_one(v, seed, steps, eval_every, common)
+    if path is not None:
+        r["machine"] = machine_info()
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(r))
+        os.replace(tmp, path)
+    return r
+
+
 def summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """Per variant: final validation loss mean and spread (half range) over seeds, and means."""
     out = []
@@ -323,6 +363,10 @@ def main() -> None:
     ap.add_argument("--ablations", default=None, help="comma list of ablation groups or 'all' (default none)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's; quick 1)")
     ap.add_argument("--data", default=None, help="prepared dataset folder (default: the embedded corpus)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    ap.add_argument("--runs-dir", default=None,
+                    help="where finished runs are kept and reused (default benchmarks/results/quality-runs; "
+                         "quick: none; 'none' keeps none)")  # fmt: skip
     args = ap.parse_args()
     steps = args.steps if args.steps is not None else (20 if args.quick else 1000)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
@@ -330,7 +374,8 @@ def main() -> None:
     # 1 thread in --quick: a tiny model gains nothing from 2, and on a shared 2-core machine
     # spinning OpenMP threads made 20-step runs 50x slower (measured 2.2 s against 0.04 s a step)
     threads = args.threads if args.threads is not None else (1 if args.quick else 0)
-    checks = (("--steps", steps, 1), ("--seeds", seeds, 1), ("--eval-every", eval_every, 0), ("--threads", threads, 0))
+    checks = (("--steps", steps, 1), ("--seeds", seeds, 1), ("--eval-every", eval_every, 0), ("--threads", threads, 0),
+              ("--jobs", args.jobs, 1))  # fmt: skip
     for name, val, lo in checks:
         if val < lo:
             print(f"{name}: must be >= {lo}, got {val}", file=sys.stderr)
@@ -361,16 +406,55 @@ def main() -> None:
     except ConfigError as e:
         print(f"quality: {v.name}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{len(todo)} configurations x {seeds} seeds x {steps} steps", flush=True)
-    runs_by_key: dict[str, list[dict[str, Any]]] = {}
+    store_arg = args.runs_dir or ("none" if args.quick else str(RESULTS / "quality-runs"))
+    store = None if store_arg == "none" else Path(store_arg)
+    if store is not None:
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"--runs-dir: cannot create {store}: {e.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+    print(f"{len(todo)} configurations x {seeds} seeds x {steps} steps"
+          + (f"; run store {store}" if store else ""), flush=True)  # fmt: skip
+    runs_by_key: dict[str, list[dict[str, Any] | None]] = {k: [None] * seeds for k in todo}
+    jobs, stored = [], 0
+    twins: dict[str, list[tuple[str, int]]] = {}  # run id -> (key, seed) of every variant it serves
     for key, v in todo.items():
-        runs_by_key[key] = []
         for seed in range(seeds):
-            r = train_one(v, seed, steps, eval_every, common)
-            runs_by_key[key].append(r)
-            print(f"{v.name:28s} seed {seed}  val {r['final_val_loss']:.4f}  inference fanout "
-                  f"{r['inference_fanout']:.2f}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
-                  f"{r['tokens_per_s']:.0f} tok/s  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            rid = run_id(v, seed, steps, eval_every, common)
+            digest = rid[rid.rindex("-") :]
+            found = None if store is None else next(store.glob(f"*{digest}.json"), None)
+            if found is not None:  # the same configuration, perhaps run under another variant's name
+                runs_by_key[key][seed] = {**json.loads(found.read_text()), "variant": v.name}
+                stored += 1
+            elif digest in twins:  # already queued for another variant: trained once
+                twins[digest].append((key, seed))
+            else:
+                twins[digest] = [(key, seed)]
+                path = None if store is None else str(store / f"{rid}.json")
+                jobs.append((digest, (v, seed, steps, eval_every, common, path)))
+    print(f"{stored} runs read from the store, {len(jobs)} to train", flush=True)
+
+    def finish(digest: str, r: dict[str, Any]) -> None:
+        for key, seed in twins[digest]:
+            runs_by_key[key][seed] = {**r, "variant": todo[key].name}
+            report(todo[key], seed, r)
+
+    def report(v: Variant, seed: int, r: dict[str, Any]) -> None:
+        print(f"{v.name:28s} seed {seed}  val {r['final_val_loss']:.4f}  inference fanout "
+              f"{r['inference_fanout']:.2f}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
+              f"{r['tokens_per_s']:.0f} tok/s  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
+
+    if args.jobs == 1:
+        for digest, job in jobs:
+            finish(digest, _train_job(job))
+    elif jobs:
+        # spawn: a fresh interpreter per worker (no forked torch/numba thread state)
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_train_job, job): digest for digest, job in jobs}
+            for fut in concurrent.futures.as_completed(futures):
+                finish(futures[fut], fut.result())
     runs = [r for rs in runs_by_key.values() for r in rs]
     results: list[dict[str, Any]] = [{"kind": "run", **r} for r in runs]
     panels: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
@@ -386,6 +470,7 @@ def main() -> None:
                   f"fanout {s['inference_fanout'] or 0:.2f}  load max/mean {s['load_max_over_mean']:.2f} "
                   f"cv {s['load_cv']:.2f}")  # fmt: skip
     config = {"quick": args.quick, "steps": steps, "seeds": seeds, "eval_every": eval_every, "routers": routers,
+              "jobs": args.jobs, "threads": threads, "run_store": str(store) if store else None,
               "ablations": ablations, "data": args.data or "embedded corpus", "presets": PRESETS,
               "common_overrides": common, "load_window": f"last {TAIL:.0%} of steps",
               "spread": "half the range of the final validation loss over seeds",

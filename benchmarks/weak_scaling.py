@@ -16,7 +16,14 @@ workers' own group.
 With ``--overlap-chunks C`` a third setting runs interleaved with the others: fuse on and
 ``[comm] overlap_chunks = C`` (the token exchange in C chunks pipelined with the experts).
 
+With ``--rounds R`` (default 3) every job runs R times, the rounds one after the other
+(each round runs every worker count and setting once): the machine is a shared VM whose
+speed drifts over minutes, and one slow job would decide an efficiency alone. A row's
+step time and split are medians over the timed steps of all its rounds; `round_step_s`
+keeps each round's median.
+
     python benchmarks/weak_scaling.py [--quick] [--workers 1,2] [--fuse both|on|off] [--overlap-chunks C]
+        [--rounds R]
 """
 
 from __future__ import annotations
@@ -136,10 +143,6 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int], args,
     finally:
         coord.shutdown()
     body = rows[args.warmup :]  # first steps include numba compilation and allocator warm-up
-    step_s = statistics.median(r["step_s"] for r in body)
-    # Medians of what the workers measured (slowest rank per step; 0 with one worker).
-    parts = {k: statistics.median(r.get(k, 0.0) for r in body) for k in ("compute_s", "comm_s", "a2a_s", "pool_s",
-                                                                          "grad_sync_s")}  # fmt: skip
     return {
         "workers": workers,
         "fuse": fuse,
@@ -147,15 +150,37 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int], args,
         "nodes": len({i["node"] for i in infos}),
         "seqs_per_worker": seqs_per_worker,
         "tokens_per_worker": seqs_per_worker * cfg.model.seq_len,
-        "step_s": step_s,
-        **parts,
-        "tokens_per_s": cfg.train.batch_size * cfg.model.seq_len / step_s,
+        "batch_tokens": cfg.train.batch_size * cfg.model.seq_len,
+        "body": body,
         "collectives_per_step": counts[0]["total"],  # the same on every rank (collectives are matched)
         "collectives_by_op": counts[0]["by_op"],
         "collectives_by_site": counts[0]["by_site"],
         # seconds per step inside each site's collectives, per rank (waiting included)
         "collective_s_by_site": [c["seconds_by_site"] for c in counts],
         **{k: max(lat[k] for lat in latency) for k in (latency[0] if latency else {})},
+    }
+
+
+def pool_rounds(jobs: list[dict]) -> dict:
+    """One row from the rounds of one configuration: medians over every timed step of every
+    round (slowest worker per step; 0 with one worker), each round's median step time, the
+    collective counts of the first round (the same in every round), the probes' medians."""
+    first = jobs[0]
+    body = [r for j in jobs for r in j["body"]]
+    step_s = statistics.median(r["step_s"] for r in body)
+    parts = {k: statistics.median(r.get(k, 0.0) for r in body) for k in ("compute_s", "comm_s", "a2a_s", "pool_s",
+                                                                          "grad_sync_s")}  # fmt: skip
+    probes = {k: statistics.median(j[k] for j in jobs) for k in first if k.endswith("B_s") or k.startswith("probe_")}
+    row = {k: v for k, v in first.items() if k not in ("body", "batch_tokens") and k not in probes}
+    return {
+        **row,
+        "step_s": step_s,
+        **parts,
+        "tokens_per_s": first["batch_tokens"] / step_s,
+        **probes,
+        "rounds": len(jobs),
+        "round_step_s": [statistics.median(r["step_s"] for r in j["body"]) for j in jobs],
+        "round_pool_s": [statistics.median(r.get("pool_s", 0.0) for r in j["body"]) for j in jobs],
         "step_samples": [r["step_s"] for r in body],
         "pool_samples": [r.get("pool_s", 0.0) for r in body],
     }
@@ -201,7 +226,12 @@ def main() -> None:
     ap.add_argument("--fuse", choices=("both", "on", "off"), default="both", help="[comm] fuse settings to run")
     ap.add_argument("--overlap-chunks", type=int, default=1,
                     help="also run fuse on + [comm] overlap_chunks = C (C > 1)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=None, help="times every job runs, interleaved (default 3; quick 1)")
     args = ap.parse_args()
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if args.rounds < 1:
+        print(f"--rounds: must be >= 1, got {args.rounds}", file=sys.stderr)
+        raise SystemExit(2)
     args.steps = args.steps or (6 if args.quick else 20)
     args.warmup = 2
     args.counted_steps = 2 if args.quick else 4
@@ -222,8 +252,10 @@ def main() -> None:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, _node_ip_address="127.0.0.2", log_to_driver=False, configure_logging=False)
         for spw in sizes:
-            # fuse off and on interleaved per worker count: a busy phase hits both alike
-            series = [measure(w, spw, st, args, tmp) for w in workers for st in settings]
+            # fuse off and on interleaved per worker count, and the whole series repeated in
+            # rounds: a busy phase hits every configuration alike
+            jobs = [[measure(w, spw, st, args, tmp) for w in workers for st in settings] for _ in range(args.rounds)]
+            series = [pool_rounds([rnd[i] for rnd in jobs]) for i in range(len(jobs[0]))]
             for r in series:
                 base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"]
                             and b["overlap_chunks"] == r["overlap_chunks"])  # fmt: skip
@@ -249,7 +281,7 @@ def main() -> None:
             tokens = pair[True]["tokens_per_worker"]
             name = f"pool s per step fuse off / on, 2 workers, {tokens} tokens/worker"
             targets.append(target(name, ratio, ">=", 3.0))
-    config = {"steps": args.steps, "warmup_steps_dropped": args.warmup, "seqs_per_worker": sizes,
+    config = {"steps": args.steps, "warmup_steps_dropped": args.warmup, "rounds": args.rounds, "seqs_per_worker": sizes,
               "router": args.router, "preset": "tiny", "cluster": "2 raylets x 2 CPUs (127.0.0.2, 127.0.0.3)",
               "workers": workers, "fuse": fuses, "overlap_chunks": args.overlap_chunks,
               "threads_per_worker": 1,
