@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, write_results
@@ -165,7 +164,7 @@ def plot(results: list[dict[str, Any]], routers: list[str], path: Path, title: s
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in axes[0][len(TASK_SETS):]:
+    for ax in axes[0][len(TASK_SETS) :]:
         ax.axis("off")
     for ax, router in zip(axes[1], routers, strict=False):
         last = max((r for r in results if r["router"] == router and r["task_set"] == FULL_SET),
@@ -188,7 +187,7 @@ def plot(results: list[dict[str, Any]], routers: list[str], path: Path, title: s
     ax.set_ylabel("train loss, mean since previous checkpoint")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    for ax in axes[1][len(routers) + 1:]:
+    for ax in axes[1][len(routers) + 1 :]:
         ax.axis("off")
     fig.suptitle(title)
     save_figure(fig, path)
