@@ -10,7 +10,8 @@ logistic-regression classifier's stratified 5-fold accuracy (pooled, per fold an
 spread), macro-F1 and confusion matrix, the same classifier on shuffled labels
 (permutation baseline) and on signatures whose expert identities are shuffled per prompt
 and layer while each layer's counts are kept (load-balance baseline), and the accuracy
-from each layer alone.
+from each layer alone. `merge_tasks` relabels the prompts for a coarser or smaller task
+set (e.g. two kinds of prose merged into one), so the same signatures score it.
 
 Beyond the paper, `task_expert_mask` turns a task's mean signature into a per-layer list
 of the experts it uses most, which `restrict_experts` imposes on a model's routers.
@@ -80,6 +81,21 @@ def load_prompts(path: str | Path | None = None, split: str | None = "signature"
     if len(tasks) < 2:
         raise ConfigError(f"{name}: signatures need at least 2 tasks, found {sorted(tasks)}")
     return rows
+
+
+def merge_tasks(tasks: list[str], mapping: dict[str, str | None]) -> tuple[np.ndarray, list[str]]:
+    """Relabel prompts for another task set: a task in `mapping` becomes mapping[task]
+    (several tasks to one name merge them; None drops the task's prompts), the rest keep
+    their name. Returns keep_P (which prompts stay) and the kept prompts' labels in order,
+    so that hist_PLE[keep_P] with those labels scores the new task set."""
+    unknown = sorted(set(mapping) - set(tasks))
+    if unknown:
+        raise ConfigError(f"task set: {', '.join(unknown)} not among the tasks ({', '.join(sorted(set(tasks)))})")
+    keep_P = np.array([mapping.get(t, t) is not None for t in tasks], dtype=bool)
+    labels = [m for t in tasks if (m := mapping.get(t, t)) is not None]
+    if len(set(labels)) < 2:
+        raise ConfigError(f"task set: {mapping} leaves {len(set(labels))} task(s), signatures need at least 2")
+    return keep_P, labels
 
 
 # --------------------------------------------------------------------------- signatures

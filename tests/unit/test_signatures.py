@@ -13,6 +13,7 @@ import torch
 from moedist.analysis.signatures import (
     compute_signatures,
     load_prompts,
+    merge_tasks,
     restrict_experts,
     routing_histograms,
     signature_report,
@@ -199,3 +200,41 @@ def test_report_records_the_normalisation_and_writes_the_confusion_png(tmp_path)
     assert pq.read_table(tmp_path / "signatures.parquet").schema.metadata[b"normalization"] == b"token"
     assert np.trace(report["confusion"]["matrix"]) == round(report["cv_accuracy"] * 40)
     assert (tmp_path / "confusion.png").stat().st_size > 1000
+
+
+def test_merge_tasks_relabels_drops_and_keeps_order():
+    tasks = ["code", "doc", "comment", "doc", "arith", "comment", "code"]
+    keep, labels = merge_tasks(tasks, {"doc": "prose", "comment": "prose"})
+    assert keep.tolist() == [True] * 7
+    assert labels == ["code", "prose", "prose", "prose", "arith", "prose", "code"]
+    keep, labels = merge_tasks(tasks, {"comment": None})
+    assert keep.tolist() == [True, True, False, True, True, False, True]
+    assert labels == ["code", "doc", "doc", "arith", "code"]
+    keep, labels = merge_tasks(tasks, {})
+    assert keep.all() and labels == tasks
+    # merge and drop at once; a task mapped to its own name stays
+    keep, labels = merge_tasks(tasks, {"code": "code", "doc": "text", "arith": None})
+    assert keep.tolist() == [True, True, True, True, False, True, True]
+    assert labels == ["code", "text", "comment", "text", "comment", "code"]
+    with pytest.raises(ConfigError, match="poetry not among the tasks"):
+        merge_tasks(tasks, {"poetry": None})
+    with pytest.raises(ConfigError, match="leaves 1 task"):
+        merge_tasks(tasks, {"code": None, "doc": "x", "comment": "x", "arith": "x"})
+
+
+def test_merged_task_set_scores_the_subset_of_the_same_signatures():
+    # the planted model tells all 4 alphabets apart; merging two of them into one class
+    # leaves 3 classes (chance = the merged class's share 1/2), dropping one leaves 3 of 1/3
+    prompts = planted_prompts(10)
+    tasks = [p["task"] for p in prompts]
+    hist = routing_histograms(PlantedModel(), ByteTokenizer(), [p["text"] for p in prompts], 64)
+    keep, labels = merge_tasks(tasks, {"alpha": "letters", "upper": "letters"})
+    merged = signature_report(hist[keep], labels)
+    assert merged["tasks"] == {"digits": 10, "letters": 20, "punct": 10}
+    assert merged["chance_accuracy"] == 0.5 and merged["cv_accuracy"] >= 0.95
+    assert merged["confusion"]["labels"] == ["digits", "letters", "punct"]
+    keep, labels = merge_tasks(tasks, {"punct": None})
+    dropped = signature_report(hist[keep], labels)
+    assert dropped["prompts"] == 30 and dropped["tasks"] == {"alpha": 10, "digits": 10, "upper": 10}
+    assert dropped["chance_accuracy"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(hist[keep], hist[[t != "punct" for t in tasks]])
