@@ -22,6 +22,13 @@ speed drifts over minutes, and one slow job would decide an efficiency alone. A 
 step time and split are medians over the timed steps of all its rounds; `round_step_s`
 keeps each round's median.
 
+With 2 workers in the series, a ceiling probe runs after each size's jobs: the same model
+and tokens per process trained by one process alone and by two at once (no Ray, no
+collectives; `ceiling_probe`). Its ratio is the efficiency a 2-worker job would reach if
+its communication cost nothing, i.e. what the machine's two cores give two workers; each
+2-worker row carries it (`compute_ceiling`) and `efficiency_of_ceiling`. The targets stay
+on the plain efficiency.
+
     python benchmarks/weak_scaling.py [--quick] [--workers 1,2] [--fuse both|on|off] [--overlap-chunks C]
         [--rounds R]
 """
@@ -30,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,6 +133,53 @@ def pool_probe(group=None, tokens: int = 1024, n_experts: int = 16, layers: int 
 def _pool_probe(worker) -> dict:
     """Runs inside a worker actor: `pool_probe` on the job's group."""
     return pool_probe(worker.trainer.dist.group)
+
+
+def _solo(seqs_per_worker: int, steps: int, warmup: int, router: str, barrier, out) -> None:
+    """A process that trains a 1-worker job's model alone (moedist's Trainer: no Ray, no
+    collectives) and reports its median step time over `steps` steps after `warmup`; the
+    timed steps of all processes of a probe start together (`barrier`)."""
+    from moedist.training.trainer import Trainer, load_dataset
+
+    cfg = job_cfg(1, seqs_per_worker, steps + warmup, router, True)
+    tr = Trainer(cfg, load_dataset(cfg))
+    for _ in range(warmup):
+        tr.train_step()
+    barrier.wait()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tr.train_step()
+        ts.append(time.perf_counter() - t0)
+    out.put(statistics.median(ts))
+
+
+def ceiling_probe(seqs_per_worker: int, router: str, rounds: int, steps: int = 16) -> dict:
+    """What this machine gives two workers that never communicate: the same model and tokens
+    per process, trained by 1 process alone and by 2 processes at once (one thread each),
+    alternately `rounds` times. ceiling = alone / together (slower of the pair): the weak-scaling
+    efficiency of a 2-worker job whose communication cost nothing. On a VM whose two vCPUs
+    share a core or memory bandwidth it is well below 1."""
+    ctx = multiprocessing.get_context("spawn")
+    samples: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(rounds):
+        for n in (1, 2):
+            barrier, out = ctx.Barrier(n), ctx.Queue()
+            procs = [ctx.Process(target=_solo, args=(seqs_per_worker, steps, 3, router, barrier, out))
+                     for _ in range(n)]  # fmt: skip
+            for p in procs:
+                p.start()
+            try:
+                medians = [out.get(timeout=900) for _ in procs]
+            finally:
+                for p in procs:
+                    p.join(timeout=60)
+                    if p.is_alive():
+                        p.kill()
+            samples[n].append(max(medians))
+    alone, together = statistics.median(samples[1]), statistics.median(samples[2])
+    return {"solo_step_s": alone, "pair_step_s": together, "ceiling": alone / together,
+            "solo_samples": samples[1], "pair_samples": samples[2]}  # fmt: skip
 
 
 def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int], args, tmp: Path) -> dict:
@@ -256,10 +312,15 @@ def main() -> None:
             # rounds: a busy phase hits every configuration alike
             jobs = [[measure(w, spw, st, args, tmp) for w in workers for st in settings] for _ in range(args.rounds)]
             series = [pool_rounds([rnd[i] for rnd in jobs]) for i in range(len(jobs[0]))]
+            ceiling = ceiling_probe(spw, args.router, args.rounds) if 2 in workers else None
             for r in series:
                 base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"]
                             and b["overlap_chunks"] == r["overlap_chunks"])  # fmt: skip
                 r["efficiency"] = base["step_s"] / r["step_s"]
+                if ceiling is not None and r["workers"] == 2:
+                    # how much of what the machine allows the job reached (target: raw efficiency)
+                    r["compute_ceiling"] = ceiling
+                    r["efficiency_of_ceiling"] = r["efficiency"] / ceiling["ceiling"]
                 print(json.dumps({k: v for k, v in r.items() if not k.endswith(("_samples", "_by_site"))}), flush=True)
             results += series
     finally:
