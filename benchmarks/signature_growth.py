@@ -48,6 +48,7 @@ from common import save_figure, write_results
 
 from moedist.analysis.signatures import (
     NORMALIZATIONS,
+    draw_confusion,
     load_prompts,
     merge_tasks,
     routing_histograms,
@@ -169,15 +170,7 @@ def plot(results: list[dict[str, Any]], routers: list[str], path: Path, title: s
     for ax, router in zip(axes[1], routers, strict=False):
         last = max((r for r in results if r["router"] == router and r["task_set"] == FULL_SET),
                    key=lambda r: r["step"])  # fmt: skip
-        names, m = last["confusion"]["labels"], np.asarray(last["confusion"]["matrix"])
-        ax.imshow(m, cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=30)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted task (out of fold)")
-        ax.set_ylabel("true task")
-        ax.set_title(f"{router}, step {last['step']}: accuracy {last['cv_accuracy']:.2f}", fontsize=9)
+        draw_confusion(ax, last["confusion"], f"{router}, step {last['step']}: accuracy {last['cv_accuracy']:.2f}", 30)
     ax = axes[1][len(routers)]
     for router in routers:
         rs = [r for r in results if r["router"] == router and r["task_set"] == FULL_SET and r["train_loss_mean"]]

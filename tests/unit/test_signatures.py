@@ -238,3 +238,28 @@ def test_merged_task_set_scores_the_subset_of_the_same_signatures():
     assert dropped["prompts"] == 30 and dropped["tasks"] == {"alpha": 10, "digits": 10, "upper": 10}
     assert dropped["chance_accuracy"] == pytest.approx(1 / 3)
     np.testing.assert_array_equal(hist[keep], hist[[t != "punct" for t in tasks]])
+
+
+def test_classifier_separates_tasks_whose_shares_differ_by_little():
+    # Signatures as a trained model gives them: shares near 1/E, each task a few points
+    # higher on its own expert. The 4 tasks and the merged set (two of them as one class of
+    # twice the size) must both be told apart; an unscaled, L2-regularised classifier
+    # predicted the larger class for every prompt of a smaller one here.
+    rng = np.random.default_rng(0)
+    P_task, L, E = 24, 3, 16
+    names = ["arithmetic", "code", "comment", "docstring"]
+    rows, tasks = [], []
+    for t, name in enumerate(names):
+        base_LE = np.full((L, E), 1.0 / E)
+        base_LE[:, t] += 0.015  # the task's own expert, in every layer
+        for _ in range(P_task):
+            h_LE = np.clip(base_LE + rng.normal(0, 0.006, (L, E)), 0, None)
+            rows.append(h_LE / h_LE.sum(1, keepdims=True))
+            tasks.append(name)
+    hist_PLE = np.stack(rows)
+    four = signature_report(hist_PLE, tasks)
+    assert four["cv_accuracy"] >= 0.9, four["confusion"]
+    keep, labels = merge_tasks(tasks, {"comment": "prose", "docstring": "prose"})
+    merged = signature_report(hist_PLE[keep], labels)
+    m = np.asarray(merged["confusion"]["matrix"])
+    assert merged["cv_accuracy"] >= 0.9 and m.diagonal().min() >= 0.8 * P_task, merged["confusion"]
