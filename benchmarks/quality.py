@@ -43,10 +43,11 @@ with its own reference runs (moedist's defaults) so it reads on its own:
 
 Runs are kept: each finished run is written to --runs-dir (default
 benchmarks/results/quality-runs/, --quick: none) as one JSON named by its variant, seed and
-a hash of everything that decides it (variant, seed, steps, eval schedule, shared overrides,
-data, presets' contents), and a later call with the same settings reads it instead of
-training again. So a long study can be run in pieces (e.g. `--routers` first, ablations
-later, or after an interruption) and the summary is always built from every run it needs.
+a hash of everything that decides it (the resolved configuration - preset, overrides, data,
+seed - plus steps and eval schedule), and a later call with the same settings reads it
+instead of training again (under any variant name that resolves to the same run). So a
+long study can be run in pieces (e.g. `--routers` first, ablations later, or after an
+interruption) and the summary is always built from every run it needs.
 --jobs N trains N runs at once in separate processes (use --threads 1 with it; on a 2-core
 machine --jobs 2 --threads 1 does about twice the runs per hour of one 2-thread run, and
 each run's tokens/s is then that of a shared machine).
@@ -69,7 +70,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import re
 import statistics
 import sys
@@ -85,7 +85,7 @@ from common import RESULTS, machine_info, save_figure, write_results
 
 from moedist.config import ROUTERS, ConfigError, build_config, deep_update, to_dict
 from moedist.errors import DataError
-from moedist.training.trainer import Trainer, load_dataset
+from moedist.training.trainer import Trainer, load_dataset, write_atomic
 
 # Routers whose ET-paper baseline settings (the tiny-paper preset) differ from moedist's.
 PAPER_ROUTERS = ("tc", "lf", "ec")
@@ -246,27 +246,27 @@ def train_one(v: Variant, seed: int, steps: int, eval_every: int, common: dict[s
     }  # fmt: skip
 
 
-def run_id(v: Variant, seed: int, steps: int, eval_every: int, common: dict[str, Any]) -> str:
-    """File stem of a run in the run store: readable name, seed, and a hash of the full
-    configuration the run trains (so a changed preset or override never reuses it, and two
-    variants that resolve to the same configuration share their runs)."""
+def run_digest(v: Variant, seed: int, steps: int, eval_every: int, common: dict[str, Any]) -> str:
+    """Hash of the full configuration a run trains: a changed preset or override never reuses
+    a stored run, and two variants that resolve to the same configuration share theirs."""
     cfg = run_config(v, seed, merge(common, {"train": {"steps": steps}}))
     ident = json.dumps({"seed": seed, "steps": steps, "eval_every": eval_every, "config": to_dict(cfg)},
                        sort_keys=True, default=str)  # fmt: skip
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def run_file(v: Variant, seed: int, digest: str) -> str:
+    """A run's file name in the store: readable name and seed, then the digest (its key)."""
     slug = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
-    return f"{slug}-seed{seed}-{digest}"
+    return f"{slug}-seed{seed}-{digest}.json"
 
 
-def _train_job(job: tuple[Variant, int, int, int, dict[str, Any], str | None]) -> dict[str, Any]:
+def _train_job(job: tuple[Variant, int, int, int, dict[str, Any], Path | None]) -> dict[str, Any]:
     """One run in a worker process; written to the run store (atomically) when it has one."""
     v, seed, steps, eval_every, common, path = job
     r = train_one(v, seed, steps, eval_every, common)
     if path is not None:
-        r["machine"] = machine_info()
-        tmp = Path(path + ".tmp")
-        tmp.write_text(json.dumps(r))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({**r, "machine": machine_info()}).encode())
     return r
 
 
@@ -417,33 +417,33 @@ def main() -> None:
     print(f"{len(todo)} configurations x {seeds} seeds x {steps} steps"
           + (f"; run store {store}" if store else ""), flush=True)  # fmt: skip
     runs_by_key: dict[str, list[dict[str, Any] | None]] = {k: [None] * seeds for k in todo}
+    # the store's runs by digest (the file name's last part), read once
+    in_store = {} if store is None else {f.stem.rsplit("-", 1)[-1]: f for f in store.glob("*.json")}
     jobs, stored = [], 0
-    twins: dict[str, list[tuple[str, int]]] = {}  # run id -> (key, seed) of every variant it serves
+    twins: dict[str, list[tuple[str, int]]] = {}  # digest -> (key, seed) of every variant it serves
     for key, v in todo.items():
         for seed in range(seeds):
-            rid = run_id(v, seed, steps, eval_every, common)
-            digest = rid[rid.rindex("-") :]
-            found = None if store is None else next(store.glob(f"*{digest}.json"), None)
-            if found is not None:  # the same configuration, perhaps run under another variant's name
-                runs_by_key[key][seed] = {**json.loads(found.read_text()), "variant": v.name}
+            digest = run_digest(v, seed, steps, eval_every, common)
+            if digest in in_store:  # the same configuration, perhaps run under another variant's name
+                runs_by_key[key][seed] = {**json.loads(in_store[digest].read_text()), "variant": v.name}
                 stored += 1
             elif digest in twins:  # already queued for another variant: trained once
                 twins[digest].append((key, seed))
             else:
                 twins[digest] = [(key, seed)]
-                path = None if store is None else str(store / f"{rid}.json")
+                path = None if store is None else store / run_file(v, seed, digest)
                 jobs.append((digest, (v, seed, steps, eval_every, common, path)))
     print(f"{stored} runs read from the store, {len(jobs)} to train", flush=True)
-
-    def finish(digest: str, r: dict[str, Any]) -> None:
-        for key, seed in twins[digest]:
-            runs_by_key[key][seed] = {**r, "variant": todo[key].name}
-            report(todo[key], seed, r)
 
     def report(v: Variant, seed: int, r: dict[str, Any]) -> None:
         print(f"{v.name:28s} seed {seed}  val {r['final_val_loss']:.4f}  inference fanout "
               f"{r['inference_fanout']:.2f}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
               f"{r['tokens_per_s']:.0f} tok/s  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
+
+    def finish(digest: str, r: dict[str, Any]) -> None:
+        for key, seed in twins[digest]:
+            runs_by_key[key][seed] = {**r, "variant": todo[key].name}
+            report(todo[key], seed, r)
 
     if args.jobs == 1:
         for digest, job in jobs:

@@ -48,6 +48,7 @@ from common import save_figure, write_results
 
 from moedist.analysis.signatures import (
     NORMALIZATIONS,
+    check_normalization,
     draw_confusion,
     load_prompts,
     merge_tasks,
@@ -101,7 +102,7 @@ def run_router(router: str, args: argparse.Namespace, prompts: list[dict[str, st
     cfg = run_config(args.preset, router, args.steps, args.seed, args.threads, args.quick)
     tr = Trainer(cfg, load_dataset(cfg))
     texts, tasks = [p["text"] for p in prompts], [p["task"] for p in prompts]
-    marks = checkpoint_steps(args.steps, args.every)
+    marks = set(checkpoint_steps(args.steps, args.every))
     rows: list[dict[str, Any]] = []
     losses: list[float] = []
     loss, since = None, None  # that step's loss, mean since the previous checkpoint
@@ -212,8 +213,6 @@ def main() -> None:
                           ("--seed", args.seed, 0), ("--shuffles", args.shuffles, 1)):  # fmt: skip
         if val < lo:
             bad(f"{name}: must be >= {lo}, got {val}")
-    if args.normalization not in NORMALIZATIONS:
-        bad(f"--normalization: must be one of {', '.join(NORMALIZATIONS)}, got {args.normalization!r}")
     routers = [x.strip() for x in args.routers.split(",") if x.strip()]
     unknown = [r for r in routers if r not in SIGNED_ROUTERS]
     if not routers:
@@ -223,6 +222,7 @@ def main() -> None:
     if len(set(routers)) != len(routers):
         bad(f"--routers: {args.routers!r} names a router twice")
     try:
+        check_normalization(args.normalization)
         cfgs = [run_config(args.preset, r, args.steps, args.seed, args.threads, args.quick) for r in routers]
         load_dataset(cfgs[0])
         prompts = load_prompts(split="signature")
@@ -244,7 +244,7 @@ def main() -> None:
               "normalization": args.normalization, "overrides": QUICK if args.quick else {},
               "prompts": "moedist/analysis/prompts.jsonl, signature rows", "task_sets": TASK_SETS,
               "chance_accuracy": chance, "chance": "share of the largest class",
-              "cv": "stratified 5-fold logistic regression", "wall_s": wall}  # fmt: skip
+              "cv": "stratified 5-fold logistic regression on standardised features", "wall_s": wall}  # fmt: skip
     path = write_results("signature_growth", config, results, [], args.quick)
     title = (f"routing-signature accuracy vs training step ({args.preset}, {args.steps} steps)"
              + (" - smoke run, not a result" if args.quick else ""))  # fmt: skip

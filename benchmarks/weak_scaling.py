@@ -217,7 +217,7 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int], args,
     }
 
 
-def pool_rounds(jobs: list[dict]) -> dict:
+def merge_rounds(jobs: list[dict]) -> dict:
     """One row from the rounds of one configuration: medians over every timed step of every
     round (slowest worker per step; 0 with one worker), each round's median step time, the
     collective counts of the first round (the same in every round), the probes' medians."""
@@ -311,7 +311,7 @@ def main() -> None:
             # fuse off and on interleaved per worker count, and the whole series repeated in
             # rounds: a busy phase hits every configuration alike
             jobs = [[measure(w, spw, st, args, tmp) for w in workers for st in settings] for _ in range(args.rounds)]
-            series = [pool_rounds([rnd[i] for rnd in jobs]) for i in range(len(jobs[0]))]
+            series = [merge_rounds([rnd[i] for rnd in jobs]) for i in range(len(jobs[0]))]
             ceiling = ceiling_probe(spw, args.router, args.rounds) if 2 in workers else None
             for r in series:
                 base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"]

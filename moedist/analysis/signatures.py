@@ -99,7 +99,8 @@ def merge_tasks(tasks: list[str], mapping: dict[str, str | None]) -> tuple[np.nd
 
 
 # --------------------------------------------------------------------------- signatures
-def _check_normalization(normalization: str) -> None:
+def check_normalization(normalization: str) -> None:
+    """ConfigError unless `normalization` is one of NORMALIZATIONS."""
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"signature normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
 
@@ -114,7 +115,7 @@ def layer_signature(token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, n_tok
     if normalization == "assignment":
         counts_E = torch.bincount(expert_idx_A.cpu(), minlength=n_experts).double()
         return (counts_E / counts_E.sum().clamp_min(1)).numpy()
-    _check_normalization(normalization)
+    check_normalization(normalization)
     fanout_T = torch.bincount(token_idx_A.cpu(), minlength=n_tokens).double()
     share_A = 1.0 / fanout_T[token_idx_A.cpu()]
     sig_E = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, expert_idx_A.cpu(), share_A)
@@ -129,7 +130,7 @@ def routing_histograms(model: Any, tokenizer: Any, texts: list[str], seq_len: in
     The model runs in eval mode on each prompt (its first seq_len tokens); a layer that
     routed nothing gives a row of zeros.
     """
-    _check_normalization(normalization)  # before any forward pass
+    check_normalization(normalization)  # before any forward pass
     model.eval()
     out = []
     for text in texts:
