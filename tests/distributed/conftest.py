@@ -44,6 +44,13 @@ def random_text(tmp_path_factory) -> str:
     return str(out)
 
 
+# The GCS marks a node dead after 5 missed health checks, 3 s apart by default, so a test
+# that loses a node waited about 15 s for Ray to notice. Checks 0.5 s apart find a dead
+# raylet in about 2.5 s, while a live but busy one still has 5 x 3 s to answer. (Ray's own
+# settings, for the test clusters; users' clusters keep Ray's defaults.)
+FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
+
+
 @contextlib.contextmanager
 def ray_cluster(*more_nodes: str):
     """A Ray cluster of a head on 127.0.0.2 and a node on each of `more_nodes`, 2 CPUs each,
@@ -54,7 +61,8 @@ def ray_cluster(*more_nodes: str):
         api_port = probe.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.2", "num_cpus": 2,
                                                              "include_dashboard": False,
-                                                             "dashboard_port": api_port})  # fmt: skip
+                                                             "dashboard_port": api_port,
+                                                             "_system_config": FAST_NODE_DEATH})  # fmt: skip
     try:
         for ip in more_nodes:
             cluster.add_node(node_ip_address=ip, num_cpus=2)

@@ -20,6 +20,7 @@ import ray
 
 from moedist.config import build_config
 from moedist.training.trainer import Trainer, load_dataset
+from tests.distributed.conftest import FAST_NODE_DEATH
 from tests.distributed.test_runtime import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +30,14 @@ ADDRESS = f"127.0.0.2:{PORT}"
 STEPS = 40
 
 
+# conftest's FAST_NODE_DEATH for this module's cluster (`ray start` reads Ray's settings from
+# RAY_<name> in its environment): the lost-raylet recoveries took 19 s with Ray's defaults, 8 s so.
+RAY_ENV = {f"RAY_{k}": str(v) for k, v in FAST_NODE_DEATH.items()}
+
+
 def cluster_local(state: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "cluster" / "local"), *args, "--state-dir", str(state)],
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+                          capture_output=True, text=True, timeout=180, env={**os.environ, **RAY_ENV})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
