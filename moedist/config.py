@@ -143,7 +143,7 @@ class TrainConfig:
     device: str = _choice("auto", "cpu", "cuda", default="auto")
     """auto = CUDA when available, else CPU."""
     threads: int = _rng(0, 0)
-    """torch intra-op threads; 0 = torch's default."""
+    """torch intra-op threads (and numba's kernel threads, at most as many); 0 = their defaults."""
     progress: bool = True
     keep_heap: bool = True
     """Keep big buffers mapped across steps (glibc mallopt, once per process) instead of

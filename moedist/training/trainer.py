@@ -176,6 +176,12 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+            # numba's parallel kernels too (as workers do): left at one thread per core, their
+            # OpenMP threads spin beside a 1-thread run (an AoE step burnt 1.9x its wall time
+            # in CPU time with 2 numba threads, 1.0x with 1, and was not faster).
+            import numba
+
+            numba.set_num_threads(min(cfg.train.threads, numba.config.NUMBA_NUM_THREADS))
         if cfg.train.keep_heap:  # once per process, before the model's buffers exist
             keep_heap()
         # The full model is built (and seeded) the same way on every worker, so a worker's

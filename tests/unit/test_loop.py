@@ -356,6 +356,37 @@ def test_spans_do_not_change_the_run():
         assert "span_expert_s" in a and "span_expert_s" not in b
 
 
+@pytest.mark.parametrize("router", ["aoe", "et"])
+def test_train_threads_caps_numba_too_and_the_thread_count_changes_no_number(router):
+    """train.threads sets numba's kernel threads as well as torch's (a 1-thread run's numba
+    threads otherwise spin on the other core), and the run's numbers do not depend on how
+    many threads numba's kernels use."""
+    import numba
+
+    from moedist.training.loop import TIMING_KEYS
+    from moedist.training.profile import PROFILE_KEYS
+    from moedist.training.trainer import Trainer
+
+    before = numba.get_num_threads(), torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 0):
+            if not threads:
+                numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+            cfg = _tiny(None, trace="", router=router)
+            cfg.train.threads = threads
+            tr = Trainer(cfg, load_dataset(cfg))
+            if threads:
+                assert numba.get_num_threads() == 1 and torch.get_num_threads() == 1
+            runs.append([tr.train_step() for _ in range(3)])
+    finally:
+        numba.set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+    skip = set(TIMING_KEYS) | PROFILE_KEYS | {"tokens_per_s"}
+    for a, b in zip(*runs, strict=True):
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
 # ------------------------------------------------------------- train.keep_heap
 
 HEAP_PROBE = """
