@@ -85,6 +85,7 @@ from common import RESULTS, machine_info, save_figure, write_results
 
 from moedist.config import ROUTERS, ConfigError, build_config, deep_update, to_dict
 from moedist.errors import DataError
+from moedist.routing import ROUTER_CLASSES
 from moedist.training.trainer import Trainer, load_dataset, write_atomic
 
 # Routers whose ET-paper baseline settings (the tiny-paper preset) differ from moedist's.
@@ -250,7 +251,12 @@ def run_digest(v: Variant, seed: int, steps: int, eval_every: int, common: dict[
     """Hash of the full configuration a run trains: a changed preset or override never reuses
     a stored run, and two variants that resolve to the same configuration share theirs."""
     cfg = run_config(v, seed, merge(common, {"train": {"steps": steps}}))
-    ident = json.dumps({"seed": seed, "steps": steps, "eval_every": eval_every, "config": to_dict(cfg)},
+    config = to_dict(cfg)
+    # A gate named as the router's own default is the "auto" gate ("tc softmax aux 0.01" is
+    # "tc"); canonical as "auto", so the runs stored under that spelling stay found.
+    if v.router in ROUTER_CLASSES and config["router"]["gate"] == ROUTER_CLASSES[v.router].default_gate:
+        config["router"]["gate"] = "auto"
+    ident = json.dumps({"seed": seed, "steps": steps, "eval_every": eval_every, "config": config},
                        sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
