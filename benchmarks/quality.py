@@ -253,7 +253,9 @@ def run_digest(v: Variant, seed: int, steps: int, eval_every: int, common: dict[
     cfg = run_config(v, seed, merge(common, {"train": {"steps": steps}}))
     config = to_dict(cfg)
     # A gate named as the router's own default is the "auto" gate ("tc softmax aux 0.01" is
-    # "tc"); canonical as "auto", so the runs stored under that spelling stay found.
+    # "tc"), so both spellings share one key. (Runs stored before 2026-11-29 under a spelled-out
+    # default gate - lf paper, tc softmax aux 0.001 / 0.1 - were trained again under the new
+    # key, bitwise equal to the old runs.)
     if v.router in ROUTER_CLASSES and config["router"]["gate"] == ROUTER_CLASSES[v.router].default_gate:
         config["router"]["gate"] = "auto"
     ident = json.dumps({"seed": seed, "steps": steps, "eval_every": eval_every, "config": config},
