@@ -50,15 +50,12 @@ class Worker:
         self._listen = None  # rank 0: the rendezvous store's socket, from rendezvous_port to setup
         self._stash: dict[str, Any] | None = None  # own state between publish and adopt (rescaling)
         self._dataset: tuple[tuple[str, int], Any] | None = None  # (data path, seq_len) -> dataset, kept across setups
-        # Each worker uses its CPU share for intra-op threads, so W workers on a node do not
-        # oversubscribe its cores (OpenMP threads that spin on a busy core are very slow).
-        threads = self.cfg.train.threads or cpu_share()
-        torch.set_num_threads(threads)
-        # numba's parallel kernels (dispatch, radix histograms) would otherwise start one
-        # thread per core of the machine in every worker.
-        import numba
+        # Each worker uses its CPU share for intra-op threads (torch's and numba's), so W
+        # workers on a node do not oversubscribe its cores (OpenMP threads that spin on a busy
+        # core are very slow).
+        from moedist.training.trainer import set_threads
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        set_threads(self.cfg.train.threads or cpu_share())
 
     # ------------------------------------------------------------ rendezvous
     def address(self) -> str:

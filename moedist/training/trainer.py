@@ -46,6 +46,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_threads(threads: int) -> None:
+    """This process's intra-op threads: torch's, and numba's parallel kernels' (dispatch,
+    radix histograms; at most the threads numba started). Left at one thread per core,
+    numba's OpenMP threads spin beside a 1-thread run (an AoE step burnt 1.9x its wall time
+    in CPU time with 2 numba threads, 1.0x with 1, and was not faster)."""
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
     t = cfg.train
@@ -175,13 +186,7 @@ class Trainer:
         self.dist = dist_ctx
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-            # numba's parallel kernels too (as workers do): left at one thread per core, their
-            # OpenMP threads spin beside a 1-thread run (an AoE step burnt 1.9x its wall time
-            # in CPU time with 2 numba threads, 1.0x with 1, and was not faster).
-            import numba
-
-            numba.set_num_threads(min(cfg.train.threads, numba.config.NUMBA_NUM_THREADS))
+            set_threads(cfg.train.threads)
         if cfg.train.keep_heap:  # once per process, before the model's buffers exist
             keep_heap()
         # The full model is built (and seeded) the same way on every worker, so a worker's

@@ -337,11 +337,18 @@ def test_single_process_run_writes_the_trace_window_and_spans_that_add_up(tmp_pa
         assert {"data", "dense_fwd", "router", "expert", "dense_bwd", "stats", "optimiser"} <= names
 
 
+def _numbers(row: dict) -> dict:
+    """A metrics row without its timing columns (what must not change between two runs)."""
+    from moedist.training.loop import TIMING_KEYS
+    from moedist.training.profile import PROFILE_KEYS
+
+    skip = set(TIMING_KEYS) | PROFILE_KEYS | {"tokens_per_s"}
+    return {k: v for k, v in row.items() if k not in skip}
+
+
 def test_spans_do_not_change_the_run():
     """Spans add autograd identity nodes and timers only: every non-timing column of a run
     with spans is bitwise that of the same run without."""
-    from moedist.training.loop import TIMING_KEYS
-    from moedist.training.profile import PROFILE_KEYS
     from moedist.training.trainer import Trainer
 
     runs = []
@@ -350,9 +357,8 @@ def test_spans_do_not_change_the_run():
         cfg.router.aux_loss_coef = 0.01
         tr = Trainer(cfg, load_dataset(cfg))
         runs.append([tr.train_step() for _ in range(3)])
-    skip = set(TIMING_KEYS) | PROFILE_KEYS | {"tokens_per_s"}
     for a, b in zip(*runs, strict=True):
-        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+        assert _numbers(a) == _numbers(b)
         assert "span_expert_s" in a and "span_expert_s" not in b
 
 
@@ -363,8 +369,6 @@ def test_train_threads_caps_numba_too_and_the_thread_count_changes_no_number(rou
     many threads numba's kernels use."""
     import numba
 
-    from moedist.training.loop import TIMING_KEYS
-    from moedist.training.profile import PROFILE_KEYS
     from moedist.training.trainer import Trainer
 
     before = numba.get_num_threads(), torch.get_num_threads()
@@ -382,9 +386,8 @@ def test_train_threads_caps_numba_too_and_the_thread_count_changes_no_number(rou
     finally:
         numba.set_num_threads(before[0])
         torch.set_num_threads(before[1])
-    skip = set(TIMING_KEYS) | PROFILE_KEYS | {"tokens_per_s"}
     for a, b in zip(*runs, strict=True):
-        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+        assert _numbers(a) == _numbers(b)
 
 
 # ------------------------------------------------------------- train.keep_heap
