@@ -16,6 +16,7 @@ from moedist.parallel.grads import (
     gather_objects,
     grad_presence,
     replicated_parameters,
+    scale_expert_grads,
     shard_model_experts,
     sync_gradients,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "grad_presence",
     "radix_kth_largest",
     "replicated_parameters",
+    "scale_expert_grads",
     "shard_model_experts",
     "sync_gradients",
     "threshold_sync_bytes",

@@ -125,6 +125,7 @@ def sync_gradients(
     group: dist.ProcessGroup | None = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     has_P: Tensor | None = None,
+    scale_experts: bool = True,
 ) -> None:
     """Make every gradient the gradient of the global loss (the mean of the ranks' losses).
 
@@ -147,6 +148,8 @@ def sync_gradients(
     was used on other ranks); one without a gradient anywhere keeps ``grad = None``.
     ``has_P``: `grad_presence` already summed over the ranks (a caller that sums it with
     other counts in one all-reduce); None: summed here (one more all-reduce).
+    ``scale_experts=False``: the caller already called `scale_expert_grads` (to take the
+    experts' norm before the sync, e.g. to sum it in the same all-reduce as other numbers).
     """
     W = dist.get_world_size(group)
     rep = replicated_parameters(model)
@@ -171,9 +174,17 @@ def sync_gradients(
         flat = all_reduce_sum(flat, group, inplace=True).div_(W)
         for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
             g.copy_(part.view_as(g))
+    if scale_experts:
+        scale_expert_grads(model, W)
+
+
+def scale_expert_grads(model: nn.Module, world: int) -> None:
+    """Divide the expert (sharded) gradients by the world size: the all-to-all backward
+    brought each owner the sum over ranks, and the global loss is their mean. A local step,
+    no collective; `sync_gradients` does it unless told the caller has."""
     for p in expert_parameters(model):
         if p.grad is not None:
-            p.grad.div_(W)
+            p.grad.div_(world)
 
 
 class OverlappedGradSync:
@@ -262,8 +273,9 @@ class OverlappedGradSync:
         self._next = i + 1
 
     @torch.no_grad()
-    def finish(self) -> None:
-        """Start what backward left open, wait for every bucket, write the averages back."""
+    def finish(self, scale_experts: bool = True) -> None:
+        """Start what backward left open, wait for every bucket, write the averages back
+        (and scale the expert gradients by 1/W unless the caller already did)."""
         if not self.armed:
             raise RuntimeError("OverlappedGradSync.finish without arm() before the last backward")
         while self._next < len(self.buckets):
@@ -271,9 +283,10 @@ class OverlappedGradSync:
         for b in self.buckets:
             b.work.wait()
             b.unpack(self.world)
-        for p in self.experts:
-            if p.grad is not None:
-                p.grad.div_(self.world)
+        if scale_experts:
+            for p in self.experts:
+                if p.grad is not None:
+                    p.grad.div_(self.world)
         self.reset()
 
 

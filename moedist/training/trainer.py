@@ -364,18 +364,29 @@ class Trainer:
                             stat_LE[i, name] += plan.stats[name].cpu()
         except NonFiniteLogitsError as e:  # raised on every worker alike: all stop or all skip
             return self._skipped_row(e, lr, t0)
+        sq_exp = None  # the expert gradients' global squared norm, when summed with the counts
         if d is not None:
             from moedist.parallel import (
                 all_reduce_sum,
                 all_reduce_sum_counts_and_floats,
                 grad_presence,
+                scale_expert_grads,
                 sync_gradients,
             )
 
+            # With 2 workers (fused) the clip's expert norm rides in the step's one all-reduce
+            # of counts and floats instead of an all-reduce of its own after the sync: the
+            # expert gradients need no communication to be final, only the 1/W scaling, so
+            # their norm is known before the replicated gradients are synced.
+            fuse_norm = cfg.comm.fuse and d.world == 2
             # Overlapped, this measures only the wait for the all-reduces still running
             # after backward (the exposed part); the rest hid behind the backward pass.
             with self.clock.measure("grad_sync"):
                 if cfg.comm.fuse:
+                    floats = [ce_sum, aux_sum]
+                    if fuse_norm:
+                        scale_expert_grads(model, d.world)
+                        floats.append(expert_grad_sq(model))
                     # Integer counts sum exactly in any order: which dense parameters have a
                     # gradient (the plain sync's; the overlapped one sends its own flags) and the
                     # step's loads, assignments and plan counts in ONE all-reduce.
@@ -383,14 +394,16 @@ class Trainer:
                     # (with 2 workers the float losses ride along: see the function)
                     summed, loss_sums = all_reduce_sum_counts_and_floats(
                         [*presence, load_LE, assigned_L, *stat_LE.values()],
-                        torch.tensor([ce_sum, aux_sum], dtype=torch.float64), d.group)  # fmt: skip
+                        torch.tensor(floats, dtype=torch.float64), d.group)  # fmt: skip
+                    if fuse_norm:
+                        sq_exp, loss_sums = float(loss_sums[2]), loss_sums[:2]
                     has_P = summed.pop(0) if presence else None
                     load_LE, assigned_L, *summed = summed
                     stat_LE = dict(zip(stat_LE, summed, strict=True))
                 if self.grad_sync is not None:
-                    self.grad_sync.finish()
+                    self.grad_sync.finish(scale_experts=not fuse_norm)
                 elif cfg.comm.fuse:
-                    sync_gradients(model, d.group, has_P=has_P)
+                    sync_gradients(model, d.group, has_P=has_P, scale_experts=not fuse_norm)
                 else:
                     sync_gradients(model, d.group)
             # Every worker reports the global numbers: losses averaged, loads summed. Unfused,
@@ -409,7 +422,7 @@ class Trainer:
                         summed = all_reduce_sum(torch.stack(list(stat_LE.values())), d.group)
                         stat_LE = dict(zip(stat_LE, summed, strict=True))
         with self._span("optimiser"):  # clipping (its norm all-reduce), the update, the routers' step end
-            grad_norm = self.clip_gradients()
+            grad_norm = self.clip_gradients(sq_exp)
             # Loss and norm are global (all-reduced), so every worker takes the same branch.
             skipped = not (math.isfinite(ce_sum) and math.isfinite(aux_sum) and math.isfinite(grad_norm))
             if skipped:
@@ -524,11 +537,13 @@ class Trainer:
             )
         self.skipped += 1
 
-    def clip_gradients(self) -> float:
+    def clip_gradients(self, sq_exp: float | None = None) -> float:
         """Clip to train.grad_clip by the global gradient norm; return the norm.
 
         With expert parallelism, replicated gradients are identical on every worker (count
         them once) while each expert's gradient lives on its owner (sum over workers).
+        ``sq_exp``: the expert gradients' squared norm already summed over the workers
+        (`expert_grad_sq`, all-reduced by the caller); None: all-reduced here.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
@@ -538,9 +553,10 @@ class Trainer:
 
         sharded = {id(p) for p in expert_parameters(self.model)}
         sq_rep = sum(float(p.grad.double().square().sum()) for p in params if id(p) not in sharded)
-        sq_exp = torch.tensor([sum(float(p.grad.double().square().sum()) for p in params if id(p) in sharded)],
-                              dtype=torch.float64)  # fmt: skip
-        total = math.sqrt(sq_rep + float(all_reduce_sum(sq_exp, self.dist.group)[0]))
+        if sq_exp is None:
+            sq_exp = float(all_reduce_sum(torch.tensor([expert_grad_sq(self.model)], dtype=torch.float64),
+                                          self.dist.group)[0])  # fmt: skip
+        total = math.sqrt(sq_rep + sq_exp)
         if math.isfinite(max_norm) and total > max_norm:
             scale = max_norm / (total + 1e-6)
             for p in params:
@@ -560,6 +576,16 @@ class Trainer:
             self.model, self.dataset, self.cfg.model.seq_len, t.batch_size, t.eval_tokens, self.autocast_dtype,
             shard=shard, all_reduce=reduce,
         )  # fmt: skip
+
+
+def expert_grad_sq(model: torch.nn.Module) -> float:
+    """This worker's expert (sharded) gradients' squared norm, in float64, in parameter order
+    (the same sum wherever it is taken, so a fused and a plain step agree bitwise)."""
+    from moedist.parallel import expert_parameters
+
+    sharded = {id(p) for p in expert_parameters(model)}
+    return sum(float(p.grad.double().square().sum()) for p in model.parameters()
+               if p.grad is not None and id(p) in sharded)  # fmt: skip
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
