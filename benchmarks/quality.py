@@ -54,7 +54,7 @@ each run's tokens/s is then that of a shared machine).
 
 --quick: a smoke run, not a quality measurement: d=64, 3 layers, 8 experts, seq 64, batch 8,
 20 steps (ET warm-up 10), eval every 5 steps on 4096 tokens, 1 seed, 1 torch thread, routers
-dense, tc, et (and ET's softmax gate).
+dense, tc (and TC with the paper's settings), et (and ET's softmax gate).
 
     python benchmarks/quality.py [--quick] [--steps N] [--seeds N] [--eval-every N]
         [--routers dense,tc,...] [--ablations et_gate,...|all] [--data DIR] [--threads N]
@@ -444,9 +444,12 @@ def main() -> None:
     print(f"{stored} runs read from the store, {len(jobs)} to train", flush=True)
 
     def report(v: Variant, seed: int, r: dict[str, Any]) -> None:
+        fanout = "-" if v.router == "dense" else f"{r['inference_fanout']:.2f}"
         print(f"{v.name:28s} seed {seed}  val {r['final_val_loss']:.4f}  inference fanout "
-              f"{r['inference_fanout']:.2f}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
+              f"{fanout}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
               f"{r['tokens_per_s']:.0f} tok/s  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
+        for w in r.get("eval_warnings", []):  # e.g. ET evaluated before its thresholds settled
+            print(f"{'':28s} warning: {w}", flush=True)
 
     def finish(digest: str, r: dict[str, Any]) -> None:
         for key, seed in twins[digest]:
@@ -475,7 +478,8 @@ def main() -> None:
         print(f"-- {gname}: {results[-1]['separation']['reading']}")
         for s in summary:
             print(f"   {s['variant']:28s} val {s['val_loss_mean']:.4f} +- {s['val_loss_spread']:.4f}  "
-                  f"fanout {s['inference_fanout'] or 0:.2f}  load max/mean {s['load_max_over_mean']:.2f} "
+                  f"fanout {'-' if s['inference_fanout'] is None else format(s['inference_fanout'], '.2f')}  "
+                  f"load max/mean {s['load_max_over_mean']:.2f} "
                   f"cv {s['load_cv']:.2f}")  # fmt: skip
     config = {"quick": args.quick, "steps": steps, "seeds": seeds, "eval_every": eval_every, "routers": routers,
               "jobs": args.jobs, "threads": threads, "run_store": str(store) if store else None,

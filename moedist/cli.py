@@ -263,6 +263,10 @@ def cmd_signatures(args: argparse.Namespace) -> int:
             "cv_fold_accuracy_std", "cv_macro_f1", "permutation_accuracy", "load_balance_accuracy",
             "accuracy_by_layer")  # fmt: skip
     print(json.dumps({k: report[k] for k in keys}))
+    if report["thresholds_settled"] is False:
+        print(f"moedist: warning: the signatures route with ET thresholds that have not settled "
+              f"({report['et_updates']} of {report['et_warmup_steps']} warm-up updates): they are not those "
+              "of the trained router", file=sys.stderr)  # fmt: skip
     print(f"Signatures: {Path(args.out) / 'signatures.parquet'}\nReport:     {Path(args.out) / 'report.json'}")
     print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png, confusion.png)")
     return 0

@@ -41,7 +41,7 @@ class RouterConfig:
     top_k: int = _rng(1, 1)
     """TC/LF: experts per token. EC/ET: mean routed experts per token, k = N*top_k/E."""
     gate: str = _choice("auto", "softmax", "sigmoid", default="auto")
-    """Gate function; auto = the router's own (TC/EC softmax, LF/ET sigmoid)."""
+    """Gate function; auto = the router's own (TC/EC/ETR softmax, LF/ET sigmoid)."""
     normalize_weights: bool = True
     """TC/LF: renormalise the selected gate weights to sum to 1 (only when top_k > 1)."""
     aux_loss_coef: float = _rng(0.01, 0.0)
@@ -66,7 +66,8 @@ class RouterConfig:
     aoe_d_low: int = _rng(0, 0)
     """AoE: rank of each expert's factorised gate projection; 0 = d_model // 3."""
     aoe_param_match: bool = True
-    """AoE: choose the expert width so each expert has a SwiGLU expert's parameters."""
+    """AoE: choose the expert width so each expert has the parameters of the model's own
+    expert (3DF for SwiGLU, as in the paper; 2DF for ReLU^2)."""
     aoe_renormalize: bool = False
     """AoE: gate weights = softmax over the k selected norms (sum 1; weight 1 at top_k = 1)
     instead of the official code's softmax over all E norms, top-k values kept as they are."""

@@ -3,7 +3,9 @@
 Each expert i factorises its gate projection W_g,i = W_down,i (D x L) . W_up,i (L x W).
 One matmul with the concatenated [D, E*L] matrix gives every expert's low-rank activation
 a_i = x W_down,i; an expert's score is ||a_i||_2; each token takes its top-k experts by
-score with weights softmax over the k selected scores; the selected experts finish
+score, weighted by the softmax over all E scores, the k values kept as they are (the
+official code; router.aoe_renormalize: the softmax over the k selected scores); the
+selected experts finish
 E_i(x) = (SiLU(a_i W_up,i) * (x W_p,i)) W_o,i, reusing a_i (it travels with the token as
 the plan's payload, through the all-to-all in expert-parallel runs).
 

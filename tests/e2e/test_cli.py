@@ -98,6 +98,11 @@ def test_eval_and_generate_say_whether_et_thresholds_had_settled(trained: Path, 
     assert th["mean_fanout"] == th["inference_fanout"] == ev["inference_fanout"]
     assert run_cli("generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "8") == 0
     assert "3 of 10 warm-up updates" in capsys.readouterr().err
+    # signatures route with the thresholds too: warned, and the state is in the report
+    assert run_cli("signatures", "--run", str(out), "--out", str(tmp_path / "sig")) == 0
+    assert "signatures route with ET thresholds that have not settled (3 of 10" in capsys.readouterr().err
+    report = json.loads((tmp_path / "sig" / "report.json").read_text())
+    assert (report["thresholds_settled"], report["et_updates"], report["et_warmup_steps"]) == (False, 3, 10)
 
 
 def test_generate_prints_continuation(trained: Path, capsys):
@@ -370,6 +375,8 @@ def test_signatures_and_task_aware_preselection_from_the_cli(trained: Path, tmp_
     assert report["prompts"] >= 80 and len(report["accuracy_by_layer"]) == 2
     assert (out / "signatures.parquet").is_file() and (out / "similarity.png").is_file()
     assert report["normalization"] == "assignment" and len(report["confusion"]["matrix"]) == 4
+    assert (report["thresholds_settled"], report["et_updates"]) == (True, 60)
+    assert "warning" not in capsys.readouterr().err
     assert run_cli("signatures", "--run", str(trained), "--out", str(tmp_path / "tok"), "--normalize", "token") == 0
     assert json.loads((tmp_path / "tok" / "report.json").read_text())["normalization"] == "token"
     assert (tmp_path / "tok" / "confusion.png").is_file()
