@@ -253,12 +253,19 @@ def _apply_expert_selection(model, args: argparse.Namespace) -> int | None:
 
 def cmd_signatures(args: argparse.Namespace) -> int:
     from moedist.analysis.signatures import compute_signatures, load_prompts
+    from moedist.training.evaluate import et_state
     from moedist.training.trainer import load_trained
 
     cli_checks.check_signatures_flags(args)
     prompts = load_prompts(args.prompts, split=None if args.prompts else "signature")
     cfg, model, tokenizer, _ = load_trained(Path(args.run))
-    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed, args.normalize)
+    # Signatures route with ET's thresholds, settled or not: the report says which.
+    et = et_state(model)
+    state = {"et_updates": None if et is None else et.updates,
+             "et_warmup_steps": None if et is None else et.warmup_steps,
+             "thresholds_settled": None if et is None else et.settled}  # fmt: skip
+    report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed, args.normalize,
+                                extra=state)  # fmt: skip
     keys = ("prompts", "normalization", "within_cosine", "across_cosine", "cosine_cohens_d", "cv_accuracy",
             "cv_fold_accuracy_std", "cv_macro_f1", "permutation_accuracy", "load_balance_accuracy",
             "accuracy_by_layer")  # fmt: skip

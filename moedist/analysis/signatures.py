@@ -324,28 +324,16 @@ def draw_confusion(ax: Any, confusion: dict[str, Any], title: str, rotation: int
     ax.set_title(title, fontsize=9)
 
 
-def routing_state(model: Any) -> dict[str, Any]:
-    """Whether the signatures came from settled routing: for ET, the threshold updates done
-    against the warm-up's length (signatures route with the thresholds, settled or not);
-    None for the other routers."""
-    from moedist.training.evaluate import et_state
-
-    et = et_state(model)
-    return {
-        "et_updates": None if et is None else et.updates,
-        "et_warmup_steps": None if et is None else et.warmup_steps,
-        "thresholds_settled": None if et is None else et.settled,
-    }
-
-
 def compute_signatures(model: Any, tokenizer: Any, seq_len: int, prompts: list[dict[str, str]], out_dir: str | Path,
-                       seed: int = 0, normalization: str = "assignment") -> dict[str, Any]:  # fmt: skip
-    """Signatures of `prompts` -> OUT/signatures.parquet, OUT/report.json and the PNGs."""
+                       seed: int = 0, normalization: str = "assignment",
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Signatures of `prompts` -> OUT/signatures.parquet, OUT/report.json and the PNGs;
+    `extra` (e.g. the routers' state) is recorded in the report as it is."""
     out = Path(out_dir)
     hist_PLE = routing_histograms(model, tokenizer, [p["text"] for p in prompts], seq_len, normalization)
     tasks = [p["task"] for p in prompts]
     report = signature_report(hist_PLE, tasks, seed, normalization=normalization)
-    report.update(routing_state(model))
+    report.update(extra or {})
     out.mkdir(parents=True, exist_ok=True)
     P, L, E = hist_PLE.shape
     table = pa.table({
