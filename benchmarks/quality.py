@@ -443,8 +443,11 @@ def main() -> None:
                 jobs.append((digest, (v, seed, steps, eval_every, common, path)))
     print(f"{stored} runs read from the store, {len(jobs)} to train", flush=True)
 
+    def fanout_text(fanout: float | None) -> str:
+        return "-" if fanout is None else f"{fanout:.2f}"  # None: dense, no routed experts
+
     def report(v: Variant, seed: int, r: dict[str, Any]) -> None:
-        fanout = "-" if v.router == "dense" else f"{r['inference_fanout']:.2f}"
+        fanout = fanout_text(None if v.router == "dense" else r["inference_fanout"])
         print(f"{v.name:28s} seed {seed}  val {r['final_val_loss']:.4f}  inference fanout "
               f"{fanout}  load max/mean {r['load_spread'].get('max_over_mean', 1.0):.2f}  "
               f"{r['tokens_per_s']:.0f} tok/s  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
@@ -478,7 +481,7 @@ def main() -> None:
         print(f"-- {gname}: {results[-1]['separation']['reading']}")
         for s in summary:
             print(f"   {s['variant']:28s} val {s['val_loss_mean']:.4f} +- {s['val_loss_spread']:.4f}  "
-                  f"fanout {'-' if s['inference_fanout'] is None else format(s['inference_fanout'], '.2f')}  "
+                  f"fanout {fanout_text(s['inference_fanout'])}  "
                   f"load max/mean {s['load_max_over_mean']:.2f} "
                   f"cv {s['load_cv']:.2f}")  # fmt: skip
     config = {"quick": args.quick, "steps": steps, "seeds": seeds, "eval_every": eval_every, "routers": routers,

@@ -261,19 +261,16 @@ def cmd_signatures(args: argparse.Namespace) -> int:
     cfg, model, tokenizer, _ = load_trained(Path(args.run))
     # Signatures route with ET's thresholds, settled or not: the report says which.
     et = et_state(model)
-    state = {"et_updates": None if et is None else et.updates,
-             "et_warmup_steps": None if et is None else et.warmup_steps,
-             "thresholds_settled": None if et is None else et.settled}  # fmt: skip
+    state = et.to_json() if et is not None else dict.fromkeys(("et_updates", "et_warmup_steps", "thresholds_settled"))
     report = compute_signatures(model, tokenizer, cfg.model.seq_len, prompts, args.out, args.seed, args.normalize,
                                 extra=state)  # fmt: skip
     keys = ("prompts", "normalization", "within_cosine", "across_cosine", "cosine_cohens_d", "cv_accuracy",
             "cv_fold_accuracy_std", "cv_macro_f1", "permutation_accuracy", "load_balance_accuracy",
             "accuracy_by_layer")  # fmt: skip
     print(json.dumps({k: report[k] for k in keys}))
-    if report["thresholds_settled"] is False:
-        print(f"moedist: warning: the signatures route with ET thresholds that have not settled "
-              f"({report['et_updates']} of {report['et_warmup_steps']} warm-up updates): they are not those "
-              "of the trained router", file=sys.stderr)  # fmt: skip
+    if et is not None and not et.settled:
+        print(f"moedist: warning: the signatures route with ET thresholds that have not settled ({et.progress}): "
+              "they are not those of the trained router", file=sys.stderr)  # fmt: skip
     print(f"Signatures: {Path(args.out) / 'signatures.parquet'}\nReport:     {Path(args.out) / 'report.json'}")
     print(f"Plots:      {Path(args.out)}/ (similarity.png, projection.png, confusion.png)")
     return 0

@@ -182,7 +182,11 @@ def scale_expert_grads(model: nn.Module, world: int) -> None:
     """Divide the expert (sharded) gradients by the world size: the all-to-all backward
     brought each owner the sum over ranks, and the global loss is their mean. A local step,
     no collective; `sync_gradients` does it unless told the caller has."""
-    for p in expert_parameters(model):
+    _divide_grads(expert_parameters(model), world)
+
+
+def _divide_grads(params: Iterable[Tensor], world: int) -> None:
+    for p in params:
         if p.grad is not None:
             p.grad.div_(world)
 
@@ -284,9 +288,7 @@ class OverlappedGradSync:
             b.work.wait()
             b.unpack(self.world)
         if scale_experts:
-            for p in self.experts:
-                if p.grad is not None:
-                    p.grad.div_(self.world)
+            _divide_grads(self.experts, self.world)
         self.reset()
 
 
@@ -390,6 +392,12 @@ def _unflat_counts(flat: Tensor, xs: list[Tensor]) -> list[Tensor]:
     return [p.view(x.shape).to(x.device, x.dtype) for p, x in zip(parts, xs, strict=True)]
 
 
+def floats_ride_with_counts(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether `all_reduce_sum_counts_and_floats` sums its floats in the counts' all-reduce
+    (bitwise what they would sum to alone): only in a group of 2 ranks."""
+    return dist.is_initialized() and dist.get_world_size(group) == 2
+
+
 def all_reduce_sum_counts_and_floats(
     xs: list[Tensor], floats_F: Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[list[Tensor], Tensor]:
@@ -398,7 +406,7 @@ def all_reduce_sum_counts_and_floats(
     a + b == b + a in IEEE arithmetic, so the floats' sums do not depend on where they sit in
     the buffer (with 3 or more ranks gloo's order does, hence two all-reduces there). The
     counts travel as float64 then, exact below 2^53 (a step's token counts are far below)."""
-    if not dist.is_initialized() or dist.get_world_size(group) != 2 or not xs:
+    if not floats_ride_with_counts(group) or not xs:
         return all_reduce_sum_counts(xs, group), all_reduce_sum(floats_F.to(torch.float64), group)
     counts = _flat_counts(xs).to(torch.float64)
     flat = all_reduce_sum(torch.cat([counts, floats_F.detach().reshape(-1).cpu().to(torch.float64)]), group,

@@ -67,6 +67,15 @@ class ETState:
         """True once training routes with the thresholds (warm-up over)."""
         return self.updates >= self.warmup_steps
 
+    @property
+    def progress(self) -> str:
+        """E.g. "3 of 10 warm-up updates" (for warnings)."""
+        return f"{self.updates} of {self.warmup_steps} warm-up updates"
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as report fields (the keys `eval` prints too)."""
+        return {"et_updates": self.updates, "et_warmup_steps": self.warmup_steps, "thresholds_settled": self.settled}
+
 
 def et_state(model: MoETransformer) -> ETState | None:
     """The ET routers' state; None if the model has no ET router."""
@@ -84,7 +93,7 @@ def fanout_warning(fanout: float, target: float, et: ETState | None, what: str) 
         return None
     why = ""
     if et is not None:
-        why = (f"; ET thresholds have not settled ({et.updates} of {et.warmup_steps} warm-up updates)"
+        why = (f"; ET thresholds have not settled ({et.progress})"
                if not et.settled else f"; ET thresholds after {et.updates} updates")  # fmt: skip
     return (f"{what} routes {fanout:.2f} experts per token, outside [{lo:g}, {hi:g}] x the target "
             f"router.top_k = {target:g}{why}: its loss and cost are not those of the trained router")  # fmt: skip
@@ -291,6 +300,6 @@ def generation_warnings(model: MoETransformer, gen: Generation) -> list[str]:
     et = et_state(model)
     w = fanout_warning(fanout, float(routers[0].top_k), et, "generation")
     if w is None and et is not None and not et.settled:
-        w = (f"generation routes with ET thresholds that have not settled ({et.updates} of {et.warmup_steps} "
-             f"warm-up updates): {fanout:.2f} experts per token, target router.top_k = {routers[0].top_k}")
+        w = (f"generation routes with ET thresholds that have not settled ({et.progress}): "
+             f"{fanout:.2f} experts per token, target router.top_k = {routers[0].top_k}")
     return [w] if w else []

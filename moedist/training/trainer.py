@@ -369,16 +369,18 @@ class Trainer:
             from moedist.parallel import (
                 all_reduce_sum,
                 all_reduce_sum_counts_and_floats,
+                floats_ride_with_counts,
                 grad_presence,
                 scale_expert_grads,
                 sync_gradients,
             )
 
-            # With 2 workers (fused) the clip's expert norm rides in the step's one all-reduce
-            # of counts and floats instead of an all-reduce of its own after the sync: the
-            # expert gradients need no communication to be final, only the 1/W scaling, so
-            # their norm is known before the replicated gradients are synced.
-            fuse_norm = cfg.comm.fuse and d.world == 2
+            # Fused, where floats ride with the counts (2 workers), the clip's expert norm
+            # rides in the step's one all-reduce of counts and floats instead of an all-reduce
+            # of its own after the sync: the expert gradients need no communication to be
+            # final, only the 1/W scaling, so their norm is known before the replicated
+            # gradients are synced.
+            fuse_norm = cfg.comm.fuse and floats_ride_with_counts(d.group)
             # Overlapped, this measures only the wait for the all-reduces still running
             # after backward (the exposed part); the rest hid behind the backward pass.
             with self.clock.measure("grad_sync"):
