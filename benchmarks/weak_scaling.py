@@ -31,9 +31,12 @@ on the plain efficiency.
 
 With ``--grad-overlap`` another setting runs interleaved: fuse on and ``[comm]
 overlap_grad_sync = true`` (the dense-gradient all-reduce in buckets during backward).
+"fuse off" is the plain path (``[comm] plan_counts`` off too); "fuse on" has both on; with
+``--no-plan-counts`` another setting has fuse on and plan_counts off (the dispatchers
+exchange their counts), so the plan counts' own effect is measured side by side.
 
     python benchmarks/weak_scaling.py [--quick] [--workers 1,2] [--fuse both|on|off] [--overlap-chunks C]
-        [--grad-overlap] [--rounds R]
+        [--grad-overlap] [--no-plan-counts] [--rounds R]
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ from moedist.runtime.coordinator import Coordinator
 
 
 def job_cfg(workers: int, seqs_per_worker: int, steps: int, router: str, fuse: bool, chunks: int = 1,
-            grad_overlap: bool = False):  # fmt: skip
+            grad_overlap: bool = False, plan_counts: bool | None = None):  # fmt: skip
     over = {
         "workers": workers,
-        "comm": {"fuse": fuse, "overlap_chunks": chunks, "overlap_grad_sync": grad_overlap},
+        "comm": {"fuse": fuse, "overlap_chunks": chunks, "overlap_grad_sync": grad_overlap,
+                 "plan_counts": fuse if plan_counts is None else plan_counts},
         "router": {"kind": router, "et_warmup_steps": 2},
         "train": {"steps": steps, "batch_size": seqs_per_worker * workers, "eval_every": 0, "progress": False,
                   "threads": 1},
@@ -186,11 +190,11 @@ def ceiling_probe(seqs_per_worker: int, router: str, rounds: int, steps: int = 1
             "solo_samples": samples[1], "pair_samples": samples[2]}  # fmt: skip
 
 
-def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool], args, tmp: Path) -> dict:
+def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, bool], args, tmp: Path) -> dict:
     import ray
 
-    fuse, chunks, grad_overlap = setting
-    cfg = job_cfg(workers, seqs_per_worker, args.steps, args.router, fuse, chunks, grad_overlap)
+    fuse, chunks, grad_overlap, plan_counts = setting
+    cfg = job_cfg(workers, seqs_per_worker, args.steps, args.router, fuse, chunks, grad_overlap, plan_counts)
     coord = Coordinator(cfg, strategy="SPREAD", start_timeout_s=180)
     try:
         infos = coord.start()
@@ -208,6 +212,7 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool],
         "fuse": fuse,
         "overlap_chunks": chunks,
         "overlap_grad_sync": grad_overlap,
+        "plan_counts": plan_counts,
         "nodes": len({i["node"] for i in infos}),
         "seqs_per_worker": seqs_per_worker,
         "tokens_per_worker": seqs_per_worker * cfg.model.seq_len,
@@ -260,7 +265,8 @@ def plot(results: list[dict], path: Path) -> None:
         rows = [r for r in results if r["tokens_per_worker"] == size]
         xs = [f"{r['workers']}{' fused' if r['fuse'] else ''}"
               f"{' ov' + str(r['overlap_chunks']) if r.get('overlap_chunks', 1) > 1 else ''}"
-              f"{' gs' if r.get('overlap_grad_sync') else ''}" for r in rows]
+              f"{' gs' if r.get('overlap_grad_sync') else ''}"
+              f"{' xc' if r['fuse'] and not r.get('plan_counts', True) else ''}" for r in rows]
         bottom = [0.0] * len(rows)
         for key in ("compute_s", "a2a_s", "pool_s", "grad_sync_s"):
             ys = [1e3 * r[key] for r in rows]
@@ -269,7 +275,8 @@ def plot(results: list[dict], path: Path) -> None:
         for x, r, b in zip(xs, rows, bottom, strict=True):
             ax.text(x, b, f"eff {r['efficiency']:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{size} tokens / worker")
-        ax.set_xlabel("workers, [comm] fuse, ov = overlap_chunks, gs = overlap_grad_sync (2 nodes, 2 cores)")
+        ax.set_xlabel("workers, [comm] fuse, ov = overlap_chunks, gs = overlap_grad_sync, "
+                      "xc = counts exchanged (plan_counts off) (2 nodes, 2 cores)", fontsize=8)
         ax.set_ylabel("ms per step (slowest worker)")
         ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -290,6 +297,8 @@ def main() -> None:
                     help="also run fuse on + [comm] overlap_chunks = C (C > 1)")  # fmt: skip
     ap.add_argument("--grad-overlap", action="store_true",
                     help="also run fuse on + [comm] overlap_grad_sync = true")  # fmt: skip
+    ap.add_argument("--no-plan-counts", action="store_true",
+                    help="also run fuse on + [comm] plan_counts = false (counts exchanged)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=None, help="times every job runs, interleaved (default 3; quick 1)")
     args = ap.parse_args()
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
@@ -302,10 +311,11 @@ def main() -> None:
     sizes = [int(x) for x in args.seqs_per_worker.split(",")]
     workers = sorted({1, *(int(x) for x in args.workers.split(","))})
     fuses = {"both": [False, True], "on": [True], "off": [False]}[args.fuse]
-    # (fuse, overlap_chunks, overlap_grad_sync)
-    settings = [(f, 1, False) for f in fuses]
-    settings += [(True, args.overlap_chunks, False)] if args.overlap_chunks > 1 else []
-    settings += [(True, 1, True)] if args.grad_overlap else []
+    # (fuse, overlap_chunks, overlap_grad_sync, plan_counts); fuse off is the plain path
+    settings = [(f, 1, False, f) for f in fuses]
+    settings += [(True, args.overlap_chunks, False, True)] if args.overlap_chunks > 1 else []
+    settings += [(True, 1, True, True)] if args.grad_overlap else []
+    settings += [(True, 1, False, False)] if args.no_plan_counts else []
     tmp = Path("/tmp") / "moedist-weak-scaling"
     with socket.socket() as probe:  # the dashboard's API server on a free port, not the fixed 8265
         probe.bind(("127.0.0.1", 0))
@@ -327,7 +337,8 @@ def main() -> None:
             for r in series:
                 base = next(b for b in series if b["workers"] == 1 and b["fuse"] == r["fuse"]
                             and b["overlap_chunks"] == r["overlap_chunks"]
-                            and b["overlap_grad_sync"] == r["overlap_grad_sync"])  # fmt: skip
+                            and b["overlap_grad_sync"] == r["overlap_grad_sync"]
+                            and b["plan_counts"] == r["plan_counts"])  # fmt: skip
                 r["efficiency"] = base["step_s"] / r["step_s"]
                 if ceiling is not None and r["workers"] == 2:
                     # how much of what the machine allows the job reached (target: raw efficiency)
@@ -344,13 +355,14 @@ def main() -> None:
     targets = [target(f"efficiency 2 workers, {r['tokens_per_worker']} tokens/worker, fuse "
                       f"{'on' if r['fuse'] else 'off'}"
                       + (f", overlap_chunks {r['overlap_chunks']}" if r["overlap_chunks"] > 1 else "")
-                      + (", overlap_grad_sync" if r["overlap_grad_sync"] else ""),
+                      + (", overlap_grad_sync" if r["overlap_grad_sync"] else "")
+                      + (", counts exchanged" if r["fuse"] and not r["plan_counts"] else ""),
                       r["efficiency"], ">=", goal.get(r["tokens_per_worker"], 0.85))
                for r in results if r["workers"] == 2]  # fmt: skip
     for size in sizes:
         pair = {r["fuse"]: r for r in results
                 if r["workers"] == 2 and r["seqs_per_worker"] == size and r["overlap_chunks"] == 1
-                and not r["overlap_grad_sync"]}  # fmt: skip
+                and not r["overlap_grad_sync"] and r["plan_counts"] == r["fuse"]}  # fmt: skip
         if len(pair) == 2 and pair[True]["pool_s"] > 0:
             ratio = pair[False]["pool_s"] / pair[True]["pool_s"]
             tokens = pair[True]["tokens_per_worker"]
@@ -359,7 +371,7 @@ def main() -> None:
     config = {"steps": args.steps, "warmup_steps_dropped": args.warmup, "rounds": args.rounds, "seqs_per_worker": sizes,
               "router": args.router, "preset": "tiny", "cluster": "2 raylets x 2 CPUs (127.0.0.2, 127.0.0.3)",
               "workers": workers, "fuse": fuses, "overlap_chunks": args.overlap_chunks,
-              "overlap_grad_sync_setting": args.grad_overlap,
+              "overlap_grad_sync_setting": args.grad_overlap, "no_plan_counts_setting": args.no_plan_counts,
               "threads_per_worker": 1,
               "note": "2 physical cores: 4 workers share them, so ~0.5 is the hardware bound at 4 workers"}  # fmt: skip
     path = write_results("weak_scaling", config, results, targets, args.quick)

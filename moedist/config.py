@@ -164,6 +164,11 @@ class CommConfig:
     is one all-gather of every worker's local top-k (not 4 radix all-reduces), ET's step-end
     select covers all MoE layers in one exchange (LF's loads likewise), the pool size is
     counted once per forward pass, and a step's integer counts share one all-reduce."""
+    plan_counts: bool = True
+    """Take each token exchange's split sizes from the routing plan when its router's own
+    collective already gave every worker's counts per expert (ET's guard and warm-up, EC,
+    TC with a capacity), instead of exchanging them first: one collective fewer per MoE
+    layer and micro-batch. Dedup keeps its own counts exchange (per worker, not per expert)."""
     dedup: bool = False
     """Send a token routed to several experts of one worker once, with its gates; that worker
     combines their outputs and sends one row back (docs/profiling.md)."""

@@ -10,6 +10,8 @@ same layer in the same order, also with zero tokens):
 
     sort assignments by slot = (destination worker, local expert index there)  [counting sort]
     all_to_all(counts per slot)   -> each receiver knows rows per (source, local expert)
+                                     (none with plan_counts when the plan carries every
+                                     worker's counts: the router's collective told them)
     all_to_all(token rows, uneven splits)
     receiver: experts on the (source, expert) segments as they arrived
               (GroupedExperts.forward_segments; other experts: reorder to expert-major
@@ -230,6 +232,10 @@ class AllToAllDispatcher:
     forward calls (a backward pass sends the same again; counts exchanges not included).
     ``exchange`` (moedist.parallel.exchange.make_exchange; None: the collective on `group`)
     moves the token rows, e.g. through shared memory within a node.
+    ``plan_counts``: take the split sizes from a plan that carries every worker's counts
+    (``RoutingPlan.rank_counts_WE``: ET's guard and warm-up, EC, TC with a capacity routed
+    over a pool on this same group) instead of exchanging them, one collective fewer per
+    call; plans without them still exchange counts.
     """
 
     def __init__(
@@ -241,6 +247,7 @@ class AllToAllDispatcher:
         wire_dtype: str = "auto",
         exchange: RowExchange | None = None,
         overlap_chunks: int = 1,
+        plan_counts: bool = False,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -255,6 +262,8 @@ class AllToAllDispatcher:
         self.dedup = bool(dedup)
         self.wire_dtype = wire_dtype
         self.exchange = exchange
+        self.plan_counts = bool(plan_counts)
+        self._slot_list = placement.slot_E()
         # Chunks of the pipelined exchange: at most the largest worker's expert count (a
         # chunk is a group of each worker's local experts), the same on every rank.
         self.overlap_chunks = min(overlap_chunks, max(placement.n_local(w) for w in range(placement.world_size)))
@@ -281,7 +290,7 @@ class AllToAllDispatcher:
         weight_A = plan.weight_A[order_A]
 
         # 2. Counts per (destination, its local expert) -> counts per (source, my local expert).
-        send_S, recv_WL = self._exchange_counts(counts_S, W, L)
+        send_S, recv_WL = self._split_counts(counts_S, plan, W, L)
         send_splits, recv_splits, start = [], [], 0
         for w in range(W):
             send_splits.append(sum(send_S[start : start + P.n_local(w)]))
@@ -320,7 +329,7 @@ class AllToAllDispatcher:
         weight_A = plan.weight_A[order_A]
         # Counts per rank-major slot (destination, its local expert) for the counts exchange.
         counts_S = counts_K.to(device)[self._chunk_slots(device, rank_major=True)]
-        send_S, recv_WL = self._exchange_counts(counts_S, W, L)
+        send_S, recv_WL = self._split_counts(counts_S, plan, W, L)
 
         # 2. Rows per chunk and worker, both ways, and each chunk's rows per local expert.
         send = [[0] * W for _ in range(C)]
@@ -346,6 +355,32 @@ class AllToAllDispatcher:
         out_AD = run_pipelined(rows_AD, cp, run_chunk)
         self.fwd_bytes_sent += (cp.n_rows + sum(map(sum, recv))) * rows_AD.shape[1] * wire.itemsize
         return combine(out_AD, weight_A, token_A, T)
+
+    def _split_counts(self, counts_S: Tensor, plan: RoutingPlan, W: int, L: int) -> tuple[list[int], list[int]]:
+        """(send_S, recv_WL) of `_exchange_counts`; with ``plan_counts`` and a plan that
+        carries every worker's counts (RoutingPlan.rank_counts_WE) read from the plan, with
+        no collective. The choice is the same on every rank: routers set the counts from
+        their collectives' results, which every rank shares."""
+        if not self.plan_counts or plan.rank_counts_WE is None:
+            return self._exchange_counts(counts_S, W, L)
+        P, rank = self.placement, dist.get_rank(self.group)
+        all_WE = plan.rank_counts_WE
+        if tuple(all_WE.shape) != (W, P.n_experts):
+            raise ValueError(f"plan.rank_counts_WE has shape {tuple(all_WE.shape)}, the dispatcher's group and "
+                             f"placement need ({W}, {P.n_experts}): route over the dispatcher's group")  # fmt: skip
+        # One host transfer (one sync on CUDA), as in the exchange: [W x E counts | my counts_S].
+        host = torch.cat([all_WE.reshape(-1).to(counts_S.device, torch.int64), counts_S]).tolist()
+        all_counts, mine = host[: W * P.n_experts], host[W * P.n_experts :]
+        slot_E = self._slot_list
+        send_S = [0] * P.n_experts
+        for e in range(P.n_experts):
+            send_S[slot_E[e]] = all_counts[rank * P.n_experts + e]
+        if send_S != mine:  # the router's counts do not describe this plan: a routing bug
+            raise RuntimeError(f"rank {rank}: plan.rank_counts_WE says {send_S} assignments per slot, the plan has "
+                               f"{mine}")  # fmt: skip
+        local = P.local_experts(rank)
+        recv_WL = [all_counts[w * P.n_experts + e] for w in range(W) for e in local]
+        return send_S, recv_WL
 
     def _exchange_counts(self, counts_S: Tensor, W: int, L: int) -> tuple[list[int], list[int]]:
         """Rows per (destination, its local expert) out, rows per (source, my local expert)

@@ -47,7 +47,8 @@ def enable_expert_parallel(
     `group` (None: the default group) need not be initialised yet, but must be by the first
     forward pass; `nodes` gives every rank's node address (None: all ranks on one node);
     `comm` holds the exchange's switches (None: the defaults; comm.fuse gives the pool
-    statistics fewer, larger collectives, see DistributedPoolOps). With ``comm.shm`` or
+    statistics fewer, larger collectives, see DistributedPoolOps; comm.plan_counts lets the
+    dispatchers take their split sizes from plans whose router gathered every worker's counts). With ``comm.shm`` or
     ``comm.hierarchical`` the token rows move through `exchange` (None: one made by
     moedist.parallel.exchange.make_exchange from `nodes`; the worker closes it on reset).
     """
@@ -58,7 +59,8 @@ def enable_expert_parallel(
     if exchange is None and (comm.shm or comm.hierarchical):
         exchange = make_exchange(group, nodes, shm=comm.shm, hierarchical=comm.hierarchical)
     shard_model_experts(model, placement, rank, group, clock, dedup=comm.dedup, wire_dtype=comm.wire_dtype,
-                        exchange=exchange, overlap_chunks=comm.overlap_chunks)  # fmt: skip
+                        exchange=exchange, overlap_chunks=comm.overlap_chunks,
+                        plan_counts=comm.plan_counts)  # fmt: skip
     pool = DistributedPoolOps(group, clock, fuse=comm.fuse)
     on_node_E = experts_on_node(placement, rank, nodes) if nodes is not None else None
     device = next(model.parameters()).device

@@ -53,6 +53,7 @@ def shard_model_experts(
     wire_dtype: str = "auto",
     exchange: RowExchange | None = None,
     overlap_chunks: int = 1,
+    plan_counts: bool = False,
 ) -> nn.Module:
     """Turn a full model into `rank`'s shard, in place, and return it.
 
@@ -64,8 +65,9 @@ def shard_model_experts(
     that of the 1-process model. The process group need not exist yet; it must by the first
     forward pass. A `clock` times the dispatchers' exchanges; `dedup` and `wire_dtype`
     are the dispatchers' switches (moedist.parallel.alltoall), as is `overlap_chunks`
-    (moedist.parallel.overlap); `exchange` (shared by all blocks; None: the plain
-    collective) moves their token rows.
+    (moedist.parallel.overlap), as is `plan_counts` (split sizes from the routing plan
+    when it carries every worker's counts); `exchange` (shared by all blocks; None: the
+    plain collective) moves their token rows.
     """
     local = placement.local_experts(rank)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
@@ -78,7 +80,8 @@ def shard_model_experts(
         if not isinstance(full, GroupedExperts):  # e.g. AoE's experts know how to cut themselves
             block.experts = full.subset(local)
             block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
-                                                  exchange=exchange, overlap_chunks=overlap_chunks)  # fmt: skip
+                                                  exchange=exchange, overlap_chunks=overlap_chunks,
+                                              plan_counts=plan_counts)  # fmt: skip
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,
@@ -91,7 +94,8 @@ def shard_model_experts(
         shard.train(full.training)
         block.experts = shard  # same attribute: the module (and parameter) order is unchanged
         block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
-                                              exchange=exchange, overlap_chunks=overlap_chunks)  # fmt: skip
+                                              exchange=exchange, overlap_chunks=overlap_chunks,
+                                              plan_counts=plan_counts)  # fmt: skip
     return model
 
 

@@ -222,21 +222,21 @@ def candidate_kth_largest(values_TE: Tensor, k_E: Tensor, group=None) -> Tensor:
 
 
 def candidate_topk_cut(values_TE: Tensor, k_E: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
-    """(cutoff_E, n_above_E, ties_before_E) of `PoolOps.topk_cut` from the same ONE all-gather
-    as `candidate_kth_largest`. The counts are read from the gathered lists:
+    """(cutoff_E, above_WE, ties_WE) of `PoolOps.topk_cut` from the same ONE all-gather as
+    `candidate_kth_largest`. The per-rank counts are read from the gathered lists:
 
     - above: fewer than k values of a column lie strictly above its k-th largest, so every
       rank's top-K list holds all of its values above the cutoff: the count is exact.
-    - ties on lower ranks: a list holds all of its rank's ties unless it is full of values
-      >= the cutoff; then its rank alone has K >= k values at or above the cutoff, so the
-      ties it shows already reach the k - n_above still to take, and the ranks after it take
-      no tie either way. The masks `pool_topk_mask` builds are the exact ones."""
-    cutoff_E, lists, rank = _candidate_select(values_TE, k_E, group)
-    zeros_E = torch.zeros(cutoff_E.shape, dtype=torch.int64)
-    n_above_E = sum(((v_ME > cutoff_E).sum(0) for v_ME in lists), zeros_E)
-    before_E = sum(((v_ME == cutoff_E).sum(0) for v_ME in lists[:rank]), zeros_E)
+    - ties: a list holds all of its rank's ties unless it is full of values >= the cutoff;
+      then its rank alone has K >= k values at or above the cutoff, so the ties it shows
+      already reach the k - n_above still to take, and the ranks after it take no tie
+      either way. The masks (and per-rank counts) `pool_topk_mask` builds are the exact ones."""
+    cutoff_E, lists, _ = _candidate_select(values_TE, k_E, group)
+    E = cutoff_E.shape[0]
+    above_WE = torch.stack([(v_ME > cutoff_E).sum(0) for v_ME in lists]) if E else torch.zeros(len(lists), 0)
+    ties_WE = torch.stack([(v_ME == cutoff_E).sum(0) for v_ME in lists]) if E else torch.zeros(len(lists), 0)
     dev = values_TE.device
-    return cutoff_E.to(dev, values_TE.dtype), n_above_E.to(dev), before_E.to(dev)
+    return cutoff_E.to(dev, values_TE.dtype), above_WE.to(dev, torch.int64), ties_WE.to(dev, torch.int64)
 
 
 def _candidate_select(values_TE: Tensor, k_E: Tensor, group) -> tuple[Tensor, list[Tensor], int]:
@@ -354,29 +354,21 @@ class DistributedPoolOps(PoolOps):
         with measure(self.clock, "pool"):
             return _AllReduceSum.apply(x.to(dev), self.group, self.clock).to(x.device)
 
-    def exclusive_prefix(self, counts_E: Tensor) -> Tensor:
-        """Per-expert sum of the counts of lower ranks (rank 0 gets zeros)."""
-        return self.sum_and_prefix(torch.zeros_like(counts_E), counts_E)[1]
-
-    def sum_and_prefix(self, sum_E: Tensor, prefix_E: Tensor) -> tuple[Tensor, Tensor]:
-        """(sum_E summed over ranks, prefix_E summed over lower ranks): one all-gather."""
-        world, rank = self.world_rank
+    def gather_counts(self, counts_X: Tensor) -> Tensor:
+        """Every rank's integer counts stacked in rank order [W, *X]: one all-gather."""
+        world, _ = self.world_rank
         if world == 1:
-            return sum_E.detach(), torch.zeros_like(prefix_E)
-        dev = _comm_device(self.group, prefix_E.device)
-        local_2E = torch.stack([sum_E.detach(), prefix_E.detach()]).to(dev, torch.int64).contiguous()
-        parts_W2E = [torch.empty_like(local_2E) for _ in range(world)]
+            return super().gather_counts(counts_X)
+        local_X = counts_X.detach().to(_comm_device(self.group, counts_X.device), torch.int64).contiguous()
+        parts = [torch.empty_like(local_X) for _ in range(world)]
         with measure(self.clock, "pool"):
-            note_collective(local_2E.numel() * local_2E.element_size())
-            dist.all_gather(parts_W2E, local_2E, group=self.group)
-        all_W2E = torch.stack(parts_W2E)
-        total_E = all_W2E[:, 0].sum(0).to(sum_E.device, sum_E.dtype)
-        below_E = all_W2E[:rank, 1].sum(0).to(prefix_E.device, prefix_E.dtype)
-        return total_E, below_E
+            note_collective(local_X.numel() * local_X.element_size())
+            dist.all_gather(parts, local_X, group=self.group)
+        return torch.stack(parts).to(counts_X.device)
 
     def topk_cut(self, values_TE: Tensor, k_E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """With fuse and a small k: one all-gather of candidates gives the cutoff and both
-        counts (`candidate_topk_cut`), not a select and then a count exchange."""
+        """With fuse and a small k: one all-gather of candidates gives the cutoff and the
+        per-rank counts (`candidate_topk_cut`), not a select and then a count exchange."""
         if self._use_candidates(values_TE, k_E):
             with measure(self.clock, "pool"):
                 return candidate_topk_cut(values_TE, k_E.to(torch.int64).cpu(), self.group)

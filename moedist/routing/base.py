@@ -42,6 +42,11 @@ class RoutingPlan:
     # appended to its row (AoE: the expert's low-rank gate activation, computed once by the
     # router and reused). Differentiable; None for routers whose experts need only x.
     payload_A: Tensor | None = None
+    # int64 [W, E]: assignments per expert of every worker of the routing pool (this plan's
+    # row included), when the router's own pool statistics already told every worker (ET's
+    # guard and warm-up, EC, TC's capacity). The same on every worker; an expert-parallel
+    # dispatcher may take its split sizes from it instead of exchanging counts. None: unknown.
+    rank_counts_WE: Tensor | None = None
 
     @property
     def load_E(self) -> Tensor:
@@ -73,6 +78,16 @@ class NonFiniteLogitsError(FloatingPointError, ValueError):
 class PoolOps:
     """Reductions over the routing pool. This base class is the single-process pool."""
 
+    @property
+    def world_rank(self) -> tuple[int, int]:
+        """(workers in the pool, this worker's index among them)."""
+        return 1, 0
+
+    def gather_counts(self, counts_X: Tensor) -> Tensor:
+        """Every worker's integer counts stacked in rank order [W, *X] (detached int64; one
+        all-gather in a collective implementation)."""
+        return counts_X.detach().to(torch.int64).unsqueeze(0)
+
     def total(self, n_local: int) -> int:
         """Number of tokens in the global pool."""
         return n_local
@@ -83,11 +98,8 @@ class PoolOps:
 
     def exclusive_prefix(self, counts_E: Tensor) -> Tensor:
         """Per-expert counts contributed by workers of lower rank (token order priority)."""
-        return torch.zeros_like(counts_E)
-
-    def sum_and_prefix(self, sum_E: Tensor, prefix_E: Tensor) -> tuple[Tensor, Tensor]:
-        """(sum(sum_E) over workers, exclusive_prefix(prefix_E)) in one exchange (detached)."""
-        return sum_E.detach(), torch.zeros_like(prefix_E)
+        all_WE = self.gather_counts(counts_E)
+        return all_WE[: self.world_rank[1]].sum(0).to(counts_E.device, counts_E.dtype)
 
     def sum_counts(self, xs: list[Tensor]) -> list[Tensor]:
         """Detached sums over all workers of integer-valued tensors (counts: exact in any
@@ -105,14 +117,16 @@ class PoolOps:
         return [self.kth_largest(v_TE, k_E) for v_TE, k_E in zip(values, k, strict=True)]
 
     def topk_cut(self, values_TE: Tensor, k_E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(cutoff_E, n_above_E, ties_before_E): the k_E-th largest value of each column over
-        the pool, how many values of the pool lie strictly above it, and how many values equal
-        to it lie on lower ranks (as far as a selection of k needs to know: see
-        moedist.parallel.pool.candidate_topk_cut)."""
+        """(cutoff_E, above_WE, ties_WE): the k_E-th largest value of each column over the
+        pool, and per worker how many of its values lie strictly above it and how many equal
+        it (ties as far as a selection of k needs to know: a worker that alone holds k values
+        at or above the cutoff may report fewer of its ties; see
+        moedist.parallel.pool.candidate_topk_cut). Counts are int64 on the values' device."""
         cutoff_E = self.kth_largest(values_TE, k_E)
         c_1E = cutoff_E.unsqueeze(0)
-        n_above_E, before_E = self.sum_and_prefix((values_TE > c_1E).sum(0), (values_TE == c_1E).sum(0))
-        return cutoff_E, n_above_E, before_E
+        both_W2E = self.gather_counts(torch.stack([(values_TE > c_1E).sum(0), (values_TE == c_1E).sum(0)]))
+        both_W2E = both_W2E.to(values_TE.device)
+        return cutoff_E, both_W2E[:, 0], both_W2E[:, 1]
 
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
         """Per column e, the k_E[e]-th largest value over the global pool.

@@ -2,7 +2,7 @@
 k = N * top_k / E. Perfectly balanced, variable experts per token, NOT causal: whether a
 token is chosen depends on the other tokens of the pool (later ones included).
 
-Legend: T local tokens, N global pool tokens, E experts.
+Legend: T local tokens, N global pool tokens, E experts, W workers of the pool.
 """
 
 from __future__ import annotations
@@ -21,15 +21,26 @@ def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
     local position) until k is reached, so the choice never depends on how the pool is
     split over workers and an expert never takes more than k tokens.
     """
-    cutoff_E, n_above_E, before_E = pool.topk_cut(logits_TE, k_E)
+    return pool_topk_mask_counts(logits_TE, k_E, pool)[0]
+
+
+def pool_topk_mask_counts(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> tuple[Tensor, Tensor]:
+    """`pool_topk_mask` and how many tokens each worker's mask gives each expert [W, E]
+    (int64; every worker computes the same, from the same collective's counts)."""
+    cutoff_E, above_WE, ties_WE = pool.topk_cut(logits_TE, k_E)
+    rank = pool.world_rank[1]
     cutoff_1E = cutoff_E.unsqueeze(0)
     above_TE = logits_TE > cutoff_1E
     tied_TE = logits_TE == cutoff_1E
     # Ties to take globally = k minus the tokens strictly above the cutoff anywhere; the
     # global order of a tied token among the ties puts lower ranks' ties first.
-    need_E = k_E.to(torch.int64) - n_above_E
-    tie_order_TE = before_E.unsqueeze(0) + tied_TE.cumsum(0) - 1
-    return above_TE | (tied_TE & (tie_order_TE < need_E.unsqueeze(0)))
+    need_E = k_E.to(above_WE.device, torch.int64) - above_WE.sum(0)
+    before_WE = ties_WE.cumsum(0) - ties_WE  # ties on lower ranks
+    tie_order_TE = before_WE[rank].to(logits_TE.device).unsqueeze(0) + tied_TE.cumsum(0) - 1
+    mask_TE = above_TE | (tied_TE & (tie_order_TE < need_E.to(logits_TE.device).unsqueeze(0)))
+    # Each worker takes its ties in that order until the need is met.
+    taken_WE = torch.minimum(ties_WE, (need_E.unsqueeze(0) - before_WE).clamp(min=0))
+    return mask_TE, above_WE + taken_WE
 
 
 def ec_k(n_pool: int, top_k: int, n_experts: int) -> int:
@@ -52,5 +63,5 @@ class ExpertChoiceRouter(Router):
         N = self.pool.total(T)
         k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=x_TD.device)
         with torch.no_grad():
-            mask_TE = pool_topk_mask(logits_TE.detach(), k_E, self.pool)
-        return plan_from_mask(mask_TE, probs_TE)
+            mask_TE, counts_WE = pool_topk_mask_counts(logits_TE.detach(), k_E, self.pool)
+        return plan_from_mask(mask_TE, probs_TE, rank_counts_WE=counts_WE)

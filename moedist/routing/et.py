@@ -13,8 +13,9 @@ is still in warm-up, `moedist.training.evaluate` may switch `eval_warmup_rule` o
 forwards then route with the warm-up's expert choice over their own pool (the rule training
 uses at that step, at the target fanout; not causal, so generation never uses it).
 
-Legend: T local tokens, N global pool tokens, E experts, P this worker's rows of every
-micro-batch of the step (its part of the pool the step-end cutoff is taken over).
+Legend: T local tokens, N global pool tokens, E experts, W workers of the pool, P this
+worker's rows of every micro-batch of the step (its part of the pool the step-end cutoff is
+taken over).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from moedist.config import RouterConfig
 from moedist.routing.base import Router, RoutingPlan, gate_probs, plan_from_mask
-from moedist.routing.ec import ec_k, pool_topk_mask
+from moedist.routing.ec import ec_k, pool_topk_mask_counts
 
 
 def guard_bounds(k: float, capacity: float, n_pool: int) -> tuple[int, int]:
@@ -79,56 +80,61 @@ class ExpertThresholdRouter(Router):
         c_1E = self.threshold_E().unsqueeze(0)
         return logits_TE >= c_1E if self.cfg.et_inclusive else logits_TE > c_1E
 
-    def warmup_mask(self, logits_TE: Tensor) -> tuple[Tensor, int]:
+    def warmup_mask(self, logits_TE: Tensor) -> tuple[Tensor, int, Tensor]:
         """Warm-up routing: expert choice, each expert its top N*top_k/E tokens of the
-        pool; also returns the pool size N."""
+        pool; also returns the pool size N and every worker's count per expert [W, E]."""
         N = self.pool.total(logits_TE.shape[0])
         E = logits_TE.shape[1]
         k_E = torch.full((E,), ec_k(N, self.top_k, E), dtype=torch.int64, device=logits_TE.device)
-        return pool_topk_mask(logits_TE, k_E, self.pool), N
+        mask_TE, counts_WE = pool_topk_mask_counts(logits_TE, k_E, self.pool)
+        return mask_TE, N, counts_WE
 
-    def guarded_mask(self, logits_TE: Tensor, above_TE: Tensor | None = None) -> tuple[Tensor, int]:
+    def guarded_mask(self, logits_TE: Tensor, above_TE: Tensor | None = None) -> tuple[Tensor, int, Tensor]:
         """Threshold routing, with each expert's global count clamped to the guard bounds;
-        also returns the pool size N (counted in the same all-reduce as the experts' loads)."""
+        also returns the pool size N and every worker's count per expert [W, E], both from
+        the one all-gather that counts the experts' loads."""
         above_TE = self.above_threshold(logits_TE) if above_TE is None else above_TE
         local = torch.cat([above_TE.sum(0), above_TE.new_tensor([logits_TE.shape[0]], dtype=torch.int64)])
-        summed = self.pool.sum(local)
-        n_above_E, N = summed[:-1], int(summed[-1])
+        per_rank_WX = self.pool.gather_counts(local)
+        above_WE, N = per_rank_WX[:, :-1], int(per_rank_WX[:, -1].sum())
+        n_above_E = above_WE.sum(0)
         lo, hi = guard_bounds(self.capacity(N), self.cfg.et_capacity, N)
         n_take_E = n_above_E.clamp(lo, hi)
         clamped_E = n_take_E != n_above_E
         if not bool(clamped_E.any()):
-            return above_TE, N
+            return above_TE, N, above_WE
         # Too few above threshold -> add the best tokens below it; too many -> keep the
         # best: either way the expert takes its global top-n_take by logit.
-        topn_TE = pool_topk_mask(logits_TE, n_take_E, self.pool)
-        return torch.where(clamped_E.unsqueeze(0), topn_TE, above_TE), N
+        topn_TE, topn_WE = pool_topk_mask_counts(logits_TE, n_take_E, self.pool)
+        mask_TE = torch.where(clamped_E.to(logits_TE.device).unsqueeze(0), topn_TE, above_TE)
+        return mask_TE, N, torch.where(clamped_E.unsqueeze(0), topn_WE.to(above_WE.device), above_WE)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         logits_TE = self.restrict(self.logits(x_TD))
         probs_TE = gate_probs(logits_TE, self.gate)
         E = logits_TE.shape[1]
         stats: dict[str, Tensor] = {}
+        counts_WE = None
         with torch.no_grad():
             r_TE = logits_TE.detach()
             if self.training:
                 if self.in_warmup:
-                    mask_TE, N = self.warmup_mask(r_TE)
+                    mask_TE, N, counts_WE = self.warmup_mask(r_TE)
                     capped_E = torch.zeros(E, dtype=torch.int64, device=r_TE.device)
                 else:
                     above_TE = self.above_threshold(r_TE)
-                    mask_TE, N = self.guarded_mask(r_TE, above_TE)
+                    mask_TE, N, counts_WE = self.guarded_mask(r_TE, above_TE)
                     # The guard only adds (too few above) or only drops (too many) per expert.
                     capped_E = (mask_TE != above_TE).sum(0)
                 self._pending.append(r_TE)
                 self._pending_N.append(N)
                 stats["capped"] = capped_E
             elif self.eval_warmup_rule and self.in_warmup:
-                mask_TE, _ = self.warmup_mask(r_TE)
+                mask_TE, _, counts_WE = self.warmup_mask(r_TE)
             else:
-                mask_TE = self.above_threshold(r_TE)
+                mask_TE = self.above_threshold(r_TE)  # causal: no collective, counts unknown
         # outside no_grad: the gate weights carry the router's gradient
-        return plan_from_mask(mask_TE, probs_TE, stats=stats)
+        return plan_from_mask(mask_TE, probs_TE, stats=stats, rank_counts_WE=counts_WE)
 
     @torch.no_grad()
     def step_end(self) -> None:

@@ -1,7 +1,7 @@
 """Token choice top-k (GShard / Switch / Mixtral), with Switch aux loss, z-loss and an
 optional capacity factor (dropless by default).
 
-Legend: T local tokens, N global pool tokens, E experts, K = top_k.
+Legend: T local tokens, N global pool tokens, E experts, K = top_k, W workers of the pool.
 """
 
 from __future__ import annotations
@@ -61,12 +61,18 @@ class TokenChoiceRouter(Router):
         T, E = probs_TE.shape
         N = self.pool.total(T)
         stats: dict[str, Tensor] = {}
+        counts_WE = None
         with torch.no_grad():
             mask_TE = topk_mask(self.select_scores(probs_TE, logits_TE), self.top_k)
             if self.cfg.capacity_factor > 0:
                 cap = math.ceil(self.cfg.capacity_factor * self.capacity(N))
                 chosen_TE = mask_TE
-                mask_TE = apply_capacity(chosen_TE, cap, self.pool.exclusive_prefix(chosen_TE.sum(0)))
+                # Every worker's choices per expert (one all-gather): the priority prefix of
+                # this worker, and what every worker keeps (the dispatcher's split sizes).
+                chosen_WE = self.pool.gather_counts(chosen_TE.sum(0)).to(mask_TE.device)
+                prefix_WE = chosen_WE.cumsum(0) - chosen_WE
+                mask_TE = apply_capacity(chosen_TE, cap, prefix_WE[self.pool.world_rank[1]])
+                counts_WE = torch.minimum(chosen_WE, (cap - prefix_WE).clamp(min=0))
                 stats["capped"] = (chosen_TE & ~mask_TE).sum(0)  # dropped over capacity
         weights_TE = probs_TE
         if self.cfg.normalize_weights and self.top_k > 1:
@@ -84,6 +90,7 @@ class TokenChoiceRouter(Router):
             n_experts=E,
             aux_loss=aux,
             stats=stats,
+            rank_counts_WE=counts_WE,
         )
 
     def aux_losses(self, logits_TE: Tensor, probs_TE: Tensor, mask_TE: Tensor, N: int) -> Tensor | None:

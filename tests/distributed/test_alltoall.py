@@ -147,7 +147,7 @@ def _shard(full: GroupedExperts, local: list[int]) -> GroupedExperts:
 
 
 def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exchange: str | None = None,
-                      chunks: int = 1) -> dict:  # fmt: skip
+                      chunks: int = 1, plan_counts: bool = False) -> dict:  # fmt: skip
     case = CASES[name]
     T_W, x_ND, token_A, expert_A, gate_A, grad_ND, full = _problem(case, world)
     N, E = x_ND.shape[0], full.n_experts
@@ -169,10 +169,15 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exc
     x_r = x_ND[off : off + T].clone().requires_grad_()
     gate_r = gate_A[mine_A].clone().requires_grad_()
     plan = RoutingPlan(token_A[mine_A] - off, expert_A[mine_A], gate_r, T, E)
+    if plan_counts:  # every rank's assignments per expert, as a router's all-gather would give them
+        rank_A = torch.bucketize(token_A, torch.tensor(T_W).cumsum(0), right=True)
+        plan.rank_counts_WE = torch.zeros(world, E, dtype=torch.int64).index_put_(
+            (rank_A, expert_A), torch.ones_like(expert_A), accumulate=True)  # fmt: skip
     clock = CommClock(spans=True)
     clock.begin_step()
     ex = _exchange_of(exchange, world) if exchange else None
-    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock, exchange=ex, overlap_chunks=chunks)
+    dispatcher = AllToAllDispatcher(placement, dedup=dedup, clock=clock, exchange=ex, overlap_chunks=chunks,
+                                    plan_counts=plan_counts)  # fmt: skip
     y_r = dispatcher(x_r, plan, shard)
     # sum_r loss_r is the oracle's loss, so every gradient must match the oracle's.
     (y_r * grad_ND[off : off + T]).sum().backward()
@@ -180,7 +185,8 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exc
     # The profile's bytes: rows that leave this rank (its assignments to other ranks' experts
     # out, their results' gradients back; other ranks' rows for my experts back, their
     # gradients out), plus the counts for the other ranks' experts; 3 dispatch collectives
-    # (counts, rows, their backward) and 2 combine ones; in C chunks: 1 + 2C and 2C.
+    # (counts, rows, their backward) and 2 combine ones; in C chunks: 1 + 2C and 2C. With
+    # the plan's counts no counts exchange: 2C dispatch collectives, no count bytes.
     owner_E = torch.tensor(placement.owner_E)
     out_rows = int((owner_E[expert_A[mine_A]] != rank).sum())
     theirs_A = (token_A < off) | (token_A >= off + T)
@@ -188,9 +194,9 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exc
     colls, nbytes = clock.take_counts()
     C = min(chunks, max(placement.n_local(w) for w in range(world)))
     assert dispatcher.overlap_chunks == C
-    assert colls == {"dispatch": 1 + 2 * C, "combine": 2 * C}, colls
+    assert colls == {"dispatch": (not plan_counts) + 2 * C, "combine": 2 * C}, colls
     if not dedup:  # (dedup sends distinct (token, worker) rows with their gates: its bytes are checked below)
-        assert nbytes == {"dispatch": (E - len(local)) * 8 + (out_rows + in_rows) * D * 8,
+        assert nbytes == {"dispatch": (E - len(local)) * 8 * (not plan_counts) + (out_rows + in_rows) * D * 8,
                           "combine": (in_rows + out_rows) * D * 8}, (nbytes, out_rows, in_rows)  # fmt: skip
 
     torch.testing.assert_close(y_r, y_ND[off : off + T], **TIGHT)
@@ -206,23 +212,51 @@ def _on_rank_dispatch(rank: int, world: int, name: str, dedup: bool = False, exc
     return {"assignments": int(mine_A.numel()), "experts": local, "rows": rows, "bytes": dispatcher.fwd_bytes_sent}
 
 
-# (dedup, overlap chunks): 2 chunks group several experts per chunk (the receiver reorders
-# within a chunk); 8 puts one expert per chunk (no reordering at all).
-MODES = {"plain": (False, 1), "dedup": (True, 1), "overlap2": (False, 2), "overlap8": (False, 8)}
+# (dedup, overlap chunks, split sizes from the plan): 2 chunks group several experts per
+# chunk (the receiver reorders within a chunk); 8 puts one expert per chunk (no reordering).
+MODES = {"plain": (False, 1, False), "dedup": (True, 1, False), "overlap2": (False, 2, False),
+         "overlap8": (False, 8, False), "plan_counts": (False, 1, True),
+         "overlap2_plan_counts": (False, 2, True)}  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(CASES))
 def test_all_to_all_equals_local_dispatch(gloo_pools, world, name, mode):
-    dedup, chunks = MODES[mode]
-    out = gloo_pools.run(world, _on_rank_dispatch, name, dedup, None, chunks)
+    dedup, chunks, plan_counts = MODES[mode]
+    out = gloo_pools.run(world, _on_rank_dispatch, name, dedup, None, chunks, plan_counts)
     assert sorted(e for o in out for e in o["experts"]) == list(range(world if name == "one_per_worker" else E8))
     # Every row sent is received once: the bytes of the whole group are 2 x rows x row bytes
     # (+ the gate columns with dedup: 8 experts over W ranks, float64 gates, float64 rows).
     L = max(len(o["experts"]) for o in out)
     sent_rows = sum(o["rows"] for o in out)
     assert sum(o["bytes"] for o in out) == (2 * sent_rows * D + (sent_rows * L if dedup else 0)) * 8
+
+
+def _on_rank_bad_plan_counts(rank: int, world: int) -> list[str]:
+    """Plan counts that do not fit the group, or do not describe the plan, are refused
+    before any collective, on every rank alike (each rank's own check fails)."""
+    E, placement = 4, ExpertPlacement(4, world)
+    shard = GroupedExperts(placement.n_local(rank), D, F).double()
+    x = torch.randn(3, D, dtype=torch.float64)
+    plan = RoutingPlan(torch.tensor([0, 1]), torch.tensor([0, 3]), torch.ones(2, dtype=torch.float64), 3, E)
+    dispatcher = AllToAllDispatcher(placement, plan_counts=True)
+    errors = []
+    for counts_WE in (torch.ones(1, E, dtype=torch.int64), torch.zeros(world, E, dtype=torch.int64)):
+        plan.rank_counts_WE = counts_WE
+        try:
+            dispatcher(x, plan, shard)
+        except (ValueError, RuntimeError) as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_plan_counts_that_do_not_fit_are_refused(gloo_pools):
+    for rank, errors in enumerate(gloo_pools.run(2, _on_rank_bad_plan_counts)):
+        assert len(errors) == 2, errors
+        assert "shape (1, 4)" in errors[0] and "need (2, 4)" in errors[0]
+        assert f"rank {rank}: plan.rank_counts_WE says [0, 0, 0, 0]" in errors[1]
+        assert "the plan has [1, 0, 0, 1]" in errors[1]
 
 
 def _on_rank_bf16(rank: int, world: int, dedup: bool) -> None:
@@ -452,11 +486,12 @@ FUSE_ROUTERS = {
 FUSE_STEPS = 3
 # Collectives per step (every rank), unfused -> fused, for the model below (3 MoE layers,
 # 1 micro-batch; fused with 4 ranks, 2 fewer with 2 ranks). ET: warm-up step, then 2 steps
-# whose guard clamps all 3 layers.
+# whose guard clamps all 3 layers. Fused ET, EC and TC (capacity) dispatch without a counts
+# exchange (their plans carry every rank's counts): 3 fewer.
 FUSE_COUNTS = {
-    "et": ([52, 52, 52], [24, 26, 26]),
-    "ec": ([39, 39, 39], [23, 23, 23]),
-    "tc": ([43, 43, 43], [38, 38, 38]),
+    "et": ([52, 52, 52], [21, 23, 23]),
+    "ec": ([39, 39, 39], [20, 20, 20]),
+    "tc": ([43, 43, 43], [35, 35, 35]),
     "lf": ([27, 27, 27], [21, 21, 21]),
 }
 def _not_compared() -> frozenset[str]:
@@ -471,7 +506,7 @@ def _fuse_trainer(rank: int, world: int, kind: str, fuse: bool, comm: dict | Non
     from moedist.config import build_config
     from moedist.training.trainer import DistContext, Trainer, load_dataset
 
-    over = {"workers": world, "router": FUSE_ROUTERS[kind], "comm": {"fuse": fuse, **(comm or {})},
+    over = {"workers": world, "router": FUSE_ROUTERS[kind], "comm": {"fuse": fuse, "plan_counts": fuse, **(comm or {})},
             "model": {"seq_len": 16, "d_model": 32, "n_layers": 4, "n_heads": 2, "n_experts": 8},
             "train": {"steps": FUSE_STEPS, "batch_size": 4 * world, "eval_every": 0, "progress": False,
                       "warmup_steps": 0, "threads": 1, "micro_batches": micro}}  # fmt: skip
@@ -509,7 +544,7 @@ def _on_rank_fuse(rank: int, world: int, kind: str, fuse: bool, comm: dict | Non
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_collectives_equal_unfused(gloo_pools, world):
-    """[comm] fuse = true gives bitwise the unfused run: every metrics column (losses, loads,
+    """[comm] fuse = true (with plan_counts) gives bitwise the run with both off: every metrics column (losses, loads,
     fanout, capped counts, ET thresholds, LF biases, gradient norm; not timings and the
     profile's counts), every parameter, buffer (ET's EMA and update count) and optimiser
     moment, on every rank, with the collective counts per step pinned (a regression in either

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from moedist.config import RouterConfig
 from moedist.routing.base import PoolOps
-from moedist.routing.ec import pool_topk_mask
+from moedist.routing.ec import pool_topk_mask, pool_topk_mask_counts
 from moedist.routing.et import ExpertThresholdRouter, guard_bounds
 
 LOOPBACK = "127.0.0.1"
@@ -344,12 +344,12 @@ def tie_selection(rank: int, world: int, pool: PoolOps) -> dict[str, torch.Tenso
     mask on the heavy-tie rows."""
     out: dict[str, torch.Tensor] = {}
     for name, (parts, k_E) in tie_cases(world).items():
-        out[f"ties/{name}/mask"] = pool_topk_mask(parts[rank], k_E, pool)
+        out[f"ties/{name}/mask"], out[f"ties/{name}/counts"] = pool_topk_mask_counts(parts[rank], k_E, pool)
         out[f"ties/{name}/kth"] = pool.kth_largest(parts[rank], k_E)
     parts, _ = tie_cases(world)["heavy_ties"]
     router = guard_router(parts[rank].shape[1])
     router.attach(pool)
-    out["guard/mask"], out["guard/N"] = router.guarded_mask(parts[rank])
+    out["guard/mask"], out["guard/N"], out["guard/counts"] = router.guarded_mask(parts[rank])
     return out
 
 
@@ -367,6 +367,11 @@ def test_exact_k_selection_breaks_ties_by_global_token_order(world_results):
         for prefix in ("", "fused/"):  # radix select + count exchange; candidates (one all-gather)
             got = torch.cat([res[f"{prefix}ties/{name}/mask"] for res in results])
             assert torch.equal(got, want), (prefix, name, (got != want).nonzero().tolist()[:5])
+            # Every rank knows every rank's count per expert (the dispatcher's split sizes
+            # without a counts exchange), hidden ties of the candidate lists included.
+            per_rank_WE = torch.stack([res[f"{prefix}ties/{name}/mask"].sum(0) for res in results])
+            for res in results:
+                assert torch.equal(res[f"{prefix}ties/{name}/counts"], per_rank_WE), (prefix, name)
             for res in results:
                 assert torch.equal(canon_bits(res[f"{prefix}ties/{name}/kth"]), canon_bits(kth)), (prefix, name)
 
@@ -377,8 +382,9 @@ def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_result
     pool_NE = torch.cat(parts)
     N, E = pool_NE.shape
     router = guard_router(E)
-    want, n = router.guarded_mask(pool_NE)
+    want, n, counts_1E = router.guarded_mask(pool_NE)
     assert n == N and all(res["guard/N"] == N for res in results)
+    assert torch.equal(counts_1E, want.sum(0, keepdim=True))
     lo, hi = guard_bounds(router.capacity(N), router.cfg.et_capacity, N)
     above_E = router.above_threshold(pool_NE).sum(0)
     # The case is built so that the guard binds both ways (else this test would not test it).
@@ -388,3 +394,6 @@ def test_et_capacity_guard_across_ranks_is_the_single_process_guard(world_result
     for prefix in ("", "fused/"):
         got = torch.cat([res[f"{prefix}guard/mask"] for res in results])
         assert torch.equal(got, want), (prefix, (got != want).nonzero().tolist()[:5])
+        # clamped columns from the selection's per-rank counts, the others from the guard's gather
+        per_rank_WE = torch.stack([res[f"{prefix}guard/mask"].sum(0) for res in results])
+        assert all(torch.equal(res[f"{prefix}guard/counts"], per_rank_WE) for res in results), prefix

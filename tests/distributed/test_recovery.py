@@ -48,6 +48,7 @@ def cluster(tmp_path_factory):
     res = cluster_local(state, "up", "--nodes", "2", "--cpus-per-node", "2", "--port", str(PORT),
                         "--dashboard-port", str(DASHBOARD))
     assert res.returncode == 0, res.stdout + res.stderr
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
     try:
         from moedist.runtime.cluster import connect
 
@@ -55,6 +56,9 @@ def cluster(tmp_path_factory):
         yield state
     finally:
         ray.shutdown()
+        # Joining with a token file on the machine turned Ray's token mode on for this
+        # process (RAY_AUTH_MODE=token); the clusters of later modules must start without it.
+        os.environ.pop("RAY_AUTH_MODE", None) if auth_mode is None else os.environ.update(RAY_AUTH_MODE=auth_mode)
         res = cluster_local(state, "down")
         assert res.returncode == 0, res.stdout + res.stderr
 
