@@ -275,10 +275,11 @@ def plot(results: list[dict], path: Path) -> None:
         for x, r, b in zip(xs, rows, bottom, strict=True):
             ax.text(x, b, f"eff {r['efficiency']:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{size} tokens / worker")
-        ax.set_xlabel("workers, [comm] fuse, ov = overlap_chunks, gs = overlap_grad_sync, "
-                      "xc = counts exchanged (plan_counts off) (2 nodes, 2 cores)", fontsize=8)
+        ax.set_xlabel("workers and setting (2 nodes, 2 cores)")
         ax.set_ylabel("ms per step (slowest worker)")
         ax.legend(fontsize=8)
+    fig.supxlabel("fused = [comm] fuse, ov = overlap_chunks, gs = overlap_grad_sync, "
+                  "xc = counts exchanged (plan_counts off)", fontsize=8)  # fmt: skip
     save_figure(fig, path)
 
 
