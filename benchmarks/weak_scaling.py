@@ -29,6 +29,12 @@ its communication cost nothing, i.e. what the machine's two cores give two worke
 2-worker row carries it (`compute_ceiling`) and `efficiency_of_ceiling`. The targets stay
 on the plain efficiency.
 
+The counted steps also record every collective's time on every rank, and
+`moedist.parallel.counting.split_wait` splits the seconds in collectives per step into
+their own cost (per call, the least time any rank spent in it: the last rank to arrive
+waits for nobody) and waiting for the other worker (`coll_cost_s`, `coll_wait_s` of the
+rank that waited most, `coll_total_s`; medians over the rounds).
+
 With ``--grad-overlap`` another setting runs interleaved: fuse on and ``[comm]
 overlap_grad_sync = true`` (the dense-gradient all-reduce in buckets during backward).
 "fuse off" is the plain path (``[comm] plan_counts`` off too); "fuse on" has both on; with
@@ -54,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, target, write_results
 
 from moedist.config import build_config
+from moedist.parallel.counting import split_wait
 from moedist.runtime.coordinator import Coordinator
 
 
@@ -80,7 +87,8 @@ def _counted_steps(worker, steps: int) -> dict:
             worker.trainer.train_step()
     return {"total": cc.total / steps, "by_op": {k: v / steps for k, v in cc.by_op().items()},
             "by_site": {k: v / steps for k, v in cc.by_site().items()},
-            "seconds_by_site": {k: v / steps for k, v in cc.seconds_by_site().items()}}  # fmt: skip
+            "seconds_by_site": {k: v / steps for k, v in cc.seconds_by_site().items()},
+            "calls": cc.calls}  # fmt: skip
 
 
 def _allreduce_latency(worker, reps: int = 100) -> dict:
@@ -200,6 +208,9 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, 
         infos = coord.start()
         rows = [coord.train_step() for _ in range(args.steps)]
         counts = ray.get([w.__ray_call__.remote(_counted_steps, args.counted_steps) for w in coord.workers])
+        # Seconds per step in collectives: their own cost (per call the least time any rank
+        # spent in it) and each rank's waiting for the others (the rest).
+        split = split_wait([c.pop("calls") for c in counts])
         latency = ray.get([w.__ray_call__.remote(_allreduce_latency) for w in coord.workers]) if workers > 1 else []
         if workers > 1:
             probe = ray.get([w.__ray_call__.remote(_pool_probe) for w in coord.workers])
@@ -223,6 +234,9 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, 
         "collectives_by_site": counts[0]["by_site"],
         # seconds per step inside each site's collectives, per rank (waiting included)
         "collective_s_by_site": [c["seconds_by_site"] for c in counts],
+        **({"coll_cost_s": split["cost_s"] / args.counted_steps,
+            "coll_wait_s": max(split["wait_s"]) / args.counted_steps,
+            "coll_total_s": max(split["total_s"]) / args.counted_steps} if split and workers > 1 else {}),
         **{k: max(lat[k] for lat in latency) for k in (latency[0] if latency else {})},
     }
 
@@ -236,7 +250,8 @@ def merge_rounds(jobs: list[dict]) -> dict:
     step_s = statistics.median(r["step_s"] for r in body)
     parts = {k: statistics.median(r.get(k, 0.0) for r in body) for k in ("compute_s", "comm_s", "a2a_s", "pool_s",
                                                                           "grad_sync_s")}  # fmt: skip
-    probes = {k: statistics.median(j[k] for j in jobs) for k in first if k.endswith("B_s") or k.startswith("probe_")}
+    probes = {k: statistics.median(j[k] for j in jobs) for k in first
+              if k.endswith("B_s") or k.startswith(("probe_", "coll_"))}  # fmt: skip
     row = {k: v for k, v in first.items() if k not in ("body", "batch_tokens") and k not in probes}
     return {
         **row,

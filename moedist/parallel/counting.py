@@ -6,6 +6,8 @@
     cc.by_op()            # {"all_reduce": 9, "all_to_all_single": 15, ...}
     cc.by_site()          # {"all_reduce @ et.py:forward > pool.py:total > ...": 3, ...}
     cc.seconds_by_site()  # wall seconds inside those calls (waiting for other ranks included)
+    cc.calls              # [(site, seconds)] of every call in order: with every rank's list,
+                          # split_wait() tells waiting for the other ranks from the rest
 
 The counter replaces the collective functions of the torch.distributed module while it is
 active (moedist's modules call them as ``dist.all_reduce``, so they see the wrappers) and
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["COLLECTIVES", "CollectiveCounter"]
+__all__ = ["COLLECTIVES", "CollectiveCounter", "split_wait"]
 
 COLLECTIVES = (
     "all_reduce",
@@ -42,7 +44,7 @@ COLLECTIVES = (
     "scatter",
     "barrier",
 )
-_SKIP_FILES = ("torch/distributed", "counting.py", "torch/autograd", "contextlib.py")
+_SKIP_FILES = ("torch/distributed", "parallel/counting.py", "torch/autograd", "contextlib.py")
 
 
 def _call_site(depth: int = 3) -> str:
@@ -64,6 +66,8 @@ class CollectiveCounter:
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.seconds: Counter[tuple[str, str]] = Counter()
+        # ("op @ site", seconds) of every counted call, in the order they were made
+        self.calls: list[tuple[str, float]] = []
         self._saved: dict[str, Callable[..., Any]] = {}
         self._depth = 0
 
@@ -78,7 +82,9 @@ class CollectiveCounter:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[key] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.seconds[key] += dt
+                self.calls.append((f"{name} @ {key[1]}", dt))
                 self._depth -= 1
 
         return wrapper
@@ -122,4 +128,24 @@ class CollectiveCounter:
         out = self.by_site()
         self.counts.clear()
         self.seconds.clear()
+        self.calls.clear()
         return out
+
+
+def split_wait(calls_by_rank: list[list[tuple[str, float]]]) -> dict[str, Any] | None:
+    """Every rank's seconds in collectives, split into waiting for the other ranks and the rest.
+
+    A collective cannot finish on any rank before the last rank has arrived, and the last
+    to arrive waits for nobody: its time in the call is the collective's own cost (transfer,
+    reduction). So per call, the smallest time over the ranks is counted as its cost and
+    each rank's excess over it as waiting (an estimate: a rank that arrives last but is
+    descheduled inside the call makes the cost look larger). `calls_by_rank[r]` is rank r's
+    `CollectiveCounter.calls` over the same steps. Returns {"cost_s": sum of the per-call
+    minima, "wait_s": [per rank], "total_s": [per rank]}, or None when the ranks' call
+    sequences differ (they are the same for matched synchronous collectives)."""
+    if not calls_by_rank or any([c for c, _ in calls] != [c for c, _ in calls_by_rank[0]] for calls in calls_by_rank):
+        return None
+    per_call = list(zip(*([t for _, t in calls] for calls in calls_by_rank), strict=True))
+    cost = [min(ts) for ts in per_call]
+    totals = [sum(t for _, t in calls) for calls in calls_by_rank]
+    return {"cost_s": sum(cost), "wait_s": [tot - sum(cost) for tot in totals], "total_s": totals}
