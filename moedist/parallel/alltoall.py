@@ -235,7 +235,9 @@ class AllToAllDispatcher:
     ``plan_counts``: take the split sizes from a plan that carries every worker's counts
     (``RoutingPlan.rank_counts_WE``: ET's guard and warm-up, EC, TC with a capacity routed
     over a pool on this same group) instead of exchanging them, one collective fewer per
-    call; plans without them still exchange counts.
+    call; plans without them still exchange counts. Off by default here, since a plan's
+    counts are over its router's pool group; moedist's runtime turns it on
+    (``[comm] plan_counts``), where the pool and the dispatcher share one group.
     """
 
     def __init__(
@@ -360,7 +362,9 @@ class AllToAllDispatcher:
         """(send_S, recv_WL) of `_exchange_counts`; with ``plan_counts`` and a plan that
         carries every worker's counts (RoutingPlan.rank_counts_WE) read from the plan, with
         no collective. The choice is the same on every rank: routers set the counts from
-        their collectives' results, which every rank shares."""
+        their collectives' results, which every rank shares. Counts that do not describe the
+        plan (a routing bug) raise on the ranks that see it; as with `_check`, if only one
+        rank raises, the others wait in the rows exchange until the group's timeout."""
         if not self.plan_counts or plan.rank_counts_WE is None:
             return self._exchange_counts(counts_S, W, L)
         P, rank = self.placement, dist.get_rank(self.group)

@@ -81,7 +81,7 @@ def shard_model_experts(
             block.experts = full.subset(local)
             block.dispatcher = AllToAllDispatcher(placement, group, clock, dedup=dedup, wire_dtype=wire_dtype,
                                                   exchange=exchange, overlap_chunks=overlap_chunks,
-                                              plan_counts=plan_counts)  # fmt: skip
+                                                  plan_counts=plan_counts)  # fmt: skip
             continue
         w = full.w1_EDF
         shard = GroupedExperts(len(local), full.d_model, full.d_ff, activation=full.activation,

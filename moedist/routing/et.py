@@ -91,8 +91,9 @@ class ExpertThresholdRouter(Router):
 
     def guarded_mask(self, logits_TE: Tensor, above_TE: Tensor | None = None) -> tuple[Tensor, int, Tensor]:
         """Threshold routing, with each expert's global count clamped to the guard bounds;
-        also returns the pool size N and every worker's count per expert [W, E], both from
-        the one all-gather that counts the experts' loads."""
+        also returns the pool size N and every worker's count per expert [W, E]: N and the
+        counts from the one all-gather of the experts' loads, the clamped experts' counts
+        from their selection's collective."""
         above_TE = self.above_threshold(logits_TE) if above_TE is None else above_TE
         local = torch.cat([above_TE.sum(0), above_TE.new_tensor([logits_TE.shape[0]], dtype=torch.int64)])
         per_rank_WX = self.pool.gather_counts(local)

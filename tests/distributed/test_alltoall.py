@@ -235,7 +235,8 @@ def test_all_to_all_equals_local_dispatch(gloo_pools, world, name, mode):
 
 def _on_rank_bad_plan_counts(rank: int, world: int) -> list[str]:
     """Plan counts that do not fit the group, or do not describe the plan, are refused
-    before any collective, on every rank alike (each rank's own check fails)."""
+    before any collective. Here every rank's own check fails, so all ranks raise alike (a
+    mismatch on one rank only would leave the others waiting in the rows exchange)."""
     E, placement = 4, ExpertPlacement(4, world)
     shard = GroupedExperts(placement.n_local(rank), D, F).double()
     x = torch.randn(3, D, dtype=torch.float64)

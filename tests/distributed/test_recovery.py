@@ -58,7 +58,10 @@ def cluster(tmp_path_factory):
         ray.shutdown()
         # Joining with a token file on the machine turned Ray's token mode on for this
         # process (RAY_AUTH_MODE=token); the clusters of later modules must start without it.
-        os.environ.pop("RAY_AUTH_MODE", None) if auth_mode is None else os.environ.update(RAY_AUTH_MODE=auth_mode)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
         res = cluster_local(state, "down")
         assert res.returncode == 0, res.stdout + res.stderr
 

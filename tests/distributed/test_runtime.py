@@ -208,8 +208,9 @@ def test_job_writes_the_run_folder(local_ray, random_text, tmp_path, capsys):
 
 def assert_profile(run, rows: list[dict], capsys) -> None:
     """A 2-worker ET run's profile: every step exchanged tokens (bytes and collectives of
-    dispatch and combine, as many as 2 MoE layers x (rows forward + rows backward; fused ET
-    plans carry every rank's counts, so no counts exchange) and 2 x 2), ran pool
+    dispatch and combine, as many as 2 MoE layers x (rows forward + rows backward; ET plans
+    carry every rank's counts and [comm] plan_counts is on by default, so no counts
+    exchange) and 2 x 2), ran pool
     statistics; trace.json has one track per worker holding the chosen steps; `moedist
     profile` and `moedist plot` read the folder."""
     from moedist.cli import main
