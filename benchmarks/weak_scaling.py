@@ -234,6 +234,9 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, 
         "collectives_by_site": counts[0]["by_site"],
         # seconds per step inside each site's collectives, per rank (waiting included)
         "collective_s_by_site": [c["seconds_by_site"] for c in counts],
+        # per call site: its collectives' own cost per step and their number per step
+        "collective_cost_s_by_site": {k: v / args.counted_steps for k, v in split["cost_by_site"].items()}
+        if split and workers > 1 else {},
         **({"coll_cost_s": split["cost_s"] / args.counted_steps,
             "coll_wait_s": max(split["wait_s"]) / args.counted_steps,
             "coll_total_s": max(split["total_s"]) / args.counted_steps} if split and workers > 1 else {}),

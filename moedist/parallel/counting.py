@@ -141,11 +141,18 @@ def split_wait(calls_by_rank: list[list[tuple[str, float]]]) -> dict[str, Any] |
     each rank's excess over it as waiting (an estimate: a rank that arrives last but is
     descheduled inside the call makes the cost look larger). `calls_by_rank[r]` is rank r's
     `CollectiveCounter.calls` over the same steps. Returns {"cost_s": sum of the per-call
-    minima, "wait_s": [per rank], "total_s": [per rank]}, or None when the ranks' call
-    sequences differ (they are the same for matched synchronous collectives)."""
+    minima, "wait_s": [per rank], "total_s": [per rank], "cost_by_site": {site: its calls'
+    cost}, "calls_by_site": {site: calls}}, or None when the ranks' call sequences differ
+    (they are the same for matched synchronous collectives)."""
     if not calls_by_rank or any([c for c, _ in calls] != [c for c, _ in calls_by_rank[0]] for calls in calls_by_rank):
         return None
     per_call = list(zip(*([t for _, t in calls] for calls in calls_by_rank), strict=True))
     cost = [min(ts) for ts in per_call]
     totals = [sum(t for _, t in calls) for calls in calls_by_rank]
-    return {"cost_s": sum(cost), "wait_s": [tot - sum(cost) for tot in totals], "total_s": totals}
+    by_site: Counter[str] = Counter()
+    n_site: Counter[str] = Counter()
+    for (site, _), c in zip(calls_by_rank[0], cost, strict=True):
+        by_site[site] += c
+        n_site[site] += 1
+    return {"cost_s": sum(cost), "wait_s": [tot - sum(cost) for tot in totals], "total_s": totals,
+            "cost_by_site": dict(by_site), "calls_by_site": dict(n_site)}  # fmt: skip

@@ -16,6 +16,8 @@ def test_split_wait_counts_the_least_time_per_call_as_cost_and_the_rest_as_waiti
     assert got["cost_s"] == pytest.approx(0.2 + 0.5)
     assert got["wait_s"] == pytest.approx([0.8, 0.4])
     assert got["total_s"] == pytest.approx([1.5, 1.1])
+    assert got["cost_by_site"] == pytest.approx({"all_reduce @ a.py:f": 0.2, "all_to_all_single @ b.py:g": 0.5})
+    assert got["calls_by_site"] == {"all_reduce @ a.py:f": 1, "all_to_all_single @ b.py:g": 1}
     # each rank's total is its cost plus its waiting
     assert all(t == pytest.approx(got["cost_s"] + w) for t, w in zip(got["total_s"], got["wait_s"], strict=True))
 
@@ -25,7 +27,8 @@ def test_split_wait_refuses_call_sequences_that_do_not_match():
     assert split_wait([a, [("all_gather @ a.py:f", 1.0)]]) is None
     assert split_wait([a, a + a]) is None
     assert split_wait([]) is None
-    assert split_wait([[], []]) == {"cost_s": 0, "wait_s": [0, 0], "total_s": [0, 0]}
+    assert split_wait([[], []]) == {"cost_s": 0, "wait_s": [0, 0], "total_s": [0, 0], "cost_by_site": {},
+                                    "calls_by_site": {}}  # fmt: skip
 
 
 def test_counter_records_every_call_in_order(monkeypatch):
