@@ -4,7 +4,8 @@ blocked in it for a while?
 Inside a 2-worker training step every collective cost about 1 ms of its own (the time the
 last worker to arrive spends in it), whatever it carried, while a bare all-reduce between
 idle workers took 0.16 ms (weak_scaling.py, docs/benchmarks.md). This isolates that: two
-processes in one gloo group on 127.0.0.2, one torch thread each, an all-reduce of 17 int64
+processes in one gloo group on loopback (moedist's own group set-up, as threshold_sync.py
+and shm_exchange.py use it), one torch thread each, an all-reduce of 17 int64
 (the size of ET's guard counts for 16 experts). Before each call the group meets at a
 barrier, then worker 1 stays away for S ms, sleeping or spinning on its core, while
 worker 0 enters the all-reduce at once and blocks. The time worker 1 (the last to arrive)
@@ -17,10 +18,10 @@ mode interleaved rep by rep.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_figure, write_results
+from threshold_sync import LOOPBACK, free_port, init_loopback_group
 
 AWAY_MS = (0, 1, 5, 20, 50)
 MODES = ("sleep", "spin")
@@ -42,10 +44,9 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def _worker(rank: int, port: int, reps: int, out) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.2", str(port)
+def _worker(rank: int, port: int, reps: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_loopback_group(rank, 2, port)
     try:
         x = torch.zeros(17, dtype=torch.int64)
         cases = [(m, s) for s in AWAY_MS for m in MODES if s or m == "sleep"]
@@ -60,7 +61,7 @@ def _worker(rank: int, port: int, reps: int, out) -> None:
                 if i >= WARMUP:
                     samples[f"{mode} {away}"].append(time.perf_counter() - t0)
         if rank == 1:
-            out.put(samples)
+            Path(out).write_text(json.dumps(samples))
     finally:
         dist.destroy_process_group()
 
@@ -92,21 +93,10 @@ def main() -> None:
     if reps < 1:
         print(f"--reps: must be >= 1, got {reps}", file=sys.stderr)
         raise SystemExit(2)
-    with socket.socket() as s:  # a free port on the loopback address the group binds
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, reps, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        samples = q.get(timeout=600)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "samples.json"
+        mp.start_processes(_worker, args=(free_port(), reps, str(out)), nprocs=2, start_method="spawn")
+        samples = json.loads(out.read_text())
     rows = []
     for key, ts in samples.items():
         mode, away = key.split()
@@ -116,7 +106,7 @@ def main() -> None:
     base = next(r["last_arriver_ms"] for r in rows if r["away_ms"] == 0)
     for r in rows:
         r["vs_not_blocked"] = r["last_arriver_ms"] / base
-    config = {"workers": 2, "backend": "gloo", "address": "127.0.0.2", "payload": "17 x int64 all_reduce",
+    config = {"workers": 2, "backend": "gloo", "address": LOOPBACK, "payload": "17 x int64 all_reduce",
               "reps": reps, "warmup": WARMUP, "threads_per_worker": 1, "away_ms": list(AWAY_MS)}  # fmt: skip
     path = write_results("collective_wakeup", config, rows, [], args.quick)
     plot(rows, path.with_suffix(".png"))

@@ -210,7 +210,8 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, 
         counts = ray.get([w.__ray_call__.remote(_counted_steps, args.counted_steps) for w in coord.workers])
         # Seconds per step in collectives: their own cost (per call the least time any rank
         # spent in it) and each rank's waiting for the others (the rest).
-        split = split_wait([c.pop("calls") for c in counts])
+        calls = [c.pop("calls") for c in counts]
+        split = split_wait(calls) if workers > 1 else None
         latency = ray.get([w.__ray_call__.remote(_allreduce_latency) for w in coord.workers]) if workers > 1 else []
         if workers > 1:
             probe = ray.get([w.__ray_call__.remote(_pool_probe) for w in coord.workers])
@@ -234,12 +235,13 @@ def measure(workers: int, seqs_per_worker: int, setting: tuple[bool, int, bool, 
         "collectives_by_site": counts[0]["by_site"],
         # seconds per step inside each site's collectives, per rank (waiting included)
         "collective_s_by_site": [c["seconds_by_site"] for c in counts],
-        # per call site: its collectives' own cost per step and their number per step
+        # per step: the collectives' own cost (also per call site) and the waiting of the rank
+        # that waited most
         "collective_cost_s_by_site": {k: v / args.counted_steps for k, v in split["cost_by_site"].items()}
-        if split and workers > 1 else {},
+        if split else {},
         **({"coll_cost_s": split["cost_s"] / args.counted_steps,
             "coll_wait_s": max(split["wait_s"]) / args.counted_steps,
-            "coll_total_s": max(split["total_s"]) / args.counted_steps} if split and workers > 1 else {}),
+            "coll_total_s": max(split["total_s"]) / args.counted_steps} if split else {}),
         **{k: max(lat[k] for lat in latency) for k in (latency[0] if latency else {})},
     }
 

@@ -265,7 +265,6 @@ class AllToAllDispatcher:
         self.wire_dtype = wire_dtype
         self.exchange = exchange
         self.plan_counts = bool(plan_counts)
-        self._slot_list = placement.slot_E()
         # Chunks of the pipelined exchange: at most the largest worker's expert count (a
         # chunk is a group of each worker's local experts), the same on every rank.
         self.overlap_chunks = min(overlap_chunks, max(placement.n_local(w) for w in range(placement.world_size)))
@@ -372,19 +371,16 @@ class AllToAllDispatcher:
         if tuple(all_WE.shape) != (W, P.n_experts):
             raise ValueError(f"plan.rank_counts_WE has shape {tuple(all_WE.shape)}, the dispatcher's group and "
                              f"placement need ({W}, {P.n_experts}): route over the dispatcher's group")  # fmt: skip
-        # One host transfer (one sync on CUDA), as in the exchange: [W x E counts | my counts_S].
-        host = torch.cat([all_WE.reshape(-1).to(counts_S.device, torch.int64), counts_S]).tolist()
-        all_counts, mine = host[: W * P.n_experts], host[W * P.n_experts :]
-        slot_E = self._slot_list
-        send_S = [0] * P.n_experts
-        for e in range(P.n_experts):
-            send_S[slot_E[e]] = all_counts[rank * P.n_experts + e]
-        if send_S != mine:  # the router's counts do not describe this plan: a routing bug
-            raise RuntimeError(f"rank {rank}: plan.rank_counts_WE says {send_S} assignments per slot, the plan has "
+        all_WE = all_WE.to(counts_S.device, torch.int64)
+        send_S = torch.zeros_like(counts_S).index_copy_(0, self._slots(counts_S.device), all_WE[rank])
+        recv_WL = all_WE[:, P.local_experts(rank)].reshape(-1)
+        # One host transfer (one sync on CUDA), as in the exchange.
+        host = torch.cat([send_S, counts_S, recv_WL]).tolist()
+        send, mine, recv = host[: P.n_experts], host[P.n_experts : 2 * P.n_experts], host[2 * P.n_experts :]
+        if send != mine:  # the router's counts do not describe this plan: a routing bug
+            raise RuntimeError(f"rank {rank}: plan.rank_counts_WE says {send} assignments per slot, the plan has "
                                f"{mine}")  # fmt: skip
-        local = P.local_experts(rank)
-        recv_WL = [all_counts[w * P.n_experts + e] for w in range(W) for e in local]
-        return send_S, recv_WL
+        return send, recv
 
     def _exchange_counts(self, counts_S: Tensor, W: int, L: int) -> tuple[list[int], list[int]]:
         """Rows per (destination, its local expert) out, rows per (source, my local expert)

@@ -148,11 +148,12 @@ def split_wait(calls_by_rank: list[list[tuple[str, float]]]) -> dict[str, Any] |
         return None
     per_call = list(zip(*([t for _, t in calls] for calls in calls_by_rank), strict=True))
     cost = [min(ts) for ts in per_call]
+    cost_s = sum(cost)
     totals = [sum(t for _, t in calls) for calls in calls_by_rank]
     by_site: Counter[str] = Counter()
     n_site: Counter[str] = Counter()
     for (site, _), c in zip(calls_by_rank[0], cost, strict=True):
         by_site[site] += c
         n_site[site] += 1
-    return {"cost_s": sum(cost), "wait_s": [tot - sum(cost) for tot in totals], "total_s": totals,
+    return {"cost_s": cost_s, "wait_s": [tot - cost_s for tot in totals], "total_s": totals,
             "cost_by_site": dict(by_site), "calls_by_site": dict(n_site)}  # fmt: skip

@@ -232,11 +232,10 @@ def candidate_topk_cut(values_TE: Tensor, k_E: Tensor, group=None) -> tuple[Tens
       already reach the k - n_above still to take, and the ranks after it take no tie
       either way. The masks (and per-rank counts) `pool_topk_mask` builds are the exact ones."""
     cutoff_E, lists, _ = _candidate_select(values_TE, k_E, group)
-    E = cutoff_E.shape[0]
-    above_WE = torch.stack([(v_ME > cutoff_E).sum(0) for v_ME in lists]) if E else torch.zeros(len(lists), 0)
-    ties_WE = torch.stack([(v_ME == cutoff_E).sum(0) for v_ME in lists]) if E else torch.zeros(len(lists), 0)
+    above_WE = torch.stack([(v_ME > cutoff_E).sum(0) for v_ME in lists])
+    ties_WE = torch.stack([(v_ME == cutoff_E).sum(0) for v_ME in lists])
     dev = values_TE.device
-    return cutoff_E.to(dev, values_TE.dtype), above_WE.to(dev, torch.int64), ties_WE.to(dev, torch.int64)
+    return cutoff_E.to(dev, values_TE.dtype), above_WE.to(dev), ties_WE.to(dev)
 
 
 def _candidate_select(values_TE: Tensor, k_E: Tensor, group) -> tuple[Tensor, list[Tensor], int]:

@@ -125,7 +125,6 @@ class PoolOps:
         cutoff_E = self.kth_largest(values_TE, k_E)
         c_1E = cutoff_E.unsqueeze(0)
         both_W2E = self.gather_counts(torch.stack([(values_TE > c_1E).sum(0), (values_TE == c_1E).sum(0)]))
-        both_W2E = both_W2E.to(values_TE.device)
         return cutoff_E, both_W2E[:, 0], both_W2E[:, 1]
 
     def kth_largest(self, values_TE: Tensor, k_E: Tensor) -> Tensor:
@@ -149,6 +148,14 @@ class PoolOps:
 
 
 LocalPoolOps = PoolOps
+
+
+def take_in_rank_order(avail_WE: Tensor, budget: Tensor | int) -> tuple[Tensor, Tensor]:
+    """(before_WE, taken_WE) when workers take from `budget` in rank order (token-order
+    priority): what lower ranks offer, and what each worker takes of its `avail_WE` before
+    the budget runs out (per column; `budget` broadcasts against [W, E])."""
+    before_WE = avail_WE.cumsum(0) - avail_WE
+    return before_WE, torch.minimum(avail_WE, (budget - before_WE).clamp(min=0))
 
 
 def gate_probs(logits_TE: Tensor, gate: str) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moedist.routing.base import PoolOps, Router, RoutingPlan, gate_probs, plan_from_mask
+from moedist.routing.base import PoolOps, Router, RoutingPlan, gate_probs, plan_from_mask, take_in_rank_order
 
 
 def pool_topk_mask(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> Tensor:
@@ -33,13 +33,12 @@ def pool_topk_mask_counts(logits_TE: Tensor, k_E: Tensor, pool: PoolOps) -> tupl
     above_TE = logits_TE > cutoff_1E
     tied_TE = logits_TE == cutoff_1E
     # Ties to take globally = k minus the tokens strictly above the cutoff anywhere; the
-    # global order of a tied token among the ties puts lower ranks' ties first.
-    need_E = k_E.to(above_WE.device, torch.int64) - above_WE.sum(0)
-    before_WE = ties_WE.cumsum(0) - ties_WE  # ties on lower ranks
-    tie_order_TE = before_WE[rank].to(logits_TE.device).unsqueeze(0) + tied_TE.cumsum(0) - 1
-    mask_TE = above_TE | (tied_TE & (tie_order_TE < need_E.to(logits_TE.device).unsqueeze(0)))
-    # Each worker takes its ties in that order until the need is met.
-    taken_WE = torch.minimum(ties_WE, (need_E.unsqueeze(0) - before_WE).clamp(min=0))
+    # global order of a tied token among the ties puts lower ranks' ties first, so each
+    # worker takes its ties in that order until the need is met.
+    need_E = k_E.to(torch.int64) - above_WE.sum(0)
+    before_WE, taken_WE = take_in_rank_order(ties_WE, need_E.unsqueeze(0))
+    tie_order_TE = before_WE[rank].unsqueeze(0) + tied_TE.cumsum(0) - 1
+    mask_TE = above_TE | (tied_TE & (tie_order_TE < need_E.unsqueeze(0)))
     return mask_TE, above_WE + taken_WE
 
 

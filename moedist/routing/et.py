@@ -107,8 +107,8 @@ class ExpertThresholdRouter(Router):
         # Too few above threshold -> add the best tokens below it; too many -> keep the
         # best: either way the expert takes its global top-n_take by logit.
         topn_TE, topn_WE = pool_topk_mask_counts(logits_TE, n_take_E, self.pool)
-        mask_TE = torch.where(clamped_E.to(logits_TE.device).unsqueeze(0), topn_TE, above_TE)
-        return mask_TE, N, torch.where(clamped_E.unsqueeze(0), topn_WE.to(above_WE.device), above_WE)
+        clamped_1E = clamped_E.unsqueeze(0)
+        return torch.where(clamped_1E, topn_TE, above_TE), N, torch.where(clamped_1E, topn_WE, above_WE)
 
     def forward(self, x_TD: Tensor) -> RoutingPlan:
         logits_TE = self.restrict(self.logits(x_TD))

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from moedist.routing.base import Router, RoutingPlan, gate_probs
+from moedist.routing.base import Router, RoutingPlan, gate_probs, take_in_rank_order
 
 
 def switch_aux_loss(probs_TE: Tensor, mask_TE: Tensor, pool_n: int, k: int, pool_sum) -> Tensor:
@@ -69,10 +69,8 @@ class TokenChoiceRouter(Router):
                 chosen_TE = mask_TE
                 # Every worker's choices per expert (one all-gather): the priority prefix of
                 # this worker, and what every worker keeps (the dispatcher's split sizes).
-                chosen_WE = self.pool.gather_counts(chosen_TE.sum(0)).to(mask_TE.device)
-                prefix_WE = chosen_WE.cumsum(0) - chosen_WE
+                prefix_WE, counts_WE = take_in_rank_order(self.pool.gather_counts(chosen_TE.sum(0)), cap)
                 mask_TE = apply_capacity(chosen_TE, cap, prefix_WE[self.pool.world_rank[1]])
-                counts_WE = torch.minimum(chosen_WE, (cap - prefix_WE).clamp(min=0))
                 stats["capped"] = (chosen_TE & ~mask_TE).sum(0)  # dropped over capacity
         weights_TE = probs_TE
         if self.cfg.normalize_weights and self.top_k > 1:
