@@ -63,7 +63,8 @@ class TokenChoiceRouter(Router):
         stats: dict[str, Tensor] = {}
         counts_WE = None
         with torch.no_grad():
-            mask_TE = topk_mask(self.select_scores(probs_TE, logits_TE), self.top_k)
+            # The selection before capacity drops (the experts the weights renormalise over).
+            sel_TE = mask_TE = topk_mask(self.select_scores(probs_TE, logits_TE), self.top_k)
             if self.cfg.capacity_factor > 0:
                 cap = math.ceil(self.cfg.capacity_factor * self.capacity(N))
                 chosen_TE = mask_TE
@@ -75,7 +76,6 @@ class TokenChoiceRouter(Router):
         weights_TE = probs_TE
         if self.cfg.normalize_weights and self.top_k > 1:
             # Renormalise over the SELECTED experts (before capacity drops, as Mixtral does).
-            sel_TE = topk_mask(self.select_scores(probs_TE, logits_TE).detach(), self.top_k)
             denom_T1 = (probs_TE * sel_TE).sum(-1, keepdim=True).clamp_min(1e-20)
             weights_TE = probs_TE / denom_T1
         aux = self.aux_losses(logits_TE, probs_TE, mask_TE, N)
