@@ -84,6 +84,9 @@ class CommClock:
         self.bytes: defaultdict[str, int] = defaultdict(int)
         self.tracing = False  # record events of this step
         self.events: list[tuple[str, float, float, int, int]] = []  # (kind, t0, t1, bytes, collectives)
+        # (kind, self seconds) of every communication block of the step, in order: the
+        # driver pairs them across workers to split their time into waiting and own cost.
+        self.comm_blocks: list[tuple[str, float]] = []
         self._stack: list[_Frame] = []
         self._cuda = _cuda_in_use()
 
@@ -112,6 +115,8 @@ class CommClock:
                 _OPEN.remove(f)
             wall = t1 - f.start
             self.seconds[f.kind] += wall - f.child
+            if f.kind in COMM_KINDS:
+                self.comm_blocks.append((f.kind, wall - f.child))
             self.collectives[f.kind] += f.colls
             self.bytes[f.kind] += f.bytes
             if self._stack:
@@ -157,6 +162,7 @@ class CommClock:
         self.bytes.clear()
         self.tracing = tracing
         self.events = []
+        self.comm_blocks = []
         self._cuda = _cuda_in_use()  # checked once a step (measure is called often)
         return time.perf_counter()
 
@@ -178,6 +184,12 @@ class CommClock:
         out = dict(self.collectives), dict(self.bytes)
         self.collectives.clear()
         self.bytes.clear()
+        return out
+
+    def take_comm_blocks(self) -> list[tuple[str, float]]:
+        """(kind, self seconds) of the communication blocks since the last call (or step
+        start), in the order they closed; their seconds add up to the comm kinds' seconds."""
+        out, self.comm_blocks = self.comm_blocks, []
         return out
 
     def take_events(self) -> list[tuple[str, float, float, int, int]]:

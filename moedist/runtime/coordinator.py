@@ -29,6 +29,7 @@ from moedist.errors import JobError  # defined there: the CLI handles it without
 from moedist.runtime.worker import _tensors
 from moedist.training.evaluate import EvalResult
 from moedist.training.loop import ScaleError, WorkerLostError
+from moedist.training.profile import COMM_BLOCKS_KEY
 from moedist.training.torch_profile import ROW_KEY
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ class Coordinator:
         for rank, per_step in traced.items():  # a replayed step's events replace the lost ones
             for step, events in per_step.items():
                 self.trace.setdefault(step, {})[rank] = events
+        blocks = [r.pop(COMM_BLOCKS_KEY, None) for r in rows]
         row = dict(rows[0])
         row["step_s"] = time.perf_counter() - t0  # wall clock seen by the coordinator
         row["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.model.seq_len / row["step_s"]
@@ -282,7 +284,7 @@ class Coordinator:
         if "span_data_s" in rows[0]:  # profile.spans: the slowest worker's spans, and every worker's
             from moedist.training.profile import worker_columns
 
-            row.update(worker_columns(rows))
+            row.update(worker_columns(rows, blocks if all(blocks) else None))
         self.step += 1
         self.last_row = row
         return row

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moedist.config import RunConfig, from_dict, to_dict
+from moedist.training.profile import COMM_BLOCKS_KEY
 from moedist.training.torch_profile import ROW_KEY
 
 
@@ -144,9 +145,13 @@ class Worker:
     # ----------------------------------------------------------------- steps
     def train_step(self) -> dict[str, Any]:
         """The step's row; a traced step's events ride along under "_trace", torch.profiler
-        traces under ROW_KEY (the coordinator takes both out: the run folder is on the
-        driver's machine)."""
+        traces under ROW_KEY, the communication blocks (spans on) under COMM_BLOCKS_KEY (the
+        coordinator takes them out: the run folder is on the driver's machine, and the
+        blocks are paired across workers there)."""
         row = self.trainer.train_step()
+        blocks = self.trainer.take_comm_blocks()
+        if blocks:
+            row[COMM_BLOCKS_KEY] = blocks
         trace = self.trainer.take_trace()
         if trace:
             row["_trace"] = trace

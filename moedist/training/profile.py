@@ -17,6 +17,13 @@ Columns of a row (profile.spans on; moedist.parallel.clock says how spans are ti
     slowest_by_s          its busy time less the mean busy time of the other workers
     workers_step_s, workers_comm_s, workers_span_<name>_s
                           the same per rank (lists in rank order)
+    comm_own_s            the communication blocks' own cost: per block (one collective
+                          and the work around it, paired across workers in the order they
+                          ran), the least time any worker spent in it, summed over the step;
+                          the last worker to arrive at a collective waits for nobody
+    workers_comm_wait_s   per rank, its time in communication blocks less comm_own_s: time
+                          spent waiting for the other workers (both None when the workers'
+                          block sequences differ)
 The span/bytes/collective columns of an expert-parallel row are the slowest worker's.
 """
 
@@ -31,14 +38,19 @@ import numpy as np
 
 from moedist.config import ConfigError
 from moedist.parallel.clock import COMM_KINDS, EXCHANGE_KINDS, SPANS, CommClock
+from moedist.parallel.counting import split_wait
 
 SPAN_NAMES = (*SPANS, "other")
 SPAN_COLUMNS = tuple(f"span_{s}_s" for s in SPAN_NAMES)
 COUNT_KINDS = ("pool", "dispatch", "combine", "grad_sync", "stats")
 # Per-rank lists (one number per worker, rank order): plain float arrays, so parquet and the
 # control API's metric streams carry them as they do the per-expert loads.
-WORKER_LISTS = ("workers_step_s", "workers_comm_s", *(f"workers_span_{s}_s" for s in SPAN_NAMES))
-WORKER_KEYS = ("worker_step_s", "slowest_worker", "slowest_by_s", *WORKER_LISTS)
+WORKER_LISTS = ("workers_step_s", "workers_comm_s", "workers_comm_wait_s",
+                *(f"workers_span_{s}_s" for s in SPAN_NAMES))  # fmt: skip
+WORKER_KEYS = ("worker_step_s", "slowest_worker", "slowest_by_s", "comm_own_s", *WORKER_LISTS)
+# A worker's row carries its step's communication blocks [(kind, self seconds)] under this
+# key to the driver, which pairs them across workers (worker_columns) and drops them.
+COMM_BLOCKS_KEY = "_comm_blocks"
 PROFILE_KEYS = frozenset(
     (*SPAN_COLUMNS, "a2a_bytes", "collectives", *(f"{k}_collectives" for k in COUNT_KINDS),
      *(f"{k}_bytes" for k in COUNT_KINDS), *WORKER_KEYS)
@@ -88,10 +100,11 @@ def wall_offset() -> float:
 # ----------------------------------------------------------------------------- driver side
 
 
-def worker_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def worker_columns(rows: list[dict[str, Any]], blocks: list[list[tuple[str, float]]] | None = None) -> dict[str, Any]:
     """The profile columns of a step run by len(rows) workers (rows in rank order): the
-    slowest worker's spans, bytes and collectives, who it was, by how much, and every
-    worker's spans."""
+    slowest worker's spans, bytes and collectives, who it was, by how much, every worker's
+    spans, and (given every worker's communication blocks, rank order) their time in
+    collectives split into own cost and waiting."""
     busy = [r["step_s"] - r.get("comm_s", 0.0) for r in rows]
     slow = int(np.argmax(busy))
     others = [b for i, b in enumerate(busy) if i != slow]
@@ -103,6 +116,9 @@ def worker_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["workers_comm_s"] = [r.get("comm_s", 0.0) for r in rows]
     for s in SPAN_NAMES:
         out[f"workers_span_{s}_s"] = [r[f"span_{s}_s"] for r in rows]
+    split = split_wait(blocks) if blocks and len(blocks) == len(rows) else None
+    out["comm_own_s"] = split["cost_s"] if split else None
+    out["workers_comm_wait_s"] = [float(w) for w in split["wait_s"]] if split else None
     return out
 
 
@@ -219,6 +235,14 @@ def profile_report(rows: list[dict[str, Any]], skip: int = 1) -> dict[str, Any]:
         counts = np.bincount(ranks, minlength=W)
         by = [r.get("slowest_by_s") or 0.0 for r in kept]
         by_share = [b / t for b, t in zip(by, step_s, strict=True) if t > 0]
+        split = [r for r in kept if r.get("comm_own_s") is not None and r.get("workers_comm_wait_s")]
+        if split:
+            waits = np.array([r["workers_comm_wait_s"] for r in split if len(r["workers_comm_wait_s"]) == W])
+            own = [r["comm_own_s"] for r in split]
+            most = [max(r["workers_comm_wait_s"]) for r in split]
+            out["comm_split"] = {"steps": len(split), "own_s": float(np.mean(own)), "own_p95_s": _p95(own),
+                                 "most_wait_s": float(np.mean(most)), "most_wait_p95_s": _p95(most),
+                                 "wait_s_by_worker": waits.mean(0).tolist() if len(waits) else []}  # fmt: skip
         out.update(workers=W, slowest_worker=int(np.argmax(counts)),
                    slowest_share_of_steps=float(counts.max() / len(kept)), slowest_by_s=float(np.mean(by)),
                    slowest_by_p95_s=_p95(by),
@@ -256,4 +280,10 @@ def format_report(rep: dict[str, Any]) -> str:
                      f"steps); the slowest worker of a step is busy {rep['slowest_by_s'] * 1e3:.2f} ms longer than "
                      f"the mean of the others ({rep['slowest_by_share']:.1%} of the step; p95 "
                      f"{rep['slowest_by_p95_s'] * 1e3:.2f} ms)")  # fmt: skip
+    cs = rep.get("comm_split")
+    if cs:
+        by = ", ".join(f"rank {i} {w * 1e3:.2f}" for i, w in enumerate(cs["wait_s_by_worker"]))
+        lines.append(f"communication per step: own cost {cs['own_s'] * 1e3:.2f} ms (p95 {cs['own_p95_s'] * 1e3:.2f}), "
+                     f"waiting for other workers up to {cs['most_wait_s'] * 1e3:.2f} ms "
+                     f"(p95 {cs['most_wait_p95_s'] * 1e3:.2f}); mean wait ms by worker: {by}")  # fmt: skip
     return "\n".join(lines)

@@ -204,6 +204,8 @@ class Trainer:
         # The step profile (docs/profiling.md): spans of every step, events of the trace window.
         self.trace_window = parse_trace_steps(cfg.profile.trace_steps, cfg.train.steps)
         self.trace: dict[int, list[list[Any]]] = {}  # step -> events (moedist.training.profile)
+        # The last step's communication blocks (expert-parallel, spans on): take_comm_blocks
+        self.comm_blocks: list[tuple[str, float]] = []
         if cfg.profile.spans:
             from moedist.parallel.clock import CommClock
 
@@ -290,6 +292,12 @@ class Trainer:
     def take_trace(self) -> dict[int, list[list[Any]]]:
         """The traced steps' events recorded since the last call ({step: events})."""
         out, self.trace = self.trace, {}
+        return out
+
+    def take_comm_blocks(self) -> list[tuple[str, float]]:
+        """(kind, self seconds) of the last step's communication blocks, once (an
+        expert-parallel worker with spans on; otherwise empty)."""
+        out, self.comm_blocks = self.comm_blocks, []
         return out
 
     def trace_events(self) -> dict[int, dict[int, list[list[Any]]]]:
@@ -483,6 +491,8 @@ class Trainer:
             row.update(profile.comm_seconds(seconds))
         if clock.spans:
             row.update(profile.step_columns(seconds, *clock.take_counts()))
+            if self.dist is not None:
+                self.comm_blocks = clock.take_comm_blocks()
         if clock.tracing:
             self.trace[self.step] = profile.step_events(clock, t0, t1, profile.wall_offset())
 

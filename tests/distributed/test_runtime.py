@@ -85,15 +85,19 @@ def column_rule(key: str) -> str:
 def assert_rows_match(ref: list[dict], rows: list[dict]) -> None:
     """Every column of every row of `rows` equals the reference's (NOT_COMPARED and
     WORKERS_KEY aside): decisions exactly, floats to FLOAT_TOL, thresholds to THRESHOLD_TOL
-    (exactly at step 0)."""
+    (the first MoE layer's exactly at step 0)."""
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    # Step 0's cutoffs of the first MoE layer come from identical weights and the dense
+    # per-token math: exact too. A later layer's input has been through expert GEMMs over
+    # other row groupings, whose last bits depend on the BLAS kernel (exact on one Intel
+    # host, 1 ulp apart on an AMD EPYC one).
+    first = min((k for k in ref[0] if k.endswith("_threshold")), key=lambda k: int(k[1:].split("_")[0]), default=None)
     for a, b in zip(ref, rows, strict=True):
         keys = set(a) - NOT_COMPARED - {WORKERS_KEY}
         assert set(b) - NOT_COMPARED - {WORKERS_KEY} == keys, (a["step"], set(a) ^ set(b))
         for k in sorted(keys):
             where = (a["step"], k, a[k], b[k])
-            # Step 0's cutoffs come from the logits of identical weights: exact too.
-            if column_rule(k) == "exact" or (a["step"] == 0 and k.endswith("_threshold")):
+            if column_rule(k) == "exact" or (a["step"] == 0 and k == first):
                 assert b[k] == a[k], where
             elif isinstance(a[k], list):  # thresholds
                 assert b[k] == pytest.approx(a[k], **THRESHOLD_TOL), where
@@ -230,6 +234,9 @@ def assert_profile(run, rows: list[dict], capsys) -> None:
         assert r["worker_step_s"] <= r["step_s"]
         # The legacy columns are the profile's kinds: a2a = dispatch + combine (each the max over ranks).
         assert r["a2a_s"] >= r["span_dispatch_s"] + r["span_combine_s"] - 1e-9 and r["span_expert_s"] > 0
+        # The workers ran the same communication blocks: own cost + waiting = each one's comm_s.
+        assert 0 < r["comm_own_s"] <= min(r["workers_comm_s"]) + 1e-9 and min(r["workers_comm_wait_s"]) >= 0
+        assert [r["comm_own_s"] + w for w in r["workers_comm_wait_s"]] == pytest.approx(r["workers_comm_s"], abs=1e-9)
     trace = json.loads((run / "trace.json").read_text())
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert all(isinstance(e["name"], str) and e["ts"] >= 0 and e["dur"] >= 0 and e["tid"] == 0 for e in xs)
@@ -248,7 +255,10 @@ def assert_profile(run, rows: list[dict], capsys) -> None:
     assert rep["kinds"]["dispatch"]["collectives"] == 4 and rep["slowest_worker"] in (0, 1)
     shares = {p["span"]: p["share"] for p in rep["spans"]}
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # spans + unaccounted + driver = the step
-    assert main(["profile", str(run)]) == 0 and "slowest worker: rank" in capsys.readouterr().out
+    assert rep["comm_split"]["steps"] == 5 and len(rep["comm_split"]["wait_s_by_worker"]) == 2
+    code = main(["profile", str(run)])
+    text = capsys.readouterr().out
+    assert code == 0 and "slowest worker: rank" in text and "communication per step: own cost" in text, text
     (run / "plots" / "comm_vs_compute.png").unlink()
     assert main(["plot", str(run)]) == 0
     assert (run / "plots" / "comm_vs_compute.png").stat().st_size > 1000 and (run / "plots" / "fanout.png").is_file()

@@ -285,10 +285,55 @@ def test_clock_spans_are_self_times_and_collectives_go_to_the_innermost_span(mon
     assert {("dense_fwd", 0.0, 10.0), ("dispatch", 2.0, 5.0), ("expert", 5.0, 9.0), ("expert", 11.0, 11.5),
             ("dense_bwd", 11.0, 13.0)} <= ev
     assert not clock_mod._OPEN and torch.equal(x.grad, torch.full((3,), 2.0))
+    # the communication blocks of the step, with their self times, in the order they closed
+    assert clock.take_comm_blocks() == [("dispatch", 3.0)] and clock.take_comm_blocks() == []
     off = clock_mod.CommClock()  # spans off: span() is a no-op, measure() still counts
     with off.span("router"), off.measure("pool"):
         now[0] = 14.0
-    assert off.take() == {"pool": 1.0}
+    assert off.take() == {"pool": 1.0} and off.take_comm_blocks() == [("pool", 1.0)]
+    off.begin_step()
+    assert off.take_comm_blocks() == []
+
+
+def _worker_row(step: int, comm_s: float, step_s: float = 0.1) -> dict:
+    from moedist.training.profile import COUNT_KINDS, SPAN_COLUMNS
+
+    row = {"step": step, "step_s": step_s, "comm_s": comm_s, "a2a_bytes": 1000, "collectives": 3,
+           **{c: 0.0 for c in SPAN_COLUMNS}, **{f"{k}_collectives": 1 for k in COUNT_KINDS},
+           **{f"{k}_bytes": 10 for k in COUNT_KINDS}}  # fmt: skip
+    row["span_pool_s"], row["span_dispatch_s"] = 0.5 * comm_s, 0.5 * comm_s
+    return row
+
+
+def test_worker_columns_split_communication_into_own_cost_and_waiting(capsys):
+    """Per communication block, the least time any worker spent in it is its own cost (the
+    last to arrive waits for nobody); each worker's excess is waiting. The report prints
+    both; workers whose block sequences differ get no split."""
+    from moedist.training.profile import format_report, profile_report, worker_columns
+
+    b0 = [("pool", 0.004), ("dispatch", 0.001), ("grad_sync", 0.010)]
+    b1 = [("pool", 0.001), ("dispatch", 0.005), ("grad_sync", 0.002)]
+    rows = [_worker_row(0, 0.015), _worker_row(0, 0.008)]
+    cols = worker_columns(rows, [b0, b1])
+    assert cols["comm_own_s"] == pytest.approx(0.001 + 0.001 + 0.002)
+    assert cols["workers_comm_wait_s"] == pytest.approx([0.011, 0.004])
+    # own cost + waiting = each worker's time in communication, which is its comm_s
+    assert [cols["comm_own_s"] + w for w in cols["workers_comm_wait_s"]] == pytest.approx(cols["workers_comm_s"])
+    for other in ([("pool", 0.004), ("combine", 0.001), ("grad_sync", 0.010)], b0[:2]):
+        bad = worker_columns(rows, [other, b1])  # not the same blocks: no pairing
+        assert bad["comm_own_s"] is None and bad["workers_comm_wait_s"] is None
+    assert worker_columns(rows)["comm_own_s"] is None  # no blocks sent (spans off on a worker)
+    # the report over steps: the mean own cost, the most any worker waited, each worker's mean wait
+    steps = []
+    for step, (w0, w1) in enumerate([(b0, b1), (b1, b0), (b0, b1)]):
+        rs = [_worker_row(step, sum(t for _, t in w0)), _worker_row(step, sum(t for _, t in w1))]
+        steps.append({**rs[0], **worker_columns(rs, [w0, w1]), "worker_step_s": 0.1, "step_s": 0.11})
+    rep = profile_report(steps, skip=0)
+    cs = rep["comm_split"]
+    assert cs["steps"] == 3 and cs["own_s"] == pytest.approx(0.004) and cs["most_wait_s"] == pytest.approx(0.011)
+    assert cs["wait_s_by_worker"] == pytest.approx([(0.011 * 2 + 0.004) / 3, (0.004 * 2 + 0.011) / 3])
+    text = format_report(rep)
+    assert "communication per step: own cost 4.00 ms" in text and "waiting for other workers up to 11.00 ms" in text
 
 
 def _tiny(tmp_path, spans: bool = True, trace: str = "1-2", router: str = "et"):
