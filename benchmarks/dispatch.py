@@ -24,7 +24,12 @@ over reps; candidates interleaved rep by rep so a noisy phase hits them alike:
                            workers at once (the bandwidth a shared-memory path could reach)
   shm                      dispatch through moedist.parallel.exchange's shared-memory path
                            (``[comm] shm``: shared memory within a node, gloo between the
-                           nodes) when ``--shm`` is given
+                           nodes) when ``--shm`` is given; the workers' two nodes as placed,
+                           so at 2 workers every row crosses nodes through gloo
+  shm_node                 the same with every worker named on one node: the two raylets
+                           run on one machine and share its /dev/shm, so this is the path
+                           inside a node (what a node with W workers gets), all rows through
+                           shared memory
   layer                    AllToAllDispatcher with real experts (relu^2 MLPs D -> F=D -> D,
                            moedist's GroupedExperts), forward + backward: the exchange next to
                            the compute it can overlap with
@@ -47,7 +52,10 @@ trained ET router whose fanout follows token difficulty) and noise z_te ~ N(0, 1
 takes its k = T * top_k / E largest logits (ET's balanced cutoff), gates sigmoid(r). The JSON
 gives the fanout histogram, and the rows dedup saves by fanout for several mean fanouts.
 
-    python benchmarks/dispatch.py [--quick] [--shm] [--reps R]
+Workers run with ``train.keep_heap`` as training workers do by default (``--keep-heap off``
+for glibc's defaults, under which every fresh buffer of 32 MB or more page-faults).
+
+    python benchmarks/dispatch.py [--quick] [--shm] [--reps R] [--keep-heap on|off]
 """
 
 from __future__ import annotations
@@ -126,11 +134,15 @@ class _Identity(torch.nn.Module):
 class Worker:
     """One rank: its plan, its rows, the candidates (module docstring)."""
 
-    def __init__(self, rank: int, world: int, node: str):
+    def __init__(self, rank: int, world: int, node: str, heap: bool = True):
         import numba
+
+        from moedist.training.heap import keep_heap
 
         torch.set_num_threads(1)
         numba.set_num_threads(1)
+        if heap:  # as a training worker does by default (train.keep_heap): fresh buffers are reused heap
+            keep_heap()
         self.rank, self.world, self.node = rank, world, node
         self._listen = None
 
@@ -201,6 +213,10 @@ class Worker:
             self._dispatch(disp)  # warm-up: maps the segments
             self.fns["shm"] = lambda disp=disp: self._dispatch(disp)
             disp.clock = self.clocks["shm"] = CommClock()
+            node = AllToAllDispatcher(self.P, exchange=make_exchange(None, [NODES[0]] * W, shm=True))
+            self._dispatch(node)
+            self.fns["shm_node"] = lambda disp=node: self._dispatch(disp)
+            node.clock = self.clocks["shm_node"] = CommClock()
         n = 2 * bytes_fwd[""] // 4  # float32 elements a worker sends in a plain fwd + bwd
         src, dst = torch.randn(n), torch.empty(n)
         self.fns["memcpy"] = lambda: dst.copy_(src)
@@ -327,7 +343,8 @@ def free_port() -> int:
 
 
 def measure(world: int, args) -> dict:
-    workers = [Worker.options(resources={f"node{r % 2}": 1}).remote(r, world, NODES[r % 2]) for r in range(world)]
+    workers = [Worker.options(resources={f"node{r % 2}": 1}).remote(r, world, NODES[r % 2], args.keep_heap == "on")
+               for r in range(world)]  # fmt: skip
     try:
         port = ray.get(workers[0].open_port.remote())
         infos = ray.get([w.setup.remote(port, args.tokens, args.d_model, args.experts, args.top_k, args.spread,
@@ -336,7 +353,7 @@ def measure(world: int, args) -> dict:
         names += ["dispatch_plan_counts", "raw_fresh", "memcpy", "local_work", "experts_only", "layer"]
         names += [f"layer_overlap{C}" for C in OVERLAP_CHUNKS if args.experts // world >= C]
         if infos[0]["shm"]:
-            names.append("shm")
+            names += ["shm", "shm_node"]
         samples = ray.get([w.bench.remote(names, args.reps) for w in workers])[0]
         ray_objects_pass(workers)  # warm-up
         ray_s = []
@@ -376,6 +393,10 @@ def measure(world: int, args) -> dict:
     }  # fmt: skip
     if "shm" in t:
         row["shm_GBps_per_worker"] = bytes_[""] / t["shm"] / 1e9
+        row["shm_node_GBps_per_worker"] = bytes_[""] / t["shm_node"] / 1e9
+        row["ratio_shm_node_vs_raw"] = t["shm_node"] / t["raw"]
+        # the shared-memory exchanges alone (the dispatcher's own passes left out)
+        row["shm_node_exchange_GBps_per_worker"] = bytes_[""] / t["shm_node:a2a"] / 1e9
     return row
 
 
@@ -415,6 +436,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small rows, few reps (a smoke run, ~1 min)")
     ap.add_argument("--shm", action="store_true", help="also time the dispatcher with shm=True, if it has it")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--keep-heap", choices=["on", "off"], default="on",
+                    help="train.keep_heap in the workers (on: the training default)")
     args = ap.parse_args()
     args.tokens, args.d_model = (1024, 256) if args.quick else (4096, 512)
     args.experts, args.top_k, args.spread = 16, 2, 0.5
@@ -447,7 +470,10 @@ def main() -> None:
                   f"floor (raw + local)/raw {r['floor_dispatch_vs_raw']:.2f}  "
                   f"ray_objects/raw {r['ray_objects_vs_raw']:.1f}  "
                   f"memcpy {r['memcpy_GBps']:.2f} GB/s  exchange {r['exchange_GBps_per_worker']} GB/s  "
-                  f"fanout {r['fanout']['mean']:.2f}+-{r['fanout']['std']:.2f} "
+                  + (f"shm inside a node {r['shm_node_GBps_per_worker']:.2f} GB/s (its exchanges alone "
+                     f"{r['shm_node_exchange_GBps_per_worker']:.2f}), {r['ratio_shm_node_vs_raw']:.2f}x raw  "
+                     if "shm_node_GBps_per_worker" in r else "")
+                  + f"fanout {r['fanout']['mean']:.2f}+-{r['fanout']['std']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     finally:
         ray.shutdown()
@@ -461,12 +487,17 @@ def main() -> None:
         for n, o in r["overlap"].items():
             print(f"W={W} {n}: {o['ms']:.1f} ms, exposed comm {o['exposed_comm_ms']:.1f} ms, "
                   f"{o['vs_experts_only']:.2f}x experts only, {o['vs_plain_layer']:.2f}x plain layer")
-        if "shm_GBps_per_worker" in r:
-            targets.append(target(f"shm GB/s / memcpy GB/s W={W}", r["shm_GBps_per_worker"] / r["memcpy_GBps"],
-                                  ">=", 0.5))  # fmt: skip
+        if "shm_node_GBps_per_worker" in r:
+            # The issue's target is the path inside a node; the 2-node placement's shm row
+            # (rows between the nodes through gloo) is in the JSON beside it.
+            targets.append(target(f"shm inside a node GB/s / memcpy GB/s W={W}",
+                                  r["shm_node_GBps_per_worker"] / r["memcpy_GBps"], ">=", 0.5))  # fmt: skip
+            targets.append(target(f"dispatch with shm inside a node / raw all_to_all_single W={W}",
+                                  r["ratio_shm_node_vs_raw"], "<=", 1.25))  # fmt: skip
     config = {
         "workers": worlds, "tokens_per_worker": args.tokens, "d_model": args.d_model, "experts": args.experts,
         "top_k": args.top_k, "spread": args.spread, "reps": args.reps, "ray_reps": args.ray_reps,
+        "keep_heap": args.keep_heap,
         "placement": "rank r on node r % 2 (127.0.0.2 / 127.0.0.3), experts in contiguous blocks",
         "time": "forward + backward of one layer; median over reps of the max over workers",
         "threads_per_worker": 1,
