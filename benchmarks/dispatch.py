@@ -66,6 +66,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -175,17 +176,11 @@ class Worker:
         parts = [torch.empty_like(load_E) for _ in range(W)]
         dist.all_gather(parts, load_E)
         self.counts_WE = torch.stack(parts)
-        disp = AllToAllDispatcher(self.P, plan_counts=True)
-        self.fns["dispatch_plan_counts"] = lambda disp=disp: self._dispatch(disp, plan_counts=True)
-        self._dispatch(disp, plan_counts=True)  # warm-up
-        disp.clock = self.clocks["dispatch_plan_counts"] = CommClock()
+        self._candidate("dispatch_plan_counts", AllToAllDispatcher(self.P, plan_counts=True), plan_counts=True)
         for suffix, (dedup, wire) in VARIANTS.items():
-            disp = AllToAllDispatcher(self.P, dedup=dedup, wire_dtype=wire)
-            self.fns["dispatch" + suffix] = lambda disp=disp: self._dispatch(disp)
+            disp = self._candidate("dispatch" + suffix, AllToAllDispatcher(self.P, dedup=dedup, wire_dtype=wire))
             self.fns["raw" + suffix] = self._raw_fn(dedup, getattr(torch, wire))
-            self._dispatch(disp)  # warm-up, and its byte count
-            bytes_fwd[suffix] = disp.fwd_bytes_sent
-            disp.clock = self.clocks["dispatch" + suffix] = CommClock()
+            bytes_fwd[suffix] = disp.fwd_bytes_sent  # counted in the warm-up call
         self.fns["raw_fresh"] = self._raw_fn(False, torch.float32, fresh=True)
         # Real experts: the plain exchange and the pipelined one next to their compute.
         L = self.P.n_local(self.rank)
@@ -195,10 +190,7 @@ class Worker:
             if max(self.P.n_local(w) for w in range(W)) < C:
                 continue
             name = "layer" if C == 1 else f"layer_overlap{C}"
-            disp = AllToAllDispatcher(self.P, overlap_chunks=C)
-            self._dispatch(disp, self.real)  # warm-up
-            self.fns[name] = lambda disp=disp: self._dispatch(disp, self.real)
-            disp.clock = self.clocks[name] = CommClock()
+            self._candidate(name, AllToAllDispatcher(self.P, overlap_chunks=C), experts=self.real)
         counts = self._received_counts()
         x_RD = torch.randn(sum(counts), D, requires_grad=True)
         grad_RD = torch.randn(sum(counts), D)
@@ -207,21 +199,24 @@ class Worker:
         if shm and has_shm:
             from moedist.parallel.exchange import make_exchange
 
-            # shared memory between the workers of a node, gloo between the nodes
-            nodes = [NODES[r % 2] for r in range(W)]
-            disp = AllToAllDispatcher(self.P, exchange=make_exchange(None, nodes, shm=True))
-            self._dispatch(disp)  # warm-up: maps the segments
-            self.fns["shm"] = lambda disp=disp: self._dispatch(disp)
-            disp.clock = self.clocks["shm"] = CommClock()
-            node = AllToAllDispatcher(self.P, exchange=make_exchange(None, [NODES[0]] * W, shm=True))
-            self._dispatch(node)
-            self.fns["shm_node"] = lambda disp=node: self._dispatch(disp)
-            node.clock = self.clocks["shm_node"] = CommClock()
+            # shm: shared memory between the workers of a node as placed, gloo between the
+            # nodes; shm_node: every worker named on one node (module docstring)
+            for name, nodes in (("shm", [NODES[r % 2] for r in range(W)]), ("shm_node", [NODES[0]] * W)):
+                self._candidate(name, AllToAllDispatcher(self.P, exchange=make_exchange(None, nodes, shm=True)))
         n = 2 * bytes_fwd[""] // 4  # float32 elements a worker sends in a plain fwd + bwd
         src, dst = torch.randn(n), torch.empty(n)
         self.fns["memcpy"] = lambda: dst.copy_(src)
         return {"bytes_fwd_bwd": {k: 2 * v for k, v in bytes_fwd.items()}, "shm": bool(shm and has_shm),
                 "assignments": int(self.plan.token_idx_A.numel()), "fanout_T": self.plan.fanout_T.tolist()}  # fmt: skip
+
+    def _candidate(self, name: str, disp: AllToAllDispatcher, **kw: Any) -> AllToAllDispatcher:
+        """Time `disp` as candidate `name` (`_dispatch` with `kw`) on a clock of its own,
+        after one untimed call (warm-up: compiles kernels, maps shared-memory segments,
+        counts the bytes sent)."""
+        self._dispatch(disp, **kw)
+        self.fns[name] = lambda: self._dispatch(disp, **kw)
+        disp.clock = self.clocks[name] = CommClock()
+        return disp
 
     def _dispatch(self, disp: AllToAllDispatcher, experts=None, plan_counts: bool = False) -> None:
         p = self.plan

@@ -284,7 +284,7 @@ class Coordinator:
         if "span_data_s" in rows[0]:  # profile.spans: the slowest worker's spans, and every worker's
             from moedist.training.profile import worker_columns
 
-            row.update(worker_columns(rows, blocks if all(blocks) else None))
+            row.update(worker_columns(rows, blocks))
         self.step += 1
         self.last_row = row
         return row

@@ -100,11 +100,12 @@ def wall_offset() -> float:
 # ----------------------------------------------------------------------------- driver side
 
 
-def worker_columns(rows: list[dict[str, Any]], blocks: list[list[tuple[str, float]]] | None = None) -> dict[str, Any]:
+def worker_columns(rows: list[dict[str, Any]], blocks: list[list[tuple[str, float]] | None] | None = None
+                   ) -> dict[str, Any]:  # fmt: skip
     """The profile columns of a step run by len(rows) workers (rows in rank order): the
     slowest worker's spans, bytes and collectives, who it was, by how much, every worker's
-    spans, and (given every worker's communication blocks, rank order) their time in
-    collectives split into own cost and waiting."""
+    spans, and (given every worker's communication blocks, rank order; a worker that sent
+    none leaves the split empty) their time in collectives split into own cost and waiting."""
     busy = [r["step_s"] - r.get("comm_s", 0.0) for r in rows]
     slow = int(np.argmax(busy))
     others = [b for i, b in enumerate(busy) if i != slow]
@@ -116,7 +117,7 @@ def worker_columns(rows: list[dict[str, Any]], blocks: list[list[tuple[str, floa
     out["workers_comm_s"] = [r.get("comm_s", 0.0) for r in rows]
     for s in SPAN_NAMES:
         out[f"workers_span_{s}_s"] = [r[f"span_{s}_s"] for r in rows]
-    split = split_wait(blocks) if blocks and len(blocks) == len(rows) else None
+    split = split_wait(blocks) if blocks and len(blocks) == len(rows) and all(blocks) else None
     out["comm_own_s"] = split["cost_s"] if split else None
     out["workers_comm_wait_s"] = [float(w) for w in split["wait_s"]] if split else None
     return out

@@ -204,8 +204,6 @@ class Trainer:
         # The step profile (docs/profiling.md): spans of every step, events of the trace window.
         self.trace_window = parse_trace_steps(cfg.profile.trace_steps, cfg.train.steps)
         self.trace: dict[int, list[list[Any]]] = {}  # step -> events (moedist.training.profile)
-        # The last step's communication blocks (expert-parallel, spans on): take_comm_blocks
-        self.comm_blocks: list[tuple[str, float]] = []
         if cfg.profile.spans:
             from moedist.parallel.clock import CommClock
 
@@ -296,9 +294,12 @@ class Trainer:
 
     def take_comm_blocks(self) -> list[tuple[str, float]]:
         """(kind, self seconds) of the last step's communication blocks, once (an
-        expert-parallel worker with spans on; otherwise empty)."""
-        out, self.comm_blocks = self.comm_blocks, []
-        return out
+        expert-parallel worker with spans on; otherwise empty): the clock keeps them until
+        the next step begins."""
+        clock = self.clock
+        if self.dist is None or clock is None or not clock.spans:
+            return []
+        return clock.take_comm_blocks()
 
     def trace_events(self) -> dict[int, dict[int, list[list[Any]]]]:
         """{step: {rank 0: events}} of the traced steps (the run loop writes trace.json)."""
@@ -491,8 +492,6 @@ class Trainer:
             row.update(profile.comm_seconds(seconds))
         if clock.spans:
             row.update(profile.step_columns(seconds, *clock.take_counts()))
-            if self.dist is not None:
-                self.comm_blocks = clock.take_comm_blocks()
         if clock.tracing:
             self.trace[self.step] = profile.step_events(clock, t0, t1, profile.wall_offset())
 

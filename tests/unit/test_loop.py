@@ -305,7 +305,7 @@ def _worker_row(step: int, comm_s: float, step_s: float = 0.1) -> dict:
     return row
 
 
-def test_worker_columns_split_communication_into_own_cost_and_waiting(capsys):
+def test_worker_columns_split_communication_into_own_cost_and_waiting():
     """Per communication block, the least time any worker spent in it is its own cost (the
     last to arrive waits for nobody); each worker's excess is waiting. The report prints
     both; workers whose block sequences differ get no split."""
